@@ -1,0 +1,99 @@
+"""Model conversion: swap ``nn.Linear`` layers for quantized ones in place, swap them back, count bytes."""
+
+import torch
+from torch import nn
+
+from .config import BitsAndBytesConfig
+from .nn import Linear4bit, Linear8bit
+
+QUANTIZED_LINEARS = (Linear4bit, Linear8bit)
+
+
+def modules_to_not_convert(model: nn.Module, config: BitsAndBytesConfig) -> list[str]:
+    """``llm_int8_skip_modules`` plus the model's ``_keep_in_fp32_modules``, as diffusers' quantizer collects them."""
+    skip = list(config.llm_int8_skip_modules or [])
+    skip += [m for m in (getattr(model, "_keep_in_fp32_modules", None) or []) if m not in skip]
+    return skip
+
+
+def is_skipped(name: str, path: str, skip: list[str]) -> bool:
+    """diffusers' rule: skip if the child's own ``name`` is listed, or a key ``k`` has ``k + "."`` inside the
+    dotted ``path`` or equals it."""
+    return name in skip or any((k + ".") in path or k == path for k in skip)
+
+
+def _make_quantized(linear: nn.Linear, config: BitsAndBytesConfig, device) -> nn.Module:
+    if config.load_in_4bit:
+        return Linear4bit.from_linear(
+            linear, quant_type=config.bnb_4bit_quant_type, blocksize=config.bnb_4bit_blocksize,
+            double_quant=config.bnb_4bit_use_double_quant, compute_dtype=config.bnb_4bit_compute_dtype,
+            quant_storage=config.bnb_4bit_quant_storage, device=device,
+        )
+    return Linear8bit.from_linear(linear, threshold=config.llm_int8_threshold, device=device)
+
+
+def quantize_(
+    model: nn.Module, config: BitsAndBytesConfig, device: torch.device | str | None = None
+) -> nn.Module:
+    """Replace every eligible ``nn.Linear`` (subclasses included) of ``model`` in place; returns ``model``.
+
+    Skips follow diffusers (``modules_to_not_convert``, ``is_skipped``). Each weight is quantized where it lives,
+    or on ``device`` if given (the quantized layer stays there). Linears on the meta device become empty shells
+    of the exact quantized shapes, for a later load to fill (``halfbyte.load_bitsandbytes_state_dict``).
+    """
+    if not isinstance(config, BitsAndBytesConfig):
+        raise TypeError(f"config must be a halfbyte.BitsAndBytesConfig, got {type(config).__name__}")
+    if not (config.load_in_4bit or config.load_in_8bit):
+        raise ValueError("config quantizes nothing: set load_in_4bit=True or load_in_8bit=True")
+    if config.load_in_8bit and config.llm_int8_has_fp16_weight:
+        raise NotImplementedError(
+            "llm_int8_has_fp16_weight=True (bitsandbytes' 8-bit training of the base weights) is not supported; "
+            "halfbyte's 8-bit layers hold int8 weights: train adapters on top of them instead"
+        )
+    if isinstance(model, nn.Linear) and not isinstance(model, QUANTIZED_LINEARS):
+        raise TypeError("quantize_ converts the Linear layers inside a model; use Linear4bit/Linear8bit.from_linear "
+                        "for a single layer")
+    skip = modules_to_not_convert(model, config)
+
+    def visit(parent: nn.Module, prefix: str) -> None:
+        for name, child in parent.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, nn.Linear) and not is_skipped(name, path, skip):
+                setattr(parent, name, _make_quantized(child, config, device))
+            elif not isinstance(child, QUANTIZED_LINEARS):
+                visit(child, path + ".")
+
+    visit(model, "")
+    return model
+
+
+def dequantize_(model: nn.Module) -> nn.Module:
+    """Replace every halfbyte quantized layer of ``model`` in place by an ``nn.Linear`` in its original dtype."""
+
+    def to_linear(q: Linear4bit | Linear8bit) -> nn.Linear:
+        device = q.weight.device
+        lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta", dtype=q.dtype)
+        weight = torch.empty(q.out_features, q.in_features, dtype=q.dtype, device="meta") if device.type == "meta" \
+            else q.dequantize(q.dtype)
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        if q.bias is not None:
+            lin.bias = q.bias
+        return lin
+
+    def visit(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if isinstance(child, QUANTIZED_LINEARS):
+                setattr(parent, name, to_linear(child))
+            else:
+                visit(child)
+
+    if isinstance(model, QUANTIZED_LINEARS):
+        raise TypeError("dequantize_ converts the layers inside a model; call .dequantize() on a single layer")
+    visit(model)
+    return model
+
+
+def memory_footprint(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, quantization statistics included (shared tensors once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

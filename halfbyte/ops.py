@@ -1,0 +1,204 @@
+"""The ``halfbyte::`` operator contract: every schema, fake (meta) implementation and autograd formula.
+
+Each op's body is its pure-PyTorch reference (``halfbyte.formats``) and serves as the default kernel on every
+device; device kernels (Triton, later) register against the same op with ``torch.library.register_kernel`` and
+are tested against the reference. Fakes check dtypes and shapes so that torch.compile sees exact metadata;
+the only data-dependent size (LLM.int8() outlier columns) uses ``new_dynamic_size``.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .formats import blockwise, fourbit, int8
+from .formats.codebooks import dynamic_map
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# --- 4-bit -------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("halfbyte::quantize_4bit", mutates_args=())
+def quantize_4bit(A: Tensor, blocksize: int, quant_type: str) -> tuple[Tensor, Tensor]:
+    """A (any shape) fp16/bf16/fp32 -> packed ((n+1)//2,) uint8, absmax (ceil(n/blocksize),) float32."""
+    return fourbit.quantize_4bit(A, blocksize, quant_type)
+
+
+@quantize_4bit.register_fake
+def _(A, blocksize, quant_type):
+    fourbit.check_4bit_args(blocksize, quant_type)
+    torch._check(A.dtype in fourbit.FLOAT_DTYPES, lambda: f"4-bit quantization takes float tensors, got {A.dtype}")
+    n = A.numel()
+    return A.new_empty((n + 1) // 2, dtype=torch.uint8), A.new_empty(-(-n // blocksize), dtype=torch.float32)
+
+
+@torch.library.custom_op("halfbyte::dequantize_4bit", mutates_args=())
+def dequantize_4bit(
+    A: Tensor, absmax: Tensor, blocksize: int, quant_type: str, shape: Sequence[int], dtype: torch.dtype
+) -> Tensor:
+    """packed uint8 bytes, absmax float32 -> tensor of ``shape`` and ``dtype``."""
+    return fourbit.dequantize_4bit(A, absmax, blocksize, quant_type, tuple(shape), dtype)
+
+
+@dequantize_4bit.register_fake
+def _(A, absmax, blocksize, quant_type, shape, dtype):
+    fourbit.check_4bit_args(blocksize, quant_type)
+    torch._check(absmax.dtype == torch.float32, lambda: f"absmax must be float32, got {absmax.dtype}")
+    return A.new_empty(tuple(shape), dtype=dtype)
+
+
+@torch.library.custom_op("halfbyte::quantize_blockwise", mutates_args=())
+def quantize_blockwise(A: Tensor, code: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """(n,) float32 -> codes (n,) uint8, absmax (ceil(n/blocksize),) float32 over the 256-entry ``code``."""
+    return blockwise.quantize_blockwise(A, code, blocksize)
+
+
+@quantize_blockwise.register_fake
+def _(A, code, blocksize):
+    torch._check(code.numel() == 256, lambda: f"code must have 256 entries, got {code.numel()}")
+    n = A.numel()
+    return A.new_empty(n, dtype=torch.uint8), A.new_empty(-(-n // blocksize), dtype=torch.float32)
+
+
+@torch.library.custom_op("halfbyte::dequantize_blockwise", mutates_args=())
+def dequantize_blockwise(A: Tensor, absmax: Tensor, code: Tensor, blocksize: int, dtype: torch.dtype) -> Tensor:
+    """(n,) uint8 codes -> (n,) ``dtype`` values ``code[A] * absmax[i // blocksize]``."""
+    return blockwise.dequantize_blockwise(A, absmax, code, blocksize).to(dtype)
+
+
+@dequantize_blockwise.register_fake
+def _(A, absmax, code, blocksize, dtype):
+    torch._check(A.dtype == torch.uint8, lambda: f"A must be uint8, got {A.dtype}")
+    return A.new_empty(A.numel(), dtype=dtype)
+
+
+def decode_absmax(
+    absmax: Tensor, nested_absmax: Tensor | None, nested_code: Tensor | None, offset: Tensor | None
+) -> Tensor:
+    """float32 4-bit absmax from plain (float32) or double-quantized (uint8 + nested stats) storage."""
+    if nested_absmax is None:
+        return absmax
+    code = nested_code if nested_code is not None else dynamic_map(absmax.device)
+    deq = torch.ops.halfbyte.dequantize_blockwise(absmax, nested_absmax, code, blockwise.NESTED_BLOCKSIZE,
+                                                  torch.float32)
+    return deq + offset.reshape(())
+
+
+@torch.library.custom_op("halfbyte::gemm_4bit", mutates_args=())
+def gemm_4bit(
+    A: Tensor,
+    B: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: Tensor | None,
+    bias: Tensor | None,
+    shape: Sequence[int],
+    blocksize: int,
+    quant_type: str,
+) -> Tensor:
+    """``F.linear(A, W, bias)`` with W = dequantized 4-bit weight of ``shape`` (N, K), all in A's dtype.
+
+    A: (..., K) float; B: packed weight bytes; absmax: (blocks,) float32, or uint8 with ``nested_absmax``
+    (ceil(blocks/256),) float32, ``nested_code`` (256,) float32 and ``offset`` (1,) float32. W is dequantized
+    straight into A's dtype from float32 math (one rounding, as bitsandbytes 0.50's fallback); bias is cast to
+    A's dtype. Returns (..., N) in A's dtype.
+    """
+    am = decode_absmax(absmax, nested_absmax, nested_code, offset)
+    W = fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), A.dtype)
+    return torch.nn.functional.linear(A, W, None if bias is None else bias.to(A.dtype))
+
+
+@gemm_4bit.register_fake
+def _(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type):
+    fourbit.check_4bit_args(blocksize, quant_type)
+    torch._check(len(shape) == 2, lambda: f"weight shape must be (N, K), got {shape}")
+    torch._check(A.shape[-1] == shape[1], lambda: f"input has {A.shape[-1]} features, weight expects {shape[1]}")
+    return A.new_empty((*A.shape[:-1], shape[0]))
+
+
+def _gemm_4bit_setup(ctx, inputs, output):
+    A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type = inputs
+    ctx.save_for_backward(B, absmax, nested_absmax, nested_code, offset)
+    ctx.meta = (tuple(shape), blocksize, quant_type, A.dtype, None if bias is None else bias.dtype)
+
+
+def _gemm_4bit_backward(ctx, grad):
+    B, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    shape, blocksize, quant_type, a_dtype, bias_dtype = ctx.meta
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        am = decode_absmax(absmax, nested_absmax, nested_code, offset)
+        W = torch.ops.halfbyte.dequantize_4bit(B, am, blocksize, quant_type, shape, grad.dtype)
+        grad_A = (grad @ W).to(a_dtype)
+    if bias_dtype is not None and ctx.needs_input_grad[6]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
+    return grad_A, None, None, None, None, None, grad_bias, None, None, None
+
+
+gemm_4bit.register_autograd(_gemm_4bit_backward, setup_context=_gemm_4bit_setup)
+
+
+# --- 8-bit (LLM.int8()) ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("halfbyte::int8_vectorwise_quant", mutates_args=())
+def int8_vectorwise_quant(A: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(..., K) float -> CA (..., K) int8, SCA (rows,) float32, outlier_cols (n,) int64 (empty if none)."""
+    return int8.int8_vectorwise_quant(A, threshold)
+
+
+@int8_vectorwise_quant.register_fake
+def _(A, threshold):
+    torch._check(threshold >= 0, lambda: f"threshold must be >= 0, got {threshold}")
+    rows = A.numel() // A.shape[-1] if A.shape[-1] else 0
+    ca = A.new_empty(A.shape, dtype=torch.int8)
+    sca = A.new_empty(rows, dtype=torch.float32)
+    if threshold > 0:
+        n = torch.library.get_ctx().new_dynamic_size()
+        cols = A.new_empty(n, dtype=torch.int64)
+    else:
+        cols = A.new_empty(0, dtype=torch.int64)
+    return ca, sca, cols
+
+
+@torch.library.custom_op("halfbyte::int8_mixed_mm", mutates_args=())
+def int8_mixed_mm(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    """LLM.int8() linear: A (..., K) float, CB (N, K) int8, SCB (N,) float32 -> (..., N) in A's dtype."""
+    return int8.int8_linear(A, CB, SCB, bias, threshold)
+
+
+@int8_mixed_mm.register_fake
+def _(A, CB, SCB, bias, threshold):
+    torch._check(CB.dtype == torch.int8, lambda: f"CB must be int8, got {CB.dtype}")
+    torch._check(SCB.dtype == torch.float32, lambda: f"SCB must be float32, got {SCB.dtype}")
+    torch._check(A.shape[-1] == CB.shape[1], lambda: f"input has {A.shape[-1]} features, weight has {CB.shape[1]}")
+    return A.new_empty((*A.shape[:-1], CB.shape[0]))
+
+
+def _int8_setup(ctx, inputs, output):
+    A, CB, SCB, bias, threshold = inputs
+    ctx.save_for_backward(CB, SCB)
+    ctx.meta = (A.dtype, None if bias is None else bias.dtype)
+
+
+def _int8_backward(ctx, grad):
+    CB, SCB = ctx.saved_tensors
+    a_dtype, bias_dtype = ctx.meta
+    grad_A = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        W = (CB.to(torch.float32) * (SCB.reshape(-1, 1) * int8.INV_127)).to(grad.dtype)
+        grad_A = (grad @ W).to(a_dtype)
+    if bias_dtype is not None and ctx.needs_input_grad[3]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
+    return grad_A, None, None, grad_bias, None
+
+
+int8_mixed_mm.register_autograd(_int8_backward, setup_context=_int8_setup)

@@ -10,8 +10,6 @@ import time
 import torch
 
 
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["nf4", "fp4", "int8"], default="nf4", help="format (default nf4)")
     p.add_argument("--double-quant", action="store_true", help="4-bit: quantize the absmax statistics too")

@@ -45,7 +45,7 @@ def _export_4bit(P: str, q: Linear4bit) -> dict[str, Tensor]:
         size = torch.empty(0, dtype=q.quant_storage).element_size()
         if data.numel() % size:
             raise ValueError(f"{P}weight: {data.numel()} packed bytes do not fill whole {q.quant_storage} elements")
-        data = data.view(q.quant_storage).reshape(-1, 1)
+        data = data.reshape(-1).view(q.quant_storage).reshape(-1, 1)
     out = {P + "weight": data}
     if q.bias is not None:
         out[P + "bias"] = q.bias.detach()
@@ -117,7 +117,7 @@ def _import_4bit(P: str, shell: nn.Module, sd: Mapping[str, Tensor]) -> tuple[Li
                        double_quant=dq, compute_dtype=getattr(shell, "compute_dtype", None),
                        dtype=_DTYPES[meta["dtype"]], quant_storage=sd[P + "weight"].dtype, device="meta")
     data = sd[P + "weight"]
-    data = data.view(torch.uint8) if data.dtype != torch.uint8 else data
+    data = data.reshape(-1).view(torch.uint8) if data.dtype != torch.uint8 else data
     if data.numel() != fourbit.packed_numel(N * K):
         raise ValueError(f"{P}weight: {data.numel()} packed bytes, expected {fourbit.packed_numel(N * K)} for "
                          f"shape [{N}, {K}]")
@@ -179,7 +179,7 @@ def load_bitsandbytes_state_dict(model: nn.Module, state_dict: Mapping[str, Tens
     native: dict[str, Tensor] = {}
     consumed: set[str] = set()
     for P, shell in quantized.items():
-        keys = {k for k in state_dict if k[len(P):] in _LAYER_KEYS or k.startswith(P + "weight.")}
+        keys = {k for k in state_dict if k.startswith(P) and (k[len(P):] in _LAYER_KEYS or k.startswith(P + "weight."))}
         if P + "weight" not in state_dict:
             if strict:
                 raise KeyError(f"{P}weight is missing from the state dict")

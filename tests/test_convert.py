@@ -1,0 +1,97 @@
+import pytest
+import torch
+from torch import nn
+
+import halfbyte
+from halfbyte import BitsAndBytesConfig, Linear4bit, Linear8bit
+
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+INT8 = BitsAndBytesConfig(load_in_8bit=True)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({"to_q": nn.Linear(16, 16), "to_out": nn.Linear(16, 16)})
+        self.proj_out = nn.Linear(16, 16)
+        self.norm = nn.LayerNorm(16)
+
+
+class Model(nn.Module):
+    _keep_in_fp32_modules = ["keep"]
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.proj_out = nn.Linear(16, 4)
+        self.keep = nn.Linear(16, 16)
+
+
+def kinds(model):
+    return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit, Linear8bit))}
+
+
+def test_skip_rules_follow_diffusers():
+    m = halfbyte.quantize_(Model(), BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["proj_out", "blocks.1.attn"]))
+    k = kinds(m)
+    # a name matches the module's own name anywhere, or a dotted prefix of the path; _keep_in_fp32_modules too
+    assert k["proj_out"] == k["blocks.0.proj_out"] == k["keep"] == "Linear"
+    assert k["blocks.1.attn.to_q"] == k["blocks.1.attn.to_out"] == "Linear"
+    assert k["blocks.0.attn.to_q"] == "Linear4bit"
+
+
+def test_skip_rules_match_diffusers_implementation():
+    utils = pytest.importorskip("diffusers.quantizers.bitsandbytes.utils")
+    pytest.importorskip("bitsandbytes")
+    skip = ["proj_out", "blocks.1.attn"]
+    ours = halfbyte.quantize_(Model(), BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip)))
+    with torch.device("meta"):
+        theirs = Model()
+    import diffusers
+
+    cfg = diffusers.BitsAndBytesConfig(load_in_8bit=True)
+    theirs = utils.replace_with_bnb_linear(theirs, modules_to_not_convert=skip + ["keep"], quantization_config=cfg)
+    assert {n for n, t in kinds(ours).items() if t == "Linear"} == {
+        n for n, m in theirs.named_modules() if type(m) is nn.Linear}
+
+
+@pytest.mark.parametrize("cfg", [NF4, INT8])
+def test_meta_model_gives_shells_and_real_model_quantizes(cfg):
+    with torch.device("meta"):
+        shell = halfbyte.quantize_(Model(), cfg)
+    assert all(t.is_meta for t in shell.state_dict().values())
+    real = halfbyte.quantize_(Model(), cfg)
+    for (k, a), (k2, b) in zip(shell.state_dict().items(), real.state_dict().items()):
+        assert k == k2 and a.shape == b.shape and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize("cfg", [NF4, INT8])
+def test_dequantize_restores_linear_in_original_dtype(cfg):
+    model = Model().to(torch.bfloat16)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    halfbyte.quantize_(model, cfg)
+    q_out = model.blocks[0].attn.to_q(x)
+    halfbyte.dequantize_(model)
+    assert all(t == "Linear" for t in kinds(model).values())
+    lin = model.blocks[0].attn.to_q
+    assert lin.weight.dtype == torch.bfloat16
+    # 4-bit: the same dequantized weight in the same dtype -> same output; 8-bit went through fp16 and int32
+    tol = 0 if cfg is NF4 else 0.05 * q_out.abs().max().item()
+    torch.testing.assert_close(lin(x), q_out, rtol=0, atol=tol)
+
+
+def test_memory_footprint_counts_statistics():
+    model = halfbyte.quantize_(nn.Sequential(nn.Linear(256, 128)), BitsAndBytesConfig(load_in_4bit=True))
+    n = 256 * 128
+    assert halfbyte.memory_footprint(model) == n // 2 + (n // 64) * 4 + 128 * 4
+    dq = halfbyte.quantize_(nn.Sequential(nn.Linear(256, 128)), NF4)
+    assert halfbyte.memory_footprint(dq) == n // 2 + n // 64 + 4 * 2 + 4 + 128 * 4
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="quantizes nothing"):
+        halfbyte.quantize_(Model(), BitsAndBytesConfig())
+    with pytest.raises(NotImplementedError, match="llm_int8_has_fp16_weight"):
+        halfbyte.quantize_(Model(), BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True))
+    with pytest.raises(TypeError, match="BitsAndBytesConfig"):
+        halfbyte.quantize_(Model(), {"load_in_4bit": True})

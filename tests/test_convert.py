@@ -95,3 +95,23 @@ def test_bad_inputs():
         halfbyte.quantize_(Model(), BitsAndBytesConfig(load_in_8bit=True, llm_int8_has_fp16_weight=True))
     with pytest.raises(TypeError, match="BitsAndBytesConfig"):
         halfbyte.quantize_(Model(), {"load_in_4bit": True})
+
+
+def test_stats_survive_device_and_dtype_move_of_a_transformers_model():
+    """What DiffusionPipeline.to(device, dtype) does to a non-diffusers component: module.to(device, dtype)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    t5 = transformers.T5EncoderModel(cfg).eval()
+    halfbyte.quantize_(t5, NF4)
+    q = t5.encoder.block[0].layer[0].SelfAttention.q
+    assert isinstance(q, Linear4bit)
+    before = {k: v.clone() for k, v in q.state_dict().items() if k != "bias"}
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out_fp32 = t5(input_ids=ids).last_hidden_state
+    t5.to("cpu", torch.bfloat16)
+    after = q.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    out_bf16 = t5(input_ids=ids).last_hidden_state
+    assert out_bf16.dtype == torch.bfloat16
+    cos = torch.nn.functional.cosine_similarity(out_bf16.float().flatten(), out_fp32.flatten(), dim=0)
+    assert cos > 0.99  # only bf16 rounding of activations and norms separates the two

@@ -1,15 +1,18 @@
 """halfbyte: bitsandbytes-compatible 4-bit (NF4/FP4) and 8-bit (LLM.int8()) quantization in Python + Triton.
 
-Importing halfbyte touches neither CUDA, triton, diffusers nor transformers.
+Importing halfbyte touches neither CUDA, triton, diffusers nor transformers; it arranges for halfbyte to register
+itself with transformers and diffusers when they are imported (``halfbyte.integrations``).
 """
 
-from . import functional, nn
+from . import functional, integrations, nn
 from .config import BitsAndBytesConfig
 from .convert import dequantize_, memory_footprint, quantize_
-from .io import bitsandbytes_state_dict, load_bitsandbytes_state_dict
+from .io import bitsandbytes_state_dict, from_pretrained, load_bitsandbytes_state_dict, save_pretrained
 from .nn import Linear4bit, Linear8bit
 
 __version__ = "0.1.0"
+
+integrations.install()
 
 __all__ = [
     "BitsAndBytesConfig",
@@ -17,9 +20,11 @@ __all__ = [
     "Linear8bit",
     "bitsandbytes_state_dict",
     "dequantize_",
+    "from_pretrained",
     "functional",
     "load_bitsandbytes_state_dict",
     "memory_footprint",
     "nn",
     "quantize_",
+    "save_pretrained",
 ]

@@ -7,6 +7,7 @@ in the activations' dtype" (bitsandbytes' float32 default is the most common rea
 
 import copy
 import enum
+import inspect
 import json
 from typing import Any
 
@@ -16,6 +17,7 @@ from .formats.codebooks import BLOCKSIZES_4BIT, QUANT_TYPES
 
 _STORAGE_DTYPES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
 _COMPUTE_DTYPES = ("float16", "bfloat16", "float32")
+FORMAT_VERSION = 1  # of the dict written by to_dict(); bump on incompatible changes
 
 
 class QuantMethod(str, enum.Enum):
@@ -71,9 +73,13 @@ class BitsAndBytesConfig:
         bnb_4bit_blocksize: int = 64,
         **kwargs: Any,
     ):
-        unknown = set(kwargs) - {"quant_method", "_load_in_4bit", "_load_in_8bit"}
+        unknown = set(kwargs) - {"quant_method", "_load_in_4bit", "_load_in_8bit", "format_version",
+                                 "_pre_quantization_dtype"}
         if unknown:
             raise TypeError(f"BitsAndBytesConfig got unknown fields {sorted(unknown)}")
+        if kwargs.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+            raise ValueError(f"quantization_config has format_version {kwargs['format_version']!r}; this halfbyte "
+                             f"reads {FORMAT_VERSION}")
         method = kwargs.get("quant_method", QuantMethod.HALFBYTE)
         if method not in ("halfbyte", "bitsandbytes"):
             raise ValueError(f"quant_method must be 'halfbyte' or 'bitsandbytes', got {method!r}")
@@ -110,6 +116,10 @@ class BitsAndBytesConfig:
         if isinstance(bnb_4bit_blocksize, bool) or bnb_4bit_blocksize not in BLOCKSIZES_4BIT:
             raise ValueError(f"bnb_4bit_blocksize must be one of {BLOCKSIZES_4BIT}, got {bnb_4bit_blocksize!r}")
         self.bnb_4bit_blocksize = int(bnb_4bit_blocksize)
+        # dtype of the model's unquantized tensors when it was quantized, recorded by the loaders so that reloading
+        # a saved checkpoint without torch_dtype restores it (diffusers would otherwise pick float16)
+        pre = kwargs.get("_pre_quantization_dtype")
+        self._pre_quantization_dtype = None if pre is None else _dtype("_pre_quantization_dtype", pre, _COMPUTE_DTYPES)
 
     @property
     def load_in_4bit(self) -> bool:
@@ -126,25 +136,78 @@ class BitsAndBytesConfig:
         return self.bnb_4bit_quant_type if self.load_in_4bit else None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (dtypes as strings), the form written under ``quantization_config`` in config.json."""
-        d = copy.deepcopy({k: v for k, v in self.__dict__.items()})
+        """JSON-safe dict (dtypes as strings), the form written under ``quantization_config`` in config.json.
+
+        Writes ``_load_in_4bit/_load_in_8bit`` and never a top-level ``load_in_4bit``/``load_in_8bit``: a truthy
+        one makes transformers and diffusers route the checkpoint to bitsandbytes whatever ``quant_method`` says.
+        """
+        d = copy.deepcopy(dict(self.__dict__))
         d["quant_method"] = self.quant_method.value
-        for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage", "_pre_quantization_dtype"):
             d[k] = None if d[k] is None else str(d[k]).removeprefix("torch.")
+        if d["_pre_quantization_dtype"] is None:
+            del d["_pre_quantization_dtype"]
+        d["format_version"] = FORMAT_VERSION
+        return d
+
+    def to_bitsandbytes_dict(self) -> dict[str, Any]:
+        """The dict diffusers/transformers + bitsandbytes write for the same settings (docs/bnb-format.md §6.2).
+
+        ``bnb_4bit_compute_dtype=None`` is written as "float32", bitsandbytes' meaning of None, so a reader of
+        the checkpoint computes as bitsandbytes would. ``bnb_4bit_blocksize`` is not a bitsandbytes field; the
+        block size travels in each layer's quant-state JSON, which bitsandbytes reads.
+        """
+        d = self.to_dict()
+        del d["bnb_4bit_blocksize"], d["format_version"]
+        d.pop("_pre_quantization_dtype", None)
+        d["quant_method"] = "bitsandbytes"
+        d["bnb_4bit_compute_dtype"] = d["bnb_4bit_compute_dtype"] or "float32"
         d["load_in_4bit"], d["load_in_8bit"] = self.load_in_4bit, self.load_in_8bit
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BitsAndBytesConfig":
-        d = dict(d)
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any):
+        """Build from a config dict (halfbyte's, or bitsandbytes' as diffusers/transformers write it).
+
+        ``kwargs`` override fields (transformers' ``QuantizationConfigMixin.from_dict`` protocol); with
+        ``return_unused_kwargs`` the kwargs that are not fields come back as the second element.
+        """
+        d = dict(config_dict)
         for key in ("load_in_4bit", "load_in_8bit"):
             if f"_{key}" in d and key in d and d[f"_{key}"] != d[key]:
                 raise ValueError(f"config dict disagrees with itself: _{key}={d[f'_{key}']} but {key}={d[key]}")
-            d.pop(f"_{key}", None)
-        return cls(**d)
+            if f"_{key}" in d:
+                d[key] = d.pop(f"_{key}")
+        fields = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        unused = {k: v for k, v in kwargs.items() if k not in fields}
+        d.update({k: v for k, v in kwargs.items() if k in fields})
+        config = cls(**d)
+        return (config, unused) if return_unused_kwargs else config
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    # The rest of the QuantizationConfigMixin surface that transformers and diffusers call on a config object.
+    def to_json_string(self, use_diff: bool = False) -> str:
+        return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Fields that differ from the defaults (plus quant_method and the format flags)."""
+        default = type(self)().to_dict()
+        keep = {"quant_method", "_load_in_4bit", "_load_in_8bit", "format_version", "_pre_quantization_dtype"}
+        return {k: v for k, v in self.to_dict().items() if k in keep or default.get(k) != v}
+
+    def update(self, **kwargs: Any) -> dict[str, Any]:
+        """Set the given fields (validated by rebuilding); returns the kwargs that are not fields."""
+        fields = set(inspect.signature(type(self).__init__).parameters) - {"self", "kwargs"}
+        d = self.to_dict()
+        d.update({k: v for k, v in kwargs.items() if k in fields})
+        self.__dict__.update(type(self).from_dict(d).__dict__)
+        return {k: v for k, v in kwargs.items() if k not in fields}
+
+    def __iter__(self):
+        yield from copy.deepcopy(self.to_dict()).items()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BitsAndBytesConfig) and self.to_dict() == other.to_dict()

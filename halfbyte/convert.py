@@ -9,7 +9,7 @@ from .nn import Linear4bit, Linear8bit
 QUANTIZED_LINEARS = (Linear4bit, Linear8bit)
 
 
-def modules_to_not_convert(model: nn.Module, config: BitsAndBytesConfig) -> list[str]:
+def default_skip_modules(model: nn.Module, config: BitsAndBytesConfig) -> list[str]:
     """``llm_int8_skip_modules`` plus the model's ``_keep_in_fp32_modules``, as diffusers' quantizer collects them."""
     skip = list(config.llm_int8_skip_modules or [])
     skip += [m for m in (getattr(model, "_keep_in_fp32_modules", None) or []) if m not in skip]
@@ -33,11 +33,17 @@ def _make_quantized(linear: nn.Linear, config: BitsAndBytesConfig, device) -> nn
 
 
 def quantize_(
-    model: nn.Module, config: BitsAndBytesConfig, device: torch.device | str | None = None
+    model: nn.Module,
+    config: BitsAndBytesConfig,
+    device: torch.device | str | None = None,
+    *,
+    modules_to_not_convert: list[str] | None = None,
 ) -> nn.Module:
     """Replace every eligible ``nn.Linear`` (subclasses included) of ``model`` in place; returns ``model``.
 
-    Skips follow diffusers (``modules_to_not_convert``, ``is_skipped``). Each weight is quantized where it lives,
+    Skips follow diffusers (``is_skipped``) over ``modules_to_not_convert`` (default: the config's skip list plus
+    the model's ``_keep_in_fp32_modules``; the Hugging Face quantizers pass the list their library computes).
+    Each weight is quantized where it lives,
     or on ``device`` if given (the quantized layer stays there). Linears on the meta device become empty shells
     of the exact quantized shapes, for a later load to fill (``halfbyte.load_bitsandbytes_state_dict``).
     """
@@ -53,7 +59,7 @@ def quantize_(
     if isinstance(model, nn.Linear) and not isinstance(model, QUANTIZED_LINEARS):
         raise TypeError("quantize_ converts the Linear layers inside a model; use Linear4bit/Linear8bit.from_linear "
                         "for a single layer")
-    skip = modules_to_not_convert(model, config)
+    skip = default_skip_modules(model, config) if modules_to_not_convert is None else list(modules_to_not_convert)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
@@ -64,7 +70,33 @@ def quantize_(
                 visit(child, path + ".")
 
     visit(model, "")
+    model._halfbyte_config = config  # read back by quantization_config_of (saving, inspection)
     return model
+
+
+def quantization_config_of(model: nn.Module) -> BitsAndBytesConfig | None:
+    """The halfbyte config a model was quantized with, or None if it holds no halfbyte layer.
+
+    Looks at what ``quantize_`` recorded, then at a Hugging Face loader's quantizer and ``model.config``; a
+    bitsandbytes config there (a model loaded from a bitsandbytes checkpoint) is translated field by field.
+    """
+    if not any(isinstance(m, QUANTIZED_LINEARS) for m in model.modules()):
+        return None
+    candidates = [getattr(model, "_halfbyte_config", None),
+                  getattr(getattr(model, "hf_quantizer", None), "quantization_config", None),
+                  getattr(getattr(model, "config", None), "quantization_config", None)]
+    if isinstance(getattr(model, "config", None), dict):
+        candidates.append(model.config.get("quantization_config"))
+    for cfg in candidates:
+        if isinstance(cfg, BitsAndBytesConfig):
+            return cfg
+        if cfg is not None:
+            d = cfg if isinstance(cfg, dict) else cfg.to_dict()
+            if d.get("quant_method") in ("halfbyte", "bitsandbytes"):
+                return BitsAndBytesConfig.from_dict(
+                    {k: v for k, v in d.items() if k in BitsAndBytesConfig().to_dict() or k.startswith("load_in")})
+    raise ValueError(f"{type(model).__name__} holds halfbyte layers but no quantization config was recorded: "
+                     "quantize it with halfbyte.quantize_ or load it through a halfbyte loader")
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
@@ -90,6 +122,8 @@ def dequantize_(model: nn.Module) -> nn.Module:
     if isinstance(model, QUANTIZED_LINEARS):
         raise TypeError("dequantize_ converts the layers inside a model; call .dequantize() on a single layer")
     visit(model)
+    if hasattr(model, "_halfbyte_config"):
+        del model._halfbyte_config
     return model
 
 

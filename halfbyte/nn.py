@@ -9,17 +9,108 @@ bitsandbytes key layout exists only at the file boundary (``halfbyte.io.bnb``). 
 state. Weights are frozen; inputs and bias get gradients, so adapters can train on top.
 """
 
+import math
+import threading
+
 import torch
 from torch import Tensor, nn
 
 from . import ops as _ops  # noqa: F401  (registers the halfbyte:: ops)
 from .formats import blockwise, fourbit
+from .formats import int8 as int8_format
 from .formats.codebooks import dynamic_map
+
+#: Weights are quantized in row pieces of about this many elements (on the CPU; ``QUANT_PIECE_NUMEL_DEVICE`` on
+#: accelerators). The reference kernels make several float32 temporaries of their input, and a memory-mapped
+#: weight, or one in another dtype, is read and cast piece by piece: quantizing a layer never holds more than one
+#: piece's worth of extra memory beside its result. On the CPU pieces are small (1 MiB as float32) because glibc
+#: keeps freed temporaries of a few MiB resident; accelerators' caching allocators reuse blocks, and bigger pieces
+#: there save kernel launches. Pieces cover whole 4-bit blocks (blocks never straddle rows of different pieces),
+#: so the bytes equal those of quantizing the weight at once.
+QUANT_PIECE_NUMEL = 1 << 18
+QUANT_PIECE_NUMEL_DEVICE = 1 << 22
 
 
 def _f32_bits(t: Tensor) -> Tensor:
     """float32 tensor -> int32 tensor with the same bits (the storage form of statistics)."""
     return t.to(torch.float32).contiguous().view(torch.int32)
+
+
+def _piece_numel(device: torch.device) -> int:
+    return QUANT_PIECE_NUMEL if device.type == "cpu" else QUANT_PIECE_NUMEL_DEVICE
+
+
+_staging = threading.local()  # per thread: pinned host buffers for host-to-device piece copies
+
+
+def _pinned_buffers(numel: int, dtype: torch.dtype) -> list[Tensor]:
+    """Two pinned host buffers of at least ``numel`` elements, reused across calls (pinning costs milliseconds)."""
+    cache = getattr(_staging, "buffers", None)
+    if cache is None:
+        cache = _staging.buffers = {}
+    bufs = cache.get(dtype)
+    if bufs is None or bufs[0].numel() < numel:
+        bufs = cache[dtype] = [torch.empty(numel, dtype=dtype, pin_memory=True) for _ in range(2)]
+    return bufs
+
+
+def _pieces_on(w: Tensor, pieces: list[tuple[int, int]], device: torch.device, dtype: torch.dtype):
+    """Yield ``(r0, r1, w[r0:r1] on device in dtype)`` for each row piece.
+
+    From host memory to a CUDA device the pieces travel through two alternating pinned buffers with asynchronous
+    copies: the host copies piece i+1 while the GPU receives and quantizes piece i, at the pinned transfer rate
+    (a pageable copy of a whole weight runs at about a third of it and holds the whole weight on the GPU).
+    """
+    if w.device.type != "cpu" or device.type != "cuda" or not pieces:
+        for r0, r1 in pieces:
+            yield r0, r1, w[r0:r1].to(device, dtype)
+        return
+    K = w.shape[1]
+    bufs = _pinned_buffers(max(r1 - r0 for r0, r1 in pieces) * K, w.dtype)
+    done: list = [None, None]  # CUDA events: the copy out of each buffer has finished
+    for i, (r0, r1) in enumerate(pieces):
+        slot = i % 2
+        if done[slot] is not None:
+            done[slot].synchronize()
+        n = (r1 - r0) * K
+        bufs[slot][:n].copy_(w[r0:r1].reshape(-1))
+        piece = bufs[slot][:n].to(device, non_blocking=True)
+        done[slot] = torch.cuda.Event()
+        done[slot].record()
+        yield r0, r1, piece.view(r1 - r0, K).to(dtype)
+
+
+def _row_pieces(rows: int, cols: int, device: torch.device, multiple: int = 1) -> list[tuple[int, int]]:
+    """Row ranges [r0, r1) of about ``_piece_numel(device)`` elements; all but the last hold a multiple of
+    ``multiple`` elements."""
+    step = multiple // math.gcd(cols, multiple) if cols else 1
+    per = max(step, _piece_numel(device) // max(cols, 1) // step * step)
+    return [(r, min(r + per, rows)) for r in range(0, rows, per)]
+
+
+def _double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(B,) float32 absmax -> codes (B,) uint8, nested absmax (ceil(B/256),) float32, offset (1,) float32.
+
+    bitsandbytes' ``compress_statistics``: ``absmax - mean(absmax)`` quantized blockwise (256) over the dynamic
+    map, in pieces of whole nested blocks (the reference search keeps ~80 bytes of temporaries per value).
+    """
+    nb = blockwise.NESTED_BLOCKSIZE
+    offset = absmax.mean().reshape(1)
+    codes = torch.empty(absmax.numel(), dtype=torch.uint8, device=absmax.device)
+    nested = torch.empty(fourbit.num_blocks(absmax.numel(), nb), dtype=torch.float32, device=absmax.device)
+    code = dynamic_map(absmax.device)
+    per = max(nb, _piece_numel(absmax.device) // 16 // nb * nb)
+    for s in range(0, absmax.numel(), per):
+        q, a = torch.ops.halfbyte.quantize_blockwise(absmax[s:s + per] - offset, code, nb)
+        codes[s:s + q.numel()] = q
+        nested[s // nb:s // nb + a.numel()] = a
+    return codes, nested, offset
+
+
+def _bias_for(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Parameter:
+    """``linear.bias`` on ``device``, cast to ``dtype`` if given (shares memory when nothing changes)."""
+    b = linear.bias.detach()
+    return nn.Parameter(b.to(device, dtype or b.dtype), requires_grad=linear.bias.requires_grad)
 
 
 class _QuantizedLinear(nn.Module):
@@ -109,23 +200,35 @@ class Linear4bit(_QuantizedLinear):
         compute_dtype: torch.dtype | None = None,
         quant_storage: torch.dtype = torch.uint8,
         device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "Linear4bit":
-        """Quantize ``linear`` (on ``device`` if given, else where its weight is). A meta weight gives a shell."""
+        """Quantize ``linear`` (on ``device`` if given, else where its weight is). A meta weight gives a shell.
+
+        ``dtype``: cast the weight and bias to it first (default: the weight's dtype); it becomes the layer's
+        ``dtype``. The weight is read, cast and quantized in row pieces (``QUANT_PIECE_NUMEL``), so it may be a
+        memory-mapped tensor on another device without ever being copied whole.
+        """
         w = linear.weight.detach()
         device = torch.device(device) if device is not None else w.device
+        cast, dtype = dtype, dtype or w.dtype
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type=quant_type,
-                    blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, dtype=w.dtype,
+                    blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
                     quant_storage=quant_storage, device=device)
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=linear.bias.requires_grad)
+            layer.bias = _bias_for(linear, device, cast)
         if w.is_meta or device.type == "meta":
             return layer
-        packed, absmax = torch.ops.halfbyte.quantize_4bit(w.to(device), blocksize, quant_type)
+        N, K = w.shape
+        packed = torch.empty(fourbit.packed_numel(N * K), dtype=torch.uint8, device=device)
+        absmax = torch.empty(fourbit.num_blocks(N * K, blocksize), dtype=torch.float32, device=device)
+        for r0, r1, piece in _pieces_on(w, _row_pieces(N, K, device, blocksize), device, dtype):
+            p, a = torch.ops.halfbyte.quantize_4bit(piece, blocksize, quant_type)
+            e0 = r0 * K  # a multiple of blocksize (even): the piece's bytes and blocks start on boundaries
+            packed[e0 // 2:e0 // 2 + p.numel()] = p
+            absmax[e0 // blocksize:e0 // blocksize + a.numel()] = a
         layer.weight.data = packed.view(layer.weight.shape)
         if double_quant:
-            offset = absmax.mean().reshape(1)
-            q, nested = torch.ops.halfbyte.quantize_blockwise(absmax - offset, dynamic_map(device),
-                                                             blockwise.NESTED_BLOCKSIZE)
+            q, nested, offset = _double_quantize(absmax)
             layer.absmax, layer.nested_absmax, layer.offset = q, _f32_bits(nested), _f32_bits(offset)
         else:
             layer.absmax = _f32_bits(absmax)
@@ -193,18 +296,32 @@ class Linear8bit(_QuantizedLinear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, *, threshold: float = 0.0, device: torch.device | str | None = None
+        cls,
+        linear: nn.Linear,
+        *,
+        threshold: float = 0.0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> "Linear8bit":
-        """Quantize ``linear`` row-wise (weight cast to float16 first, as bitsandbytes). Meta weight -> shell."""
+        """Quantize ``linear`` row-wise (weight cast to float16 first, as bitsandbytes). Meta weight -> shell.
+
+        ``dtype``: cast the weight and bias to it first (default: the weight's dtype); it becomes the layer's
+        ``dtype``. Quantizes in row pieces, as ``Linear4bit.from_linear``.
+        """
         w = linear.weight.detach()
         device = torch.device(device) if device is not None else w.device
+        cast, dtype = dtype, dtype or w.dtype
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold=threshold,
-                    dtype=w.dtype, device=device)
+                    dtype=dtype, device=device)
         if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.detach().to(device), requires_grad=linear.bias.requires_grad)
+            layer.bias = _bias_for(linear, device, cast)
         if w.is_meta or device.type == "meta":
             return layer
-        CB, SCB, _ = torch.ops.halfbyte.int8_vectorwise_quant(w.to(device, torch.float16), 0.0)
+        N, K = w.shape
+        CB = torch.empty(N, K, dtype=torch.int8, device=device)
+        SCB = torch.empty(N, dtype=torch.float32, device=device)
+        for r0, r1, piece in _pieces_on(w, _row_pieces(N, K, device), device, dtype):
+            CB[r0:r1], SCB[r0:r1], _ = torch.ops.halfbyte.int8_vectorwise_quant(piece.to(torch.float16), 0.0)
         layer.weight.data = CB
         layer.SCB = _f32_bits(SCB)
         return layer
@@ -215,7 +332,7 @@ class Linear8bit(_QuantizedLinear):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The (out_features, in_features) weight ``CB * SCB / 127`` in ``dtype`` (default: the original dtype)."""
-        W = self.weight.to(torch.float32) * (self.SCB.view(torch.float32)[:, None] * 7.874015718698502e-3)
+        W = int8_format.int8_vectorwise_dequant(self.weight, self.SCB.view(torch.float32))
         return W.to(dtype or self.dtype)
 
     def extra_repr(self) -> str:

@@ -1,11 +1,14 @@
 """The ``halfbyte::`` operator contract: every schema, fake (meta) implementation and autograd formula.
 
 Each op's body is its pure-PyTorch reference (``halfbyte.formats``) and serves as the default kernel on every
-device; device kernels (Triton, later) register against the same op with ``torch.library.register_kernel`` and
-are tested against the reference. Fakes check dtypes and shapes so that torch.compile sees exact metadata;
+device; the Triton kernels of ``halfbyte.kernels`` are registered for CUDA at the end of this file (only when
+triton is installed, and imported on the first CUDA call so that ``import halfbyte`` stays free of triton) and are
+tested against the reference. Fakes check dtypes and shapes so that torch.compile sees exact metadata;
 the only data-dependent size (LLM.int8() outlier columns) uses ``new_dynamic_size``.
 """
 
+import importlib
+import importlib.util
 from collections.abc import Sequence
 
 import torch
@@ -202,3 +205,34 @@ def _int8_backward(ctx, grad):
 
 
 int8_mixed_mm.register_autograd(_int8_backward, setup_context=_int8_setup)
+
+
+# --- CUDA kernels (Triton) ---------------------------------------------------------------------------------------
+
+#: op -> (module in halfbyte.kernels, function) registered as the op's CUDA kernel.
+CUDA_KERNELS = {
+    "quantize_4bit": ("fourbit", "quantize_4bit"),
+    "dequantize_4bit": ("fourbit", "dequantize_4bit"),
+    "gemm_4bit": ("gemm4bit", "gemm_4bit"),
+    "int8_vectorwise_quant": ("int8", "int8_vectorwise_quant"),
+    "int8_mixed_mm": ("int8", "int8_mixed_mm"),
+}
+
+
+def _lazy_kernel(module: str, name: str):
+    """A kernel that imports ``halfbyte.kernels.<module>`` (and with it triton) on its first call."""
+
+    resolved = []
+
+    def kernel(*args, **kwargs):
+        if not resolved:
+            resolved.append(getattr(importlib.import_module(f"halfbyte.kernels.{module}"), name))
+        return resolved[0](*args, **kwargs)
+
+    kernel.__name__ = f"{module}.{name}"
+    return kernel
+
+
+if importlib.util.find_spec("triton") is not None:
+    for _op, (_module, _name) in CUDA_KERNELS.items():
+        torch.library.register_kernel(f"halfbyte::{_op}", "cuda", _lazy_kernel(_module, _name))

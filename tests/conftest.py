@@ -1,10 +1,19 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A private, initially empty Hub cache: tests that resolve repo ids (the seed guide's examples) lay out tiny local
+# checkpoints in it (halfbyte.testing.make_hub_cache); nothing of the developer's own cache is read. Set before any
+# test module imports huggingface_hub, which reads it at import time.
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="halfbyte-test-hub-")
+# Without a GPU, Triton kernels run in the interpreter (the CI tier of tests/test_kernels.py); triton reads this
+# when a kernel is decorated, so it is set before any test module can import halfbyte.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 GOLDENS = Path(__file__).parent / "data" / "bnb_cuda_goldens.safetensors"
 
 
@@ -18,3 +27,7 @@ def goldens() -> dict[str, torch.Tensor]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (the GPU tier of tests/test_kernels.py)")

@@ -63,8 +63,9 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0) -> tuple[torc
 
 
 def int8_vectorwise_dequant(CA: torch.Tensor, SCA: torch.Tensor) -> torch.Tensor:
-    """(M, K) int8, (M,) float32 -> (M, K) float32 ``CA * SCA / 127`` (bnb's constant)."""
-    return CA.to(torch.float32) * (SCA.reshape(-1, 1) * INV_127)
+    """(M, K) int8, (M,) float32 -> (M, K) float32 ``(CA * SCA) * (1/127)``: bitsandbytes' constant and order of
+    operations (multiplying SCA by the constant first rounds differently for about a third of the values)."""
+    return CA.to(torch.float32) * SCA.reshape(-1, 1).to(torch.float32) * INV_127
 
 
 def int8_mm_dequant(

@@ -168,6 +168,35 @@ def _import_8bit(P: str, shell: nn.Module, sd: Mapping[str, Tensor]) -> tuple[Li
     return layer, native
 
 
+def layer_keys(P: str, keys) -> set[str]:
+    """The bitsandbytes keys among ``keys`` that belong to the quantized layer at prefix ``P`` ("name.")."""
+    return {k for k in keys if k.startswith(P) and (k[len(P):] in _LAYER_KEYS or k.startswith(P + "weight."))}
+
+
+def import_layer(P: str, shell: nn.Module, state_dict: Mapping[str, Tensor]) -> tuple[nn.Module, dict[str, Tensor]]:
+    """One quantized layer from its bitsandbytes tensors.
+
+    ``shell``: the model's Linear4bit/Linear8bit at prefix ``P`` ("name."); ``state_dict`` holds at least the
+    layer's keys (``layer_keys``). Returns a new layer on the meta device, in the checkpoint's format, and its
+    tensors by full native name, for ``load_state_dict(assign=True)``. Raises ValueError naming the key when a
+    tensor does not fit, KeyError when one is missing.
+    """
+    if P + "weight" not in state_dict:
+        raise KeyError(f"{P}weight is missing from the state dict")
+    try:
+        if isinstance(shell, Linear4bit):
+            if P + "SCB" in state_dict:
+                raise ValueError(f"{P}: the checkpoint holds an 8-bit layer but the model has a 4-bit one")
+            if not any(k.startswith(P + _QS_PREFIX) for k in layer_keys(P, state_dict)):
+                raise ValueError(f"{P}weight is not a bitsandbytes 4-bit tensor (no {P}{_QS_PREFIX}* entry)")
+            return _import_4bit(P, shell, state_dict)
+        if P + "SCB" not in state_dict:
+            raise ValueError(f"{P}: the model has an 8-bit layer but the checkpoint has no {P}SCB")
+        return _import_8bit(P, shell, state_dict)
+    except KeyError as e:
+        raise KeyError(f"{e.args[0]} is missing (the quantized layer {P[:-1]} needs it)") from None
+
+
 def load_bitsandbytes_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor], strict: bool = True):
     """Fill ``model`` (quantized by ``quantize_``, typically on the meta device) from a bitsandbytes state dict.
 
@@ -179,24 +208,12 @@ def load_bitsandbytes_state_dict(model: nn.Module, state_dict: Mapping[str, Tens
     native: dict[str, Tensor] = {}
     consumed: set[str] = set()
     for P, shell in quantized.items():
-        keys = {k for k in state_dict if k.startswith(P) and (k[len(P):] in _LAYER_KEYS or k.startswith(P + "weight."))}
-        if P + "weight" not in state_dict:
-            if strict:
-                raise KeyError(f"{P}weight is missing from the state dict")
+        if P + "weight" not in state_dict and not strict:
             continue
-        if isinstance(shell, Linear4bit):
-            if P + "SCB" in state_dict:
-                raise ValueError(f"{P}: the checkpoint holds an 8-bit layer but the model has a 4-bit one")
-            if not any(k.startswith(P + _QS_PREFIX) for k in keys):
-                raise ValueError(f"{P}weight is not a bitsandbytes 4-bit tensor (no {P}{_QS_PREFIX}* entry)")
-            layer, tensors = _import_4bit(P, shell, state_dict)
-        else:
-            if P + "SCB" not in state_dict:
-                raise ValueError(f"{P}: the model has an 8-bit layer but the checkpoint has no {P}SCB")
-            layer, tensors = _import_8bit(P, shell, state_dict)
+        layer, tensors = import_layer(P, shell, state_dict)
         model.set_submodule(P[:-1], layer)
         native.update(tensors)
-        consumed |= keys
+        consumed |= layer_keys(P, state_dict)
     for k, v in state_dict.items():
         if k not in consumed:
             native[k] = v

@@ -1,0 +1,115 @@
+"""CUDA fast-math building blocks shared by the kernels, and their bit-exact emulation for the interpreter.
+
+bitsandbytes' kernels round with ``rcp.approx.ftz.f32`` (``1.0f / a`` and ``__fdividef`` under fast math) and
+``cvt.rni`` (``__float2int_rn``). On the GPU the kernels run those very instructions (inline PTX, libdevice). Under
+``TRITON_INTERPRET=1`` (the CPU test tier) neither inline assembly nor libdevice exists, so the same functions
+compute the hardware result from ``formats.fastmath``'s ulp table instead; both paths are tested against it.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from ..formats import fastmath
+
+#: True when triton runs kernels through its numpy interpreter (decided at import, as ``triton.jit`` does).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: Selects the hardware instructions (GPU) or their emulation (interpreter) inside the kernels.
+USE_PTX = not INTERPRET
+
+_TINY = tl.constexpr(2.0**-126)
+_HUGE = tl.constexpr(2.0**126)
+
+
+def rcp_table(device: torch.device) -> torch.Tensor:
+    """The (2**23,) int8 ulp-correction table the interpreter path reads; on the GPU a 1-element placeholder
+    (the PTX path never touches it, and the 8 MB table should not be copied to the device)."""
+    if USE_PTX:
+        return torch.zeros(1, dtype=torch.int8, device=device)
+    return fastmath._delta_table().to(device)
+
+
+@triton.jit
+def rcp_approx(a, delta_ptr, USE_PTX: tl.constexpr):
+    """float32 -> ``rcp.approx.ftz.f32(a)``, bit for bit (``fastmath.rcp_approx``)."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [a], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        exact = 1.0 / a
+        bits = a.to(tl.int32, bitcast=True)
+        delta = tl.load(delta_ptr + (bits & 0x7FFFFF)).to(tl.int32)
+        approx = (exact.to(tl.int32, bitcast=True) + delta).to(tl.float32, bitcast=True)
+        mag = tl.abs(a)
+        sign = bits & -2147483648  # 0x80000000 as int32
+        out = tl.where((mag >= _TINY) & (mag < _HUGE), approx, exact)  # NaN and inf keep 1/a (NaN, +-0)
+        inf = (sign | 0x7F800000).to(tl.float32, bitcast=True)
+        out = tl.where(mag < _TINY, inf, out)  # ftz: a subnormal divisor reads as +-0
+        zero = sign.to(tl.float32, bitcast=True)
+        finite = (bits & 0x7FFFFFFF) < 0x7F800000
+        # A subnormal result flushes to +-0. 1/2**126 = 2**-126 is still normal: the H100 returns it, while
+        # formats.fastmath (which flushes |a| >= 2**126) returns 0 there, the one input where the two differ.
+        return tl.where((mag > _HUGE) & finite, zero, out)
+
+
+@triton.jit
+def rint(x, USE_PTX: tl.constexpr):
+    """float32 round half to even (``cvt.rni``); the emulation adds and removes 2**23, exact for |x| < 2**23."""
+    if USE_PTX:
+        return libdevice.rint(x)
+    else:
+        mag = tl.abs(x)
+        r = (mag + 8388608.0) - 8388608.0
+        r = tl.where(x < 0, -r, r)
+        return tl.where(mag < 8388608.0, r, x)
+
+
+@triton.jit
+def mul_rn(a, b, USE_PTX: tl.constexpr):
+    """float32 ``a * b`` rounded on its own: a following add must not fuse into an FMA (the reference rounds
+    twice). PTX ``mul.rn`` with an explicit rounding mode is never contracted; the interpreter never contracts."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def load_absmax(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, mask, NESTED: tl.constexpr,
+                USE_PTX: tl.constexpr):
+    """float32 absmax of 4-bit blocks ``blk`` (any shape, int), decoding double quantization when NESTED:
+    ``ncode[q[blk]] * nested[blk // 256] + offset`` with two roundings, as ``ops.decode_absmax`` computes it."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0)
+        scale = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
+        return mul_rn(tl.load(ncode_ptr + q), scale, USE_PTX) + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
+def load_absmax_inbounds(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, NESTED: tl.constexpr,
+                         USE_PTX: tl.constexpr):
+    """``load_absmax`` for block indices known to be in range (no mask to compute)."""
+    if NESTED:
+        scale = tl.load(nested_ptr + blk // 256)
+        return mul_rn(tl.load(ncode_ptr + tl.load(absmax_ptr + blk)), scale, USE_PTX) + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + blk)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, USE_PTX: tl.constexpr):
+    """float32 -> ``dtype`` rounded to nearest even. The interpreter's own float32 -> bfloat16 cast does not round
+    ties to even, so there the rounding is done on the bits (NaN kept as the canonical NaN)."""
+    if USE_PTX or dtype != tl.bfloat16:
+        return x.to(dtype)
+    else:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -1,0 +1,164 @@
+"""Triton 4-bit (NF4/FP4) blockwise quantize and dequantize, bit-exact with ``formats.fourbit`` (bitsandbytes'
+CUDA bytes, docs/bnb-format.md §1) for every blocksize 32..4096 and fp16/bf16/fp32.
+
+Both kernels give each program ``ROWS`` whole quantization blocks, held as a (ROWS, blocksize/2) tile of bytes,
+so one absmax serves a tile row and no element needs its block index gathered. The even element of a pair sits
+in the high nibble: dequantization decodes both nibbles of each byte and interleaves them in registers.
+Double-quantized absmax (uint8 + nested float32 stats) is decoded inside the dequantize kernel.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import fourbit
+from ..formats.codebooks import FP4_MAG_CODES, FP4_THRESHOLDS, NF4_THRESHOLDS, code_4bit, dynamic_map
+from .common import USE_PTX, load_absmax, rcp_approx, rcp_table, round_to
+
+#: Elements per program (ROWS * blocksize): enough bytes in flight per program without spilling registers.
+_TILE = 4096
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
+
+@functools.lru_cache(maxsize=None)
+def code_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """(16,) float32 code values on ``device``, cached so that a call does no host-to-device copy."""
+    return code_4bit(quant_type, device)
+
+
+@functools.lru_cache(maxsize=None)
+def nested_code_table(device: torch.device) -> torch.Tensor:
+    return dynamic_map(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(thresholds float32, FP4 magnitude codes uint8) exactly as the reference's ``encode_4bit`` builds them."""
+    thr = NF4_THRESHOLDS if quant_type == "nf4" else FP4_THRESHOLDS
+    return (torch.tensor(thr, dtype=torch.float32, device=device),
+            torch.tensor(FP4_MAG_CODES, dtype=torch.uint8, device=device))
+
+
+@triton.jit
+def _dequant_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr, out_ptr, n,
+                    BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, NESTED: tl.constexpr, USE_PTX: tl.constexpr):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization blocks
+    j = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF) byte index
+    byte = tl.load(packed_ptr + j, mask=j < (n + 1) // 2, other=0)
+    am = load_absmax(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, blk < tl.cdiv(n, BLOCKSIZE), NESTED,
+                     USE_PTX)
+    hi = tl.load(code_ptr + (byte >> 4)) * am[:, None]  # float32 product, rounded once below (as the reference)
+    lo = tl.load(code_ptr + (byte & 15)) * am[:, None]
+    vals = round_to(tl.interleave(hi, lo), out_ptr.dtype.element_ty, USE_PTX)  # (ROWS, BLOCKSIZE), element 2j first
+    e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + e, vals, mask=e < n)
+
+
+@triton.jit
+def _encode(s, thr_ptr, mag_ptr, NF4: tl.constexpr):
+    """Scaled float32 values -> int32 codes by CUDA's strict-``>`` rules; NaN fails every test and gets 0."""
+    code = tl.zeros(s.shape, tl.int32)
+    if NF4:
+        for k in tl.static_range(15):  # code = number of thresholds below s (ties go down)
+            code += (s > tl.load(thr_ptr + k)).to(tl.int32)
+        return code
+    else:
+        mag = tl.abs(s)
+        for k in tl.static_range(7):
+            code += (mag > tl.load(thr_ptr + k)).to(tl.int32)
+        return tl.load(mag_ptr + code).to(tl.int32) | ((s < 0).to(tl.int32) << 3)
+
+
+@triton.jit
+def _quant_kernel(a_ptr, packed_ptr, absmax_ptr, thr_ptr, mag_ptr, delta_ptr, n,
+                  BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, NF4: tl.constexpr, USE_PTX: tl.constexpr):
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    j = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF) byte index; elements 2j and 2j+1
+    # Missing elements read as 0: the absmax of a partial block and the padding nibble of an odd length see 0.
+    xe = tl.load(a_ptr + 2 * j, mask=2 * j < n, other=0.0).to(tl.float32)
+    xo = tl.load(a_ptr + 2 * j + 1, mask=2 * j + 1 < n, other=0.0).to(tl.float32)
+    # fmaxf ignores NaN: a NaN element counts as -FLT_MAX, so an all-NaN block has absmax -FLT_MAX.
+    ae = tl.where(xe != xe, -_FLT_MAX, tl.abs(xe))
+    ao = tl.where(xo != xo, -_FLT_MAX, tl.abs(xo))
+    am = tl.maximum(tl.max(ae, axis=1), tl.max(ao, axis=1))  # (ROWS,)
+    r = rcp_approx(am, delta_ptr, USE_PTX)[:, None]  # bitsandbytes multiplies by the fast reciprocal
+    byte = (_encode(xe * r, thr_ptr, mag_ptr, NF4) << 4) | _encode(xo * r, thr_ptr, mag_ptr, NF4)
+    tl.store(packed_ptr + j, byte.to(tl.uint8), mask=j < (n + 1) // 2)
+    tl.store(absmax_ptr + blk, am, mask=blk < tl.cdiv(n, BLOCKSIZE))
+
+
+def _rows(blocksize: int) -> int:
+    return max(1, _TILE // blocksize)
+
+
+def dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    quant_type: str,
+    n: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """packed ((n+1)//2 bytes, any dtype viewed as uint8), absmax (B,) float32 or uint8 with nested stats
+    (nested_absmax (ceil(B/256),) float32, nested_code (256,) float32 or None for the dynamic map, offset (1,)
+    float32) -> (n,) ``dtype``: ``code[q] * absmax[block]`` in float32, rounded once."""
+    fourbit.check_4bit_args(blocksize, quant_type)
+    data = packed.reshape(-1)
+    data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+    if data.numel() != fourbit.packed_numel(n):
+        raise ValueError(f"packed 4-bit data has {data.numel()} bytes, expected {fourbit.packed_numel(n)}")
+    nb = fourbit.num_blocks(n, blocksize)
+    if absmax.numel() != nb:
+        raise ValueError(f"absmax has {absmax.numel()} blocks, expected {nb} for {n} elements, blocksize {blocksize}")
+    out = torch.empty(n, dtype=dtype, device=data.device)
+    if n == 0:
+        return out
+    nested = nested_absmax is not None
+    if nested:
+        ncode = nested_code if nested_code is not None else nested_code_table(data.device)
+        args = (absmax, nested_absmax, ncode, offset)
+    else:
+        args = (absmax, absmax, absmax, absmax)  # the unused pointers are never read
+    rows = _rows(blocksize)
+    _dequant_kernel[(triton.cdiv(nb, rows),)](
+        data, *args, code_table(quant_type, data.device), out, n,
+        BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=USE_PTX, num_warps=4,
+    )
+    return out
+
+
+def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
+    """CUDA kernel of ``halfbyte::dequantize_4bit``: same contract as ``formats.fourbit.dequantize_4bit``."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return dequantize(A, absmax, None, None, None, blocksize, quant_type, n, dtype).view(tuple(shape))
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUDA kernel of ``halfbyte::quantize_4bit``: A (any shape) fp16/bf16/fp32 -> packed ((n+1)//2,) uint8,
+    absmax (ceil(n/blocksize),) float32; the bytes of ``formats.fourbit.quantize_4bit``."""
+    fourbit.check_4bit_args(blocksize, quant_type)
+    if A.dtype not in fourbit.FLOAT_DTYPES:
+        raise ValueError(f"4-bit quantization takes float16, bfloat16 or float32 tensors, got {A.dtype}")
+    flat = A.reshape(-1).contiguous()
+    n = flat.numel()
+    nb = fourbit.num_blocks(n, blocksize)
+    packed = torch.empty(fourbit.packed_numel(n), dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(nb, dtype=torch.float32, device=A.device)
+    if n == 0:
+        return packed, absmax
+    thr, mag = _encode_tables(quant_type, A.device)
+    rows = _rows(blocksize)
+    _quant_kernel[(triton.cdiv(nb, rows),)](
+        flat, packed, absmax, thr, mag, rcp_table(A.device), n,
+        BLOCKSIZE=blocksize, ROWS=rows, NF4=quant_type == "nf4", USE_PTX=USE_PTX, num_warps=4,
+    )
+    return packed, absmax

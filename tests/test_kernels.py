@@ -1,0 +1,325 @@
+"""Triton kernels (halfbyte.kernels) vs their pure-PyTorch references and bitsandbytes' CUDA goldens.
+
+Two tiers. Without a GPU the kernels run under ``TRITON_INTERPRET=1`` on tiny shapes (the CI tier, with the
+fast-math emulation of ``kernels.common``); with a GPU the same tests run compiled, plus the ``gpu``-marked tests
+over FLUX / T5-XXL layer shapes, odd K and M up to 8192. Quantize and dequantize must be bit-exact; the fused
+4-bit matmul must stay within the float32-accumulation bound derived at ``assert_within_fp32_sum_bound``.
+"""
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:  # must precede the first import of triton.jit'ed code
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from halfbyte import ops  # noqa: E402
+from halfbyte.formats import blockwise, fourbit, int8  # noqa: E402
+from halfbyte.formats.fastmath import rcp_approx  # noqa: E402
+from halfbyte.kernels import common, gemm4bit  # noqa: E402
+from halfbyte.kernels import fourbit as k4  # noqa: E402
+from halfbyte.kernels import int8 as k8  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+# The interpreter evaluates 0 * inf and 1 / 0 in numpy, which warns; those values are what the tests check.
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+gpu = pytest.mark.skipif(not CUDA, reason="GPU tier: needs a CUDA device")
+# (N, K) weight shapes of FLUX.1 (attention, MLP up/down, single-block proj_out, AdaLN) and T5-XXL (MLP up/down)
+FLUX_T5 = [(3072, 3072), (12288, 3072), (3072, 12288), (3072, 15360), (18432, 3072), (10240, 4096), (4096, 10240)]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Exact bit pattern, so that NaN == NaN and -0 != +0 in comparisons."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@triton.jit
+def _fastmath_kernel(x_ptr, rcp_ptr, rint_ptr, delta_ptr, n, BLOCK: tl.constexpr, USE_PTX: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(rcp_ptr + offs, common.rcp_approx(x, delta_ptr, USE_PTX), mask=offs < n)
+    tl.store(rint_ptr + offs, common.rint(x, USE_PTX), mask=offs < n)
+
+
+def _fastmath(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r, q = torch.empty_like(x), torch.empty_like(x)
+    _fastmath_kernel[(triton.cdiv(x.numel(), 4096),)](x, r, q, common.rcp_table(x.device), x.numel(), BLOCK=4096,
+                                                      USE_PTX=common.USE_PTX)
+    return r, q
+
+
+def _special_floats() -> torch.Tensor:
+    f32 = torch.finfo(torch.float32)
+    vals = [0.0, -0.0, 1.0, -1.0, 3.0, 0.5, 1.5, 2.5, -2.5, 126.5, -127.5, 8388607.5, 2.0**23, 2.0**24 + 2,
+            f32.tiny, f32.tiny / 2, -f32.tiny / 8, 2.0**125, 2.0**126, -(2.0**126), 2.0**126 * 1.5, -(2.0**127),
+            f32.max, f32.min,
+            float("inf"), float("-inf"), float("nan")]
+    return torch.tensor(vals, dtype=torch.float32)
+
+
+def test_fastmath_matches_emulation():
+    """rcp.approx.ftz (PTX on the GPU, the ulp table when interpreting) and rint agree with formats.fastmath."""
+    x = torch.cat([_special_floats(), torch.randn(3000) * 10.0 ** torch.randint(-30, 30, (3000,))]).to(DEV)
+    r, q = _fastmath(x)
+    # |a| = 2**126: the H100 (run 2026-11-26) returns the normal 2**-126; formats.fastmath flushes it to 0.
+    edge = x.abs() == 2.0**126
+    assert torch.equal(r[edge], torch.copysign(torch.full_like(r[edge], 2.0**-126), x[edge]))
+    assert torch.equal(bits(r[~edge]), bits(rcp_approx(x)[~edge]))
+    assert torch.equal(q.nan_to_num(), torch.round(x).nan_to_num())
+
+
+@gpu
+def test_rcp_table_is_this_gpus_rcp_approx():
+    """All 2**23 mantissas: the stored table (measured once on an H100) is what this GPU's MUFU.RCP returns."""
+    m = (torch.arange(2**23, dtype=torch.int32, device=DEV) | 0x3F800000).view(torch.float32)
+    assert torch.equal(bits(_fastmath(m)[0]), bits(rcp_approx(m)))
+
+
+# --- 4-bit quantize / dequantize ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dn", DTYPES)
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("bs", [64, 4096] if not CUDA else BLOCKSIZES)
+def test_quantize_4bit_matches_cuda_goldens(goldens, dn, qt, bs):
+    """Bytes of bitsandbytes' CUDA kernel: threshold ties, an all-zero run, odd length 16421."""
+    x = goldens[f"in.{dn}"].to(DEV)
+    packed, absmax = k4.quantize_4bit(x, bs, qt)
+    key = f"q4.{qt}.{dn}.bs{bs}"
+    assert torch.equal(packed.cpu(), goldens[key + ".packed"])
+    assert torch.equal(absmax.cpu(), goldens[key + ".absmax"])
+    if bs in (64, 256):
+        deq = k4.dequantize_4bit(packed, absmax, bs, qt, x.shape, x.dtype)
+        # Equal values: CUDA decodes FP4 code 8 as -0.0, the reference's table (bnb's quant_map) holds +0.0.
+        assert torch.equal(deq.cpu(), goldens[f"dq4.{qt}.{dn}.bs{bs}"])
+
+
+@pytest.mark.parametrize("dn", DTYPES)
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_quantize_4bit_nonfinite_matches_cuda_goldens(goldens, dn, qt):
+    packed, absmax = k4.quantize_4bit(goldens[f"in_nonfinite.{dn}"].to(DEV), 64, qt)
+    assert torch.equal(packed.cpu(), goldens[f"q4nf.{qt}.{dn}.bs64.packed"])
+    assert torch.equal(bits(absmax.cpu()), bits(goldens[f"q4nf.{qt}.{dn}.bs64.absmax"]))
+
+
+@pytest.mark.parametrize("bs", BLOCKSIZES)
+@pytest.mark.parametrize("n", [1, 2 * 97 + 1, 3000])
+def test_4bit_kernels_match_reference_all_blocksizes(bs, n):
+    """quantize, dequantize (plain and double-quantized absmax) bit-exact for odd and partial-block lengths."""
+    x = torch.randn(n, device=DEV) * 4
+    for qt in ("nf4", "fp4"):
+        packed, absmax = fourbit.quantize_4bit(x, bs, qt)
+        p2, a2 = k4.quantize_4bit(x, bs, qt)
+        assert torch.equal(packed, p2) and torch.equal(absmax, a2)
+        q, nested, offset = blockwise.double_quantize(absmax)
+        am = blockwise.double_dequantize(q, nested, offset)
+        for dt in DTYPES.values():
+            ref = fourbit.dequantize_4bit(packed, absmax, bs, qt, (n,), dt)
+            assert torch.equal(bits(k4.dequantize_4bit(packed, absmax, bs, qt, (n,), dt)), bits(ref))
+            ref_dq = fourbit.dequantize_4bit(packed, am, bs, qt, (n,), dt)
+            assert torch.equal(bits(k4.dequantize(packed, q, nested, None, offset, bs, qt, n, dt)), bits(ref_dq))
+
+
+def test_4bit_kernels_reject_bad_arguments():
+    packed, absmax = k4.quantize_4bit(torch.randn(128, device=DEV), 64, "nf4")
+    with pytest.raises(ValueError, match="blocksize"):
+        k4.quantize_4bit(torch.randn(128, device=DEV), 48, "nf4")
+    with pytest.raises(ValueError, match="absmax has"):
+        k4.dequantize_4bit(packed, absmax[:1], 64, "nf4", (128,), torch.float32)
+    with pytest.raises(ValueError, match="packed 4-bit data"):
+        k4.dequantize_4bit(packed[:10], absmax, 64, "nf4", (128,), torch.float32)
+
+
+@gpu
+@pytest.mark.parametrize("shape", FLUX_T5, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dn", DTYPES)
+def test_4bit_kernels_bit_exact_flux_t5_shapes(shape, dn):
+    w = (torch.randn(shape, device=DEV) / shape[1] ** 0.5).to(DTYPES[dn])
+    packed, absmax = fourbit.quantize_4bit(w, 64, "nf4")
+    p2, a2 = k4.quantize_4bit(w, 64, "nf4")
+    assert torch.equal(packed, p2) and torch.equal(absmax, a2)
+    q, nested, offset = blockwise.double_quantize(absmax)
+    ref = fourbit.dequantize_4bit(packed, blockwise.double_dequantize(q, nested, offset), 64, "nf4", shape, w.dtype)
+    out = k4.dequantize(packed, q, nested, None, offset, 64, "nf4", w.numel(), w.dtype).view(shape)
+    assert torch.equal(bits(out), bits(ref))
+
+
+# --- 4-bit matmul ------------------------------------------------------------------------------------------------
+
+
+def assert_within_fp32_sum_bound(out: torch.Tensor, x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None):
+    """|out - y| <= 2(K+2)u * (|x| @ |W|^T + |b|) + u_out * |y| (+ the output dtype's smallest subnormal), where
+    y = x @ W^T + b in float64 with the dequantized weight W both paths use.
+
+    Derivation: the kernels and cuBLAS form each product x_k W_nk (exact in float32 for 16-bit inputs, one rounding
+    for float32 inputs) and add K products and the bias in float32 in some order; any order errs by at most
+    gamma_{K+2} * sum|terms| with u = 2^-24 (Higham, Accuracy and Stability, Thm 3.1; the factor 2 also covers
+    tensor cores that truncate instead of rounding while accumulating). The result is then rounded once to the
+    output dtype (relative error u_out: 2^-8 bf16, 2^-11 fp16, 2^-24 fp32).
+    """
+    K = x.shape[-1]
+    y = x.double() @ W.double().T
+    s = x.double().abs() @ W.double().abs().T
+    if bias is not None:
+        y, s = y + bias.double(), s + bias.double().abs()
+    u_out = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[out.dtype]
+    tiny = torch.finfo(out.dtype).smallest_normal * torch.finfo(out.dtype).eps
+    tol = 2 * (K + 2) * 2.0**-24 * s * (1 + u_out) + u_out * y.abs() + tiny
+    err = (out.double() - y).abs()
+    assert torch.isfinite(out).all()
+    assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
+
+
+def _quantized_linear(N, K, bs, qt, nested, dtype):
+    w = torch.randn(N, K, device=DEV) / K**0.5
+    packed, absmax = fourbit.quantize_4bit(w, bs, qt)
+    if not nested:
+        return packed, (absmax, None, None, None), absmax
+    q, nested_absmax, offset = blockwise.double_quantize(absmax)
+    return packed, (q, nested_absmax, None, offset), blockwise.double_dequantize(q, nested_absmax, offset)
+
+
+@pytest.mark.parametrize("dn", DTYPES)
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+def test_gemm_4bit_tiny(dn, nested):
+    """GEMV (M = 1, default and another launch shape) within the fp32 bound; M > 1 (dequantize + linear)
+    bit-identical.
+
+    Shapes: one N tile with K long enough to split K across programs (atomics), and two tiles at blocksize 32."""
+    dtype = DTYPES[dn]
+    for N, K, bs, qt in ((40, 2048, 64, "nf4"), (72, 128, 32, "fp4")):
+        packed, stats, am = _quantized_linear(N, K, bs, qt, nested, dtype)
+        W = fourbit.dequantize_4bit(packed, am, bs, qt, (N, K), dtype)
+        bias = torch.randn(N, device=DEV).to(dtype) if nested else None
+        for M in (1, 3):
+            x = torch.randn(M, K, device=DEV).to(dtype)
+            out = gemm4bit.gemm_4bit(x, packed, *stats, bias, [N, K], bs, qt)
+            assert out.shape == (M, N) and out.dtype == dtype
+            if M == 1:
+                assert_within_fp32_sum_bound(out, x, W, bias)
+                other = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt, gemm4bit.Config(64, 64, num_warps=8))
+                assert_within_fp32_sum_bound(other, x, W, bias)
+            else:
+                assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W, bias)))
+
+
+def test_gemm_4bit_fallbacks_and_leading_dims():
+    """K % blocksize != 0 (a block straddles rows) and odd K go through dequantize + linear; 3-D input; a
+    (1, 1, K) input takes the GEMV where K allows."""
+    for N, K, bs in ((33, 95, 64), (16, 96, 64), (8, 130, 32), (16, 128, 64)):
+        packed, stats, am = _quantized_linear(N, K, bs, "nf4", True, torch.float32)
+        W = fourbit.dequantize_4bit(packed, am, bs, "nf4", (N, K), torch.bfloat16)
+        x = torch.randn(2, 3, K, device=DEV).to(torch.bfloat16)
+        out = gemm4bit.gemm_4bit(x, packed, *stats, None, [N, K], bs, "nf4")
+        assert out.shape == (2, 3, N)
+        assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W)))
+        x1 = x[:1, :1]  # (1, 1, K): a single token takes the GEMV only when K % blocksize == 0
+        out1 = gemm4bit.gemm_4bit(x1, packed, *stats, None, [N, K], bs, "nf4")
+        if gemm4bit.fused_supported(1, K, bs, x.dtype):
+            assert_within_fp32_sum_bound(out1.view(1, N), x1.view(1, K), W, None)
+        else:
+            assert torch.equal(bits(out1), bits(torch.nn.functional.linear(x1, W)))
+
+
+@gpu
+@pytest.mark.parametrize("shape", FLUX_T5, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dn", ["bf16", "fp16"])
+def test_gemm_4bit_flux_t5_shapes(shape, dn):
+    dtype = DTYPES[dn]
+    N, K = shape
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", True, dtype)
+    W = fourbit.dequantize_4bit(packed, am, 64, "nf4", shape, dtype)
+    bias = torch.randn(N, device=DEV).to(dtype)
+    for M in (1, 2, 16, 65, 512, 4608):
+        x = torch.randn(M, K, device=DEV).to(dtype)
+        out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, "nf4")  # the registered kernel
+        if M == 1:
+            assert_within_fp32_sum_bound(out, x, W, bias)
+        else:
+            assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W, bias)))
+
+
+@gpu
+@pytest.mark.parametrize("M", [1, 7, 64, 8192])
+def test_gemm_4bit_fp32_odd_k_and_large_m(M):
+    for N, K in ((3072, 3072), (257, 4099)):
+        packed, stats, am = _quantized_linear(N, K, 64, "fp4", False, torch.float32)
+        W = fourbit.dequantize_4bit(packed, am, 64, "fp4", (N, K), torch.float32)
+        x = torch.randn(M, K, device=DEV)
+        out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, None, [N, K], 64, "fp4")
+        assert_within_fp32_sum_bound(out, x, W, None)
+
+
+# --- LLM.int8() --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [0, 6])
+def test_int8_vectorwise_quant_matches_cuda_goldens(goldens, t):
+    a = goldens["int8.a"].to(DEV)
+    ca, sca, cols = k8.int8_vectorwise_quant(a, float(t))
+    assert torch.equal(ca.cpu(), goldens[f"int8.ca.t{t}"])
+    assert torch.equal(sca.cpu(), goldens[f"int8.sca.t{t}"])
+    assert torch.equal(cols.cpu(), goldens[f"int8.cols.t{t}"])
+    for dn in DTYPES:  # weights: bitsandbytes casts them to float16 first, the kernel likewise
+        cb, scb, _ = k8.int8_vectorwise_quant(goldens[f"int8.w.{dn}"].to(DEV), 0.0)
+        assert torch.equal(cb.cpu(), goldens[f"int8.cb.{dn}"]) and torch.equal(scb.cpu(), goldens[f"int8.scb.{dn}"])
+
+
+@pytest.mark.parametrize("dn", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.0, 6.1])
+def test_int8_vectorwise_quant_matches_reference(dn, threshold):
+    """NaN, zero rows, inf, outliers, K not a power of two, a single row (outlier columns kept)."""
+    for M, K in ((1, 64), (5, 100), (9, 5000)):
+        a = (torch.randn(M, K, device=DEV) * 3).to(DTYPES[dn])
+        a[0, :3] = 0
+        a[0, 7] = float("nan")
+        if M > 2:
+            a[2] = 0
+            a[1, 11] = float("inf")
+        got, want = k8.int8_vectorwise_quant(a, threshold), int8.int8_vectorwise_quant(a, threshold)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("dn", DTYPES)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+def test_int8_mixed_mm_matches_reference(dn, threshold):
+    """Bit-identical: int32 GEMM is exact and the epilogue repeats the reference's float32 operation order."""
+    dtype = DTYPES[dn]
+    for M, K, N in ((3, 64, 16), (20, 96, 24), (2, 30, 8)):
+        cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
+        x = (torch.randn(M, K, device=DEV) * 3).to(dtype)
+        for bias in (None, torch.randn(N, device=DEV).to(dtype), torch.randn(N, device=DEV).half()):
+            assert torch.equal(bits(k8.int8_mixed_mm(x, cb, scb, bias, threshold)),
+                               bits(int8.int8_linear(x, cb, scb, bias, threshold)))
+
+
+@gpu
+@pytest.mark.parametrize("shape", FLUX_T5, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("M", [1, 17, 4608, 8192])
+def test_int8_flux_t5_shapes(shape, M):
+    N, K = shape
+    cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
+    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
+    x[:, torch.randint(0, K, (8,))] *= 5  # outlier columns, as in LLM activations
+    bias = torch.randn(N, device=DEV, dtype=torch.bfloat16)
+    for t in (0.0, 6.0):
+        got, want = torch.ops.halfbyte.int8_vectorwise_quant(x, t), int8.int8_vectorwise_quant(x, t)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    if M <= 4608:
+        out = torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, bias, 6.0)
+        assert torch.equal(bits(out), bits(int8.int8_linear(x, cb, scb, bias, 6.0)))
+
+
+@gpu
+def test_cuda_kernels_are_registered():
+    for op in ops.CUDA_KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"halfbyte::{op}", "CUDA"), op

@@ -179,6 +179,8 @@ def run_case(ckpt: Path, case: str, out: Path) -> dict:
     model, result["load"] = measure(load)
     result["quantized_gb"] = round(halfbyte.memory_footprint(model) / 2**30, 2) if kind != "bnb" else \
         round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30, 2)
+    if kind != "bnb":
+        result["bytes_check"] = bytes_check(model, ckpt, fmt)
     _, result["save"] = measure(functools.partial(save, model))
     result["saved_gb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**30, 2)
     del model
@@ -186,6 +188,29 @@ def run_case(ckpt: Path, case: str, out: Path) -> dict:
     _, result["reload"] = measure(reload)
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def bytes_check(model, ckpt: Path, fmt: str, names=("x_embedder", "transformer_blocks.0.ff.net.2",
+                                                      "single_transformer_blocks.37.proj_out")) -> bool:
+    """The loaded layers hold the bytes of quantizing the checkpoint's weights at once on the GPU (guards the
+    piecewise pinned-buffer transfer of the loaders)."""
+    from safetensors import safe_open
+
+    index = json.loads((ckpt / "diffusion_pytorch_model.safetensors.index.json").read_text())["weight_map"]
+    for name in names:
+        with safe_open(ckpt / index[name + ".weight"], framework="pt", device="cuda") as f:
+            w = f.get_tensor(name + ".weight")
+        layer = model.get_submodule(name)
+        if fmt == "nf4":
+            packed, absmax = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
+            ok = torch.equal(layer.weight.reshape(-1), packed)
+            ok = ok and torch.equal(layer.absmax.view(torch.float32), absmax)
+        else:
+            CB, SCB, _ = torch.ops.halfbyte.int8_vectorwise_quant(w.half(), 0.0)
+            ok = torch.equal(layer.weight, CB) and torch.equal(layer.SCB.view(torch.float32), SCB)
+        if not ok:
+            return False
+    return True
 
 
 def table(results: list[dict]) -> str:

@@ -95,11 +95,13 @@ class BitsAndBytesConfig:
             raise ValueError(f"llm_int8_threshold must be >= 0, got {llm_int8_threshold}")
         self.llm_int8_threshold = float(llm_int8_threshold)
         if llm_int8_skip_modules is not None and (
-            not isinstance(llm_int8_skip_modules, (list, tuple)) or not all(isinstance(m, str) for m in llm_int8_skip_modules)
+            not isinstance(llm_int8_skip_modules, (list, tuple))
+            or not all(isinstance(m, str) for m in llm_int8_skip_modules)
         ):
             raise TypeError(f"llm_int8_skip_modules must be a list of str, got {llm_int8_skip_modules!r}")
         self.llm_int8_skip_modules = None if llm_int8_skip_modules is None else list(llm_int8_skip_modules)
-        self.llm_int8_enable_fp32_cpu_offload = _bool("llm_int8_enable_fp32_cpu_offload", llm_int8_enable_fp32_cpu_offload)
+        self.llm_int8_enable_fp32_cpu_offload = _bool("llm_int8_enable_fp32_cpu_offload",
+                                                      llm_int8_enable_fp32_cpu_offload)
         self.llm_int8_has_fp16_weight = _bool("llm_int8_has_fp16_weight", llm_int8_has_fp16_weight)
         self.bnb_4bit_compute_dtype = (
             None if bnb_4bit_compute_dtype is None

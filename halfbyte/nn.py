@@ -10,12 +10,12 @@ state. Weights are frozen; inputs and bias get gradients, so adapters can train 
 """
 
 import math
-import threading
 
 import torch
 from torch import Tensor, nn
 
 from . import ops as _ops  # noqa: F401  (registers the halfbyte:: ops)
+from . import transfer
 from .formats import blockwise, fourbit
 from .formats import int8 as int8_format
 from .formats.codebooks import dynamic_map
@@ -38,46 +38,6 @@ def _f32_bits(t: Tensor) -> Tensor:
 
 def _piece_numel(device: torch.device) -> int:
     return QUANT_PIECE_NUMEL if device.type == "cpu" else QUANT_PIECE_NUMEL_DEVICE
-
-
-_staging = threading.local()  # per thread: pinned host buffers for host-to-device piece copies
-
-
-def _pinned_buffers(numel: int, dtype: torch.dtype) -> list[Tensor]:
-    """Two pinned host buffers of at least ``numel`` elements, reused across calls (pinning costs milliseconds)."""
-    cache = getattr(_staging, "buffers", None)
-    if cache is None:
-        cache = _staging.buffers = {}
-    bufs = cache.get(dtype)
-    if bufs is None or bufs[0].numel() < numel:
-        bufs = cache[dtype] = [torch.empty(numel, dtype=dtype, pin_memory=True) for _ in range(2)]
-    return bufs
-
-
-def _pieces_on(w: Tensor, pieces: list[tuple[int, int]], device: torch.device, dtype: torch.dtype):
-    """Yield ``(r0, r1, w[r0:r1] on device in dtype)`` for each row piece.
-
-    From host memory to a CUDA device the pieces travel through two alternating pinned buffers with asynchronous
-    copies: the host copies piece i+1 while the GPU receives and quantizes piece i, at the pinned transfer rate
-    (a pageable copy of a whole weight runs at about a third of it and holds the whole weight on the GPU).
-    """
-    if w.device.type != "cpu" or device.type != "cuda" or not pieces:
-        for r0, r1 in pieces:
-            yield r0, r1, w[r0:r1].to(device, dtype)
-        return
-    K = w.shape[1]
-    bufs = _pinned_buffers(max(r1 - r0 for r0, r1 in pieces) * K, w.dtype)
-    done: list = [None, None]  # CUDA events: the copy out of each buffer has finished
-    for i, (r0, r1) in enumerate(pieces):
-        slot = i % 2
-        if done[slot] is not None:
-            done[slot].synchronize()
-        n = (r1 - r0) * K
-        bufs[slot][:n].copy_(w[r0:r1].reshape(-1))
-        piece = bufs[slot][:n].to(device, non_blocking=True)
-        done[slot] = torch.cuda.Event()
-        done[slot].record()
-        yield r0, r1, piece.view(r1 - r0, K).to(dtype)
 
 
 def _row_pieces(rows: int, cols: int, device: torch.device, multiple: int = 1) -> list[tuple[int, int]]:
@@ -221,7 +181,7 @@ class Linear4bit(_QuantizedLinear):
         N, K = w.shape
         packed = torch.empty(fourbit.packed_numel(N * K), dtype=torch.uint8, device=device)
         absmax = torch.empty(fourbit.num_blocks(N * K, blocksize), dtype=torch.float32, device=device)
-        for r0, r1, piece in _pieces_on(w, _row_pieces(N, K, device, blocksize), device, dtype):
+        for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device, blocksize), device, dtype):
             p, a = torch.ops.halfbyte.quantize_4bit(piece, blocksize, quant_type)
             e0 = r0 * K  # a multiple of blocksize (even): the piece's bytes and blocks start on boundaries
             packed[e0 // 2:e0 // 2 + p.numel()] = p
@@ -320,7 +280,7 @@ class Linear8bit(_QuantizedLinear):
         N, K = w.shape
         CB = torch.empty(N, K, dtype=torch.int8, device=device)
         SCB = torch.empty(N, dtype=torch.float32, device=device)
-        for r0, r1, piece in _pieces_on(w, _row_pieces(N, K, device), device, dtype):
+        for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device), device, dtype):
             CB[r0:r1], SCB[r0:r1], _ = torch.ops.halfbyte.int8_vectorwise_quant(piece.to(torch.float16), 0.0)
         layer.weight.data = CB
         layer.SCB = _f32_bits(SCB)

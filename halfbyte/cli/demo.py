@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     label = args.quant + ("+dq" if args.double_quant else "")
     print(f"FLUX-architecture transformer, {args.layers}+{args.single_layers} blocks, {n_params / 1e6:.0f} M params")
     print(f"  quantized {n_q} Linear layers to {label} in {secs:.1f} s on CPU")
-    print(f"  memory: bf16 {before / 2**30:.2f} GiB -> {label} {after / 2**30:.2f} GiB ({before / after:.2f}x smaller)")
+    print(f"  memory: bf16 {before / 2**30:.2f} GiB -> {label} {after / 2**30:.2f} GiB "
+          f"({before / after:.2f}x smaller)")
     print(f"  projected to FLUX.1 (11.9 B params): bf16 {full_params * before / n_params / 1e9:.1f} GB -> "
           f"{full_params * after / n_params / 1e9:.1f} GB")
     print(f"  output vs bf16 on {args.tokens} image tokens: cosine similarity {cos:.4f}")

@@ -125,7 +125,8 @@ def dequantize_4bit(
     if data.dtype != torch.uint8:
         data = data.view(torch.uint8)
     if data.numel() != packed_numel(n):
-        raise ValueError(f"packed 4-bit data has {data.numel()} bytes, expected {packed_numel(n)} for shape {tuple(shape)}")
+        raise ValueError(f"packed 4-bit data has {data.numel()} bytes, expected {packed_numel(n)} for shape "
+                         f"{tuple(shape)}")
     if absmax.numel() != num_blocks(n, blocksize):
         raise ValueError(f"absmax has {absmax.numel()} blocks, expected {num_blocks(n, blocksize)} for shape "
                          f"{tuple(shape)} and blocksize {blocksize}")

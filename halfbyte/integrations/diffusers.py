@@ -17,6 +17,7 @@ import weakref
 import torch
 from diffusers.quantizers.base import DiffusersQuantizer
 
+from .. import transfer
 from ..config import BitsAndBytesConfig
 from ..convert import dequantize_, is_skipped
 from ..io.bnb import bitsandbytes_state_dict
@@ -170,7 +171,7 @@ class HalfbyteDiffusersQuantizer(DiffusersQuantizer):
             names = [P + s for s in ("weight", "SCB", "weight_format") + _layers.BNB_4BIT_SUFFIXES]
             bnb = {k[len(P):]: state_dict[k] for k in names if k in state_dict}
             tensors = _layers.deserialized_tensors(module, bnb, P + "weight")
-            tensors = {k: v.to(target_device) for k, v in tensors.items()}
+            tensors = {k: transfer.to_device(v, target_device) for k, v in tensors.items()}
             if unexpected_keys is not None:
                 for k in names[2:]:  # never visited by diffusers (not model names): not unexpected either
                     if k in state_dict and k in unexpected_keys:

@@ -186,6 +186,20 @@ class BitsAndBytesConfig:
         config = cls(**d)
         return (config, unused) if return_unused_kwargs else config
 
+    @classmethod
+    def coerce(cls, config: Any) -> "BitsAndBytesConfig":
+        """``config`` itself if it is a halfbyte config; else the same settings from a diffusers/transformers
+        ``BitsAndBytesConfig`` (or its dict, e.g. a checkpoint's ``quantization_config``), field by field."""
+        if isinstance(config, cls):
+            return config
+        d = config if isinstance(config, dict) else config.to_dict()
+        if d.get("quant_method") not in ("halfbyte", "bitsandbytes") and not (d.get("load_in_4bit") or
+                                                                           d.get("load_in_8bit")):
+            raise ValueError(f"not a halfbyte or bitsandbytes quantization config: quant_method "
+                             f"{d.get('quant_method')!r}")
+        fields = set(cls().to_dict()) | {"load_in_4bit", "load_in_8bit"}
+        return cls.from_dict({k: v for k, v in d.items() if k in fields})
+
     # The rest of the QuantizationConfigMixin surface that transformers and diffusers call on a config object.
     def to_json_string(self, use_diff: bool = False) -> str:
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"

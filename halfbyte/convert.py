@@ -88,13 +88,11 @@ def quantization_config_of(model: nn.Module) -> BitsAndBytesConfig | None:
     if isinstance(getattr(model, "config", None), dict):
         candidates.append(model.config.get("quantization_config"))
     for cfg in candidates:
-        if isinstance(cfg, BitsAndBytesConfig):
-            return cfg
         if cfg is not None:
-            d = cfg if isinstance(cfg, dict) else cfg.to_dict()
-            if d.get("quant_method") in ("halfbyte", "bitsandbytes"):
-                return BitsAndBytesConfig.from_dict(
-                    {k: v for k, v in d.items() if k in BitsAndBytesConfig().to_dict() or k.startswith("load_in")})
+            try:
+                return BitsAndBytesConfig.coerce(cfg)
+            except ValueError:
+                continue
     raise ValueError(f"{type(model).__name__} holds halfbyte layers but no quantization config was recorded: "
                      "quantize it with halfbyte.quantize_ or load it through a halfbyte loader")
 

@@ -25,14 +25,6 @@ from ..nn import Linear4bit
 from . import _layers
 
 
-def _as_halfbyte(config) -> BitsAndBytesConfig:
-    if isinstance(config, BitsAndBytesConfig):
-        return config
-    d = config.to_dict()
-    fields = BitsAndBytesConfig().to_dict()
-    return BitsAndBytesConfig.from_dict({k: v for k, v in d.items() if k in fields or k.startswith("load_in")})
-
-
 class HalfbyteDiffusersQuantizer(DiffusersQuantizer):
     """diffusers side of halfbyte: quantize on load, load halfbyte and bitsandbytes checkpoints, save them."""
 
@@ -41,7 +33,7 @@ class HalfbyteDiffusersQuantizer(DiffusersQuantizer):
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        self.config = _as_halfbyte(quantization_config)
+        self.config = BitsAndBytesConfig.coerce(quantization_config)
         if self.config is quantization_config:  # a private copy: this load records its dtype in it
             self.config = self.quantization_config = copy.deepcopy(quantization_config)
         self.modules_to_not_convert = list(self.config.llm_int8_skip_modules or [])

@@ -87,7 +87,7 @@ class HalfbyteHfQuantizer(HfQuantizer):
 
     def __init__(self, quantization_config, **kwargs):
         super().__init__(quantization_config, **kwargs)
-        self.config = _as_halfbyte(quantization_config)
+        self.config = BitsAndBytesConfig.coerce(quantization_config)
         self.modules_to_not_convert: list[str] = []
 
     # --- environment, dtype, devices ---------------------------------------------------------------------------
@@ -176,16 +176,6 @@ class HalfbyteHfQuantizer(HfQuantizer):
                 if isinstance(m, torch.nn.Linear) and m.weight.dtype != dtype and m.weight.is_floating_point():
                     m.to(dtype)
         return model
-
-
-def _as_halfbyte(config) -> BitsAndBytesConfig:
-    """halfbyte's config for ``config`` (halfbyte's own, or transformers' ``BitsAndBytesConfig`` of a
-    bitsandbytes checkpoint when halfbyte stands in for bitsandbytes)."""
-    if isinstance(config, BitsAndBytesConfig):
-        return config
-    d = config.to_dict()
-    fields = BitsAndBytesConfig().to_dict()
-    return BitsAndBytesConfig.from_dict({k: v for k, v in d.items() if k in fields or k.startswith("load_in")})
 
 
 def register(module=None) -> None:

@@ -53,19 +53,30 @@ def code_4bit(quant_type: str, device: torch.device | str | None = None) -> torc
     raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
+def _build_dynamic_map() -> torch.Tensor:
+    values: list[torch.Tensor] = []
+    for i in range(7):
+        b = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32, device="cpu")
+        mids = (b[:-1] + b[1:]) / 2
+        scaled = (10.0 ** (i - 6)) * mids
+        values += [scaled, -scaled]
+    values.append(torch.tensor([0.0, 1.0], dtype=torch.float32, device="cpu"))
+    return torch.cat(values).sort().values
+
+
+# Built once, eagerly, at import, so that a caller traced by torch.compile (Linear4bit.forward with double
+# quantization, ops.decode_absmax given no code) reads a constant. When the construction was traced, Inductor
+# re-derived ``linspace`` in its own float32 arithmetic and moved 42 of the 256 values by 1-2 ulp: compiled NF4
+# double-quant layers decoded absmax differently from eager and from bitsandbytes.
+_DYNAMIC_MAP = _build_dynamic_map()
+
+
 def dynamic_map(device: torch.device | str | None = None) -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (``create_dynamic_map(True, 7, 8)``) -> (256,) float32, ascending.
 
     Built with float32 ``linspace`` as torch does on the CPU (float64 construction differs by one ulp in places).
     For ``i`` in 0..6 the ``2**i`` midpoints of ``linspace(0.1, 1, 2**i + 1)`` scaled by ``10**(i-6)`` are emitted
     with both signs; then 0.0 and 1.0 are appended: 127 negatives, zero at index 127, 128 positives, no -1.0.
+    Each call returns a new tensor (callers may store it, e.g. in a state dict, without sharing memory).
     """
-    values: list[torch.Tensor] = []
-    for i in range(7):
-        b = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
-        mids = (b[:-1] + b[1:]) / 2
-        scaled = (10.0 ** (i - 6)) * mids
-        values += [scaled, -scaled]
-    values.append(torch.tensor([0.0, 1.0]))
-    out = torch.cat(values).sort().values
-    return out.to(device) if device is not None else out
+    return _DYNAMIC_MAP.to(device or "cpu", copy=True)

@@ -31,6 +31,18 @@ QUANT_PIECE_NUMEL = 1 << 18
 QUANT_PIECE_NUMEL_DEVICE = 1 << 22
 
 
+_NESTED_CODES: dict[torch.device, Tensor] = {}
+
+
+def _nested_code(device: torch.device) -> Tensor:
+    """The dynamic map on ``device``, one copy per device: a forward must not copy it from the host each call
+    (a blocking transfer in eager mode, a host tensor inside a compiled graph). Read-only by contract."""
+    code = _NESTED_CODES.get(device)
+    if code is None:
+        code = _NESTED_CODES[device] = dynamic_map(device)
+    return code
+
+
 def _f32_bits(t: Tensor) -> Tensor:
     """float32 tensor -> int32 tensor with the same bits (the storage form of statistics)."""
     return t.to(torch.float32).contiguous().view(torch.int32)
@@ -202,7 +214,7 @@ class Linear4bit(_QuantizedLinear):
         """(absmax, nested_absmax, nested_code, offset) as the ops take them (float32, or uint8 + nested)."""
         if not self.double_quant:
             return self.absmax.view(torch.float32), None, None, None
-        return (self.absmax, self.nested_absmax.view(torch.float32), dynamic_map(self.absmax.device),
+        return (self.absmax, self.nested_absmax.view(torch.float32), _nested_code(self.absmax.device),
                 self.offset.view(torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -160,7 +160,7 @@ class HalfbyteDiffusersQuantizer(DiffusersQuantizer):
             value = param_value if name == "weight" else raw
             tensors = _layers.quantized_tensors(module, value, target_device)  # moved to the device piecewise
         else:
-            names = [P + s for s in ("weight", "SCB", "weight_format") + _layers.BNB_4BIT_SUFFIXES]
+            names = [P + s for s in ("weight",) + _layers.BNB_8BIT_SUFFIXES + _layers.BNB_4BIT_SUFFIXES]
             bnb = {k[len(P):]: state_dict[k] for k in names if k in state_dict}
             tensors = _layers.deserialized_tensors(module, bnb, P + "weight")
             tensors = {k: transfer.to_device(v, target_device) for k, v in tensors.items()}

@@ -18,7 +18,7 @@ from ..io.bnb import bitsandbytes_state_dict
 from . import _layers
 
 _BNB_4BIT_PATTERNS = sorted(_layers.BNB_4BIT_SUFFIXES, key=len, reverse=True) + ["weight"]
-_BNB_8BIT_PATTERNS = ["weight_format", "SCB", "weight"]
+_BNB_8BIT_PATTERNS = sorted(_layers.BNB_8BIT_SUFFIXES, key=len, reverse=True) + ["weight"]
 
 
 def _discard(missing_keys, names) -> None:

@@ -268,11 +268,11 @@ def test_failed_save_leaves_previous_checkpoint(saved, tmp_path, monkeypatch, in
     before = files_of(target)
     real, calls = safetensors_stream.write_shard, []
 
-    def failing(path, tensors, metadata):
+    def failing(path, tensors, metadata, durable=True):
         if calls:
             raise interrupt
         calls.append(path)
-        real(path, tensors, metadata)
+        real(path, tensors, metadata, durable)
 
     monkeypatch.setattr(safetensors_stream, "write_shard", failing)
     with pytest.raises(type(interrupt)):
@@ -282,6 +282,32 @@ def test_failed_save_leaves_previous_checkpoint(saved, tmp_path, monkeypatch, in
     with pytest.raises(type(interrupt)):
         halfbyte.save_pretrained(saved["int8"][0], tmp_path / "new", max_shard_size="20KB")
     assert os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_saved_directory_has_a_plain_directory_mode_and_keeps_the_dtype(saved, tmp_path):
+    model = saved["nf4"][0]
+    halfbyte.save_pretrained(model, tmp_path / "a")
+    (tmp_path / "plain").mkdir()
+    assert (tmp_path / "a").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    again = halfbyte.from_pretrained(diffusers.FluxTransformer2DModel, tmp_path / "a", torch_dtype=torch.bfloat16)
+    assert halfbyte.convert.quantization_config_of(again)._pre_quantization_dtype == torch.bfloat16
+    halfbyte.save_pretrained(again, tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]
+    assert cfg["_pre_quantization_dtype"] == "bfloat16"
+    assert diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "b").dtype == torch.bfloat16
+
+
+def test_durable_saves_fsync_every_file_and_non_durable_none(saved, tmp_path, monkeypatch):
+    synced = []
+    real = safetensors_stream._fsync
+    monkeypatch.setattr(safetensors_stream, "_fsync", lambda p: (synced.append(Path(p)), real(p)))
+    model = saved["nf4"][0]
+    halfbyte.save_pretrained(model, tmp_path / "a", max_shard_size="20KB")
+    shards = sorted((tmp_path / "a").glob("*.safetensors"))
+    assert len(shards) > 1 and all(any(p.name == s.name for p in synced) for s in shards)
+    synced.clear()
+    halfbyte.save_pretrained(model, tmp_path / "b", max_shard_size="20KB", durable=False)
+    assert synced == [] and files_of(tmp_path / "b") == files_of(tmp_path / "a")
 
 
 def test_save_replaces_stale_shards_and_keeps_other_files(saved, tmp_path):

@@ -12,6 +12,7 @@ checkpoints, read without bitsandbytes) are translated layer by layer. Host and 
 quantized model plus one floating-point tensor; the floating-point model never exists.
 """
 
+import concurrent.futures
 import contextlib
 import copy
 import inspect
@@ -74,7 +75,7 @@ def library_of(cls: type) -> str | None:
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, bitsandbytes_compatible: bool = False,
-                    max_shard_size: int | str = "5GB", safe_serialization: bool = True) -> None:
+                    max_shard_size: int | str = "5GB", safe_serialization: bool = True, durable: bool = True) -> None:
     """Write ``model`` (quantized by halfbyte) as a checkpoint directory, atomically.
 
     Layout: what the model's library writes (diffusers ModelMixin: ``config.json`` +
@@ -91,9 +92,11 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, bitsand
 
     The files go to a temporary sibling directory, are fsynced, and replace ``save_directory`` only when all are
     written; files there that halfbyte does not write (README, tokenizer, .git) are carried over. An error or
-    interrupt leaves the previous checkpoint untouched. Raises ValueError for tensors on the meta device, for
-    layers that disagree with the quantization config, and (``bitsandbytes_compatible``) for what bitsandbytes'
-    loaders cannot read.
+    interrupt leaves the previous checkpoint untouched; with ``durable`` (the default) so does a crash of the
+    machine, since the data reach the disk before the rename (this waits for the disk: the libraries'
+    ``save_pretrained`` returns once the data are in the page cache; ``durable=False`` does the same). Raises
+    ValueError for tensors on the meta device, for layers that disagree with the quantization config, and
+    (``bitsandbytes_compatible``) for what bitsandbytes' loaders cannot read.
     """
     if not safe_serialization:
         raise ValueError("halfbyte writes safetensors checkpoints only; safe_serialization=False is not supported")
@@ -118,12 +121,22 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, bitsand
     sizes = {k: t.numel() * t.element_size() for k, t in sd.items()}
     files = st.plan_shards(_layer_groups(model, sd), sizes, limit, _STEMS[library])
 
-    with st.atomic_directory(save_directory, replaced=lambda name: _OWN_FILES.fullmatch(name) is not None) as tmp:
+    own = _OWN_FILES.fullmatch
+    with st.atomic_directory(save_directory, replaced=lambda name: own(name) is not None, durable=durable) as tmp:
         _write_config(model, library, qdict, tmp)
-        for name, keys in _progress(files.items(), len(files), "Writing shards", "shard"):
-            shard = {k: sd[k].detach().to("cpu").contiguous() for k in keys}
-            st.write_shard(tmp / name, shard, {"format": "pt"})
-            del shard
+        # One writer thread serialises and fsyncs shard i while this thread gathers shard i + 1 from the device:
+        # the fsync that makes the save durable then costs little more than the write itself. At most two shards
+        # are on the host at once.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="halfbyte-save") as writer:
+            pending = None
+            for name, keys in _progress(files.items(), len(files), "Writing shards", "shard"):
+                shard = {k: sd[k].detach().to("cpu").contiguous() for k in keys}
+                if pending is not None:
+                    pending.result()  # raises the writer's error here
+                pending = writer.submit(st.write_shard, tmp / name, shard, {"format": "pt"}, durable)
+                del shard
+            if pending is not None:
+                pending.result()
         if len(files) > 1:
             extra = {"total_parameters": _logical_parameters(model)} if library == "transformers" else None
             st.write_text(tmp / f"{_STEMS[library]}.safetensors.index.json", st.index_json(files, sizes, extra))
@@ -301,6 +314,8 @@ def from_pretrained(cls: type, path_or_id: str | os.PathLike, subfolder: str | N
             if buf is not None and buf.device != device:
                 module._buffers[name] = buf.to(device)
     if library == "diffusers":
+        cfg = copy.deepcopy(cfg)  # a private copy (never the caller's object) records the dtype loaded in, which
+        cfg._pre_quantization_dtype = model.dtype  # a saved copy's reload restores (diffusers' update_torch_dtype)
         model.register_to_config(quantization_config=cfg, _name_or_path=str(path_or_id))
     elif library == "transformers":
         model.config.quantization_config = cfg

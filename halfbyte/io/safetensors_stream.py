@@ -74,20 +74,22 @@ def index_json(files: dict[str, list[str]], sizes: dict[str, int], extra_metadat
     return json.dumps({"metadata": metadata, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
 
 
-def write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    """Write one safetensors file (CPU, contiguous tensors) and fsync it."""
+def write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str], durable: bool = True) -> None:
+    """Write one safetensors file (CPU, contiguous tensors); ``durable``: fsync it."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    _fsync(path)
+    if durable:
+        _fsync(path)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write a UTF-8 text file and fsync it."""
+def write_text(path: Path, text: str, durable: bool = True) -> None:
+    """Write a UTF-8 text file; ``durable``: fsync it."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
 
 
 def _fsync(path: Path) -> None:
@@ -120,30 +122,37 @@ def _link_file(src, dst) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, replaced: Callable[[str], bool]) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, replaced: Callable[[str], bool],
+                     durable: bool = True) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``target`` to write into; on success it becomes ``target``.
 
     If ``target`` exists, its entries for which ``replaced(name)`` is False (a README, tokenizer files, a .git
     folder) are carried into the new directory (hard links), the old directory is renamed away, the new one
     renamed in, and the old one removed. On any exception, KeyboardInterrupt included, the temporary directory is
     removed and ``target`` is left as it was. Renames within one parent are atomic; the window between the two
-    renames leaves the complete old and new directories side by side, never a mix of files.
+    renames leaves the complete old and new directories side by side, never a mix of files. ``durable``: every
+    file and the directories are fsynced before the renames, so that a crash of the machine cannot leave the new
+    name pointing at unwritten data either; without it the guarantee covers errors and interrupts of the process.
     """
     target = Path(target).absolute()
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target} exists and is not a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.halfbyte-tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the checkpoint gets a plain mkdir's mode
     try:
         yield tmp
         if target.exists():
             for entry in sorted(os.listdir(target)):
                 if not replaced(entry) and not (tmp / entry).exists():
                     _link_or_copy(target / entry, tmp / entry)
-        for entry in tmp.rglob("*"):
-            if entry.is_file() and not entry.is_symlink():
-                _fsync(entry)
-        _fsync(tmp)
+        if durable:
+            for entry in tmp.rglob("*"):
+                if entry.is_file() and not entry.is_symlink():
+                    _fsync(entry)
+            _fsync(tmp)
         old = target.parent / f".{target.name}.halfbyte-old-{uuid.uuid4().hex[:12]}"
         if target.exists():
             os.rename(target, old)
@@ -155,7 +164,8 @@ def atomic_directory(target: str | os.PathLike, replaced: Callable[[str], bool])
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, target)
-        _fsync(target.parent)
+        if durable:
+            _fsync(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -188,6 +188,45 @@ def bench_sweep(out):
         torch.cuda.empty_cache()
 
 
+def bench_int8_sweep(out):
+    """Launch shapes of the fused int8 GEMM (quantized activations given), against cuBLAS ``_int_mm`` alone."""
+    from halfbyte.kernels import int8 as k8
+
+    print("\n## int8 GEMM + fused epilogue, launch-config sweep (ms)")
+    cands = [k8.MMConfig(*c) for c in ((128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
+                                       (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4),
+                                       (64, 128, 128, 8, 4, 4), (128, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
+                                       (128, 192, 128, 8, 8, 3), (128, 128, 256, 8, 8, 3))]
+    for M, N, K in ((4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (4608, 3072, 15360),
+                    (512, 10240, 4096), (512, 4096, 10240), (16, 12288, 3072)):
+        CA = torch.randint(-127, 128, (M, K), device=DEV, dtype=torch.int8)
+        CB = torch.randint(-127, 128, (N, K), device=DEV, dtype=torch.int8)
+        SCA = torch.rand(M, device=DEV) + 0.5
+        SCB = torch.rand(N, device=DEV) + 0.5
+        bias = torch.randn(N, device=DEV, dtype=DT)
+        r = {"M": M, "N": N, "K": K}
+        Mp = max(M, 32)
+        CAp = torch.cat([CA, CA.new_zeros(Mp - M, K)]) if Mp > M else CA
+        r["int_mm"] = timed(lambda: torch._int_mm(CAp, CB.t()))
+        w = torch.randn(N, K, device=DEV, dtype=DT)
+        x = torch.randn(M, K, device=DEV, dtype=DT)
+        r["bf16"] = timed(lambda: torch.nn.functional.linear(x, w, bias))
+        res = []
+        for cfg in cands:
+            try:
+                res.append((timed(lambda cfg=cfg: k8.int8_mm(CA, CB, SCA, SCB, bias, DT, cfg)), cfg))
+            except Exception as e:  # noqa: BLE001 - over the shared-memory or register limit
+                print(f"  {cfg}: failed {type(e).__name__}")
+        res.sort(key=lambda t: t[0])
+        r["best"] = [(ms, vars(c)) for ms, c in res]
+        r["default"] = timed(lambda: k8.int8_mm(CA, CB, SCA, SCB, bias, DT))
+        print(f"M={M} N={N} K={K}: bf16 {r['bf16']:.4f}  _int_mm {r['int_mm']:.4f}  default {r['default']:.4f} "
+              f"({2 * M * N * K / r['default'] / 1e9:.0f} TOP/s)")
+        for ms, cfg in res[:4]:
+            print(f"  {ms:.4f} ms {2 * M * N * K / ms / 1e9:.0f} TOP/s {cfg}")
+        out.append(r)
+
+
 def bench_overhead(out):
     """Host-side cost per call (eager): the op, its CUDA kernel without the dispatcher, a bare Triton launch."""
     print("\n## Eager host overhead per call, tiny GEMV (N=K=256, M=1), microseconds")
@@ -200,6 +239,14 @@ def bench_overhead(out):
             x, p, qs.absmax, None, None, None, layer.bias, [256, 256], 64, "nf4"),
         "torch.nn.functional.linear bf16": lambda: torch.nn.functional.linear(x, layer.w16, layer.bias),
     }
+    lin = torch.nn.Linear(256, 256, device=DEV, dtype=DT)
+    hb4 = halfbyte.Linear4bit.from_linear(lin)
+    hb8 = halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
+    x16 = torch.randn(16, 256, device=DEV, dtype=DT)
+    calls["halfbyte.Linear4bit module, M=1"] = lambda: hb4(x)
+    calls["halfbyte.Linear4bit module, M=16"] = lambda: hb4(x16)
+    calls["halfbyte.Linear8bit module, M=16 (threshold 6)"] = lambda: hb8(x16)
+    calls["nn.Linear bf16 module, M=16"] = lambda: lin(x16)
     if bnb is not None:
         calls["bnb.matmul_4bit"] = lambda: layer.bnb_call(x)
     for name, fn in calls.items():
@@ -255,9 +302,9 @@ def main():
     print(" ".join(f"{k}={v}" for k, v in info.items()))
     results = {"info": info}
     with torch.no_grad():
-        for name, fn in (("sweep", bench_sweep), ("overhead", bench_overhead), ("small", bench_small),
-                         ("large", bench_large), ("int8", bench_int8)):
-            if name == "sweep" and not args.sweep or name != "sweep" and name not in args.only:
+        for name, fn in (("sweep", bench_sweep), ("int8_sweep", bench_int8_sweep), ("overhead", bench_overhead),
+                         ("small", bench_small), ("large", bench_large), ("int8", bench_int8)):
+            if name in ("sweep", "int8_sweep") and not args.sweep or "sweep" not in name and name not in args.only:
                 continue
             results[name] = []
             if name in ("small", "large"):

@@ -113,6 +113,13 @@ class _QuantizedLinear(nn.Module):
     def type(self, dst_type):
         self._refuse_cast()
 
+    @property
+    def W_q(self) -> Tensor:
+        """The packed weight (same tensor as ``weight``). peft's ``dequantize_module_weight`` (used by DoRA and by
+        LoRA variants that read the base weight) calls ``module.dequantize()`` only on modules that have a ``W_q``
+        attribute; without it peft would take the packed bytes for the float weight."""
+        return self.weight
+
 
 class Linear4bit(_QuantizedLinear):
     """4-bit blockwise linear layer, bitsandbytes' ``Linear4bit`` format.
@@ -220,8 +227,9 @@ class Linear4bit(_QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         cdt = self.compute_dtype or x.dtype
         absmax, nested_absmax, nested_code, offset = self.quant_stats()
-        out = torch.ops.halfbyte.gemm_4bit(x.to(cdt), self.weight, absmax, nested_absmax, nested_code, offset,
-                                           self.bias, list(self.shape), self.blocksize, self.quant_type)
+        fn = _ops.direct_kernel("gemm_4bit", x, self.bias) or torch.ops.halfbyte.gemm_4bit
+        out = fn(x.to(cdt), self.weight, absmax, nested_absmax, nested_code, offset, self.bias, list(self.shape),
+                 self.blocksize, self.quant_type)
         return out.to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -299,8 +307,8 @@ class Linear8bit(_QuantizedLinear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.halfbyte.int8_mixed_mm(x, self.weight, self.SCB.view(torch.float32), self.bias,
-                                                self.threshold)
+        fn = _ops.direct_kernel("int8_mixed_mm", x, self.bias) or torch.ops.halfbyte.int8_mixed_mm
+        return fn(x, self.weight, self.SCB.view(torch.float32), self.bias, self.threshold)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The (out_features, in_features) weight ``CB * SCB / 127`` in ``dtype`` (default: the original dtype)."""

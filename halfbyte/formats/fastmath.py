@@ -21,7 +21,7 @@ import torch
 
 _TABLE = Path(__file__).with_name("data") / "rcp_approx_sm90.xz"
 _TINY = 2.0**-126  # ftz: subnormal inputs read as 0
-_HUGE = 2.0**126  # reciprocal would be subnormal: flushed to 0
+_HUGE = 2.0**126  # above it the reciprocal is subnormal: flushed to 0 (1/2**126 = 2**-126 itself is normal)
 
 
 @functools.lru_cache(maxsize=None)
@@ -38,10 +38,10 @@ def rcp_approx(a: torch.Tensor) -> torch.Tensor:
     exact = 1.0 / a
     delta = _delta_table().to(a.device)[(a.view(torch.int32) & 0x7FFFFF).long()]
     approx = (exact.view(torch.int32) + delta.to(torch.int32)).view(torch.float32)
-    finite_normal = torch.isfinite(exact) & (exact != 0) & (a.abs() >= _TINY) & (a.abs() < _HUGE)
+    finite_normal = torch.isfinite(exact) & (exact != 0) & (a.abs() >= _TINY) & (a.abs() <= _HUGE)
     out = torch.where(finite_normal, approx, exact)
     out = torch.where(a.abs() < _TINY, torch.copysign(torch.full_like(a, float("inf")), a), out)
-    return torch.where((a.abs() >= _HUGE) & torch.isfinite(a), torch.copysign(torch.zeros_like(a), a), out)
+    return torch.where((a.abs() > _HUGE) & torch.isfinite(a), torch.copysign(torch.zeros_like(a), a), out)
 
 
 def fdividef(x: float, a: torch.Tensor) -> torch.Tensor:

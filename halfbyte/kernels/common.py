@@ -50,8 +50,7 @@ def rcp_approx(a, delta_ptr, USE_PTX: tl.constexpr):
         out = tl.where(mag < _TINY, inf, out)  # ftz: a subnormal divisor reads as +-0
         zero = sign.to(tl.float32, bitcast=True)
         finite = (bits & 0x7FFFFFFF) < 0x7F800000
-        # A subnormal result flushes to +-0. 1/2**126 = 2**-126 is still normal: the H100 returns it, while
-        # formats.fastmath (which flushes |a| >= 2**126) returns 0 there, the one input where the two differ.
+        # A subnormal result flushes to +-0; 1/2**126 = 2**-126 is still normal (the H100 returns it).
         return tl.where((mag > _HUGE) & finite, zero, out)
 
 

@@ -120,18 +120,16 @@ def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize
     kstep = cfg.kstep
     while (K // 2) % kstep:  # K % blocksize == 0 makes a row a whole number of blocksize/2-byte groups
         kstep //= 2
-    gb = min(blocksize // 2, 32, kstep)
     tiles = triton.cdiv(N, cfg.block_n)
     k_steps = (K // 2) // kstep
     split = _split(tiles, k_steps, x.device)
     atomic = split > 1
     out = torch.zeros(1, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, N)
-    _gemv_kernel[(tiles, split)](
-        x, data, *stats, code_table(quant_type, x.device), bias if bias is not None else out, out, N, K,
-        k_steps // split, BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        BLOCK_N=cfg.block_n, GROUPS=kstep // gb, GB=gb, I64=N * K >= 2**31, USE_PTX=USE_PTX,
-        num_warps=cfg.num_warps,
-    )
+    common = (code_table(quant_type, x.device), bias if bias is not None else out, out, N, K, k_steps // split)
+    flags = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ATOMIC=atomic,
+                 BLOCK_N=cfg.block_n, I64=N * K >= 2**31, USE_PTX=USE_PTX, num_warps=cfg.num_warps)
+    gb = min(blocksize // 2, 32, kstep)
+    _gemv_kernel[(tiles, split)](x, data, *stats, *common, GROUPS=kstep // gb, GB=gb, **flags)
     if atomic:
         if bias is not None:
             out += bias.to(torch.float32)

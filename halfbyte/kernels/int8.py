@@ -6,26 +6,34 @@ non-outlier elements and flags outlier columns in an int32 (K,) array; the secon
 writes ``rint(a * fdividef(127, absmax))``. Only the flagged columns are then zeroed across all rows (bitsandbytes
 zeroes whole outlier columns when M > 1), which needs every row's flags and so runs after the kernel.
 
-``int8_mixed_mm``: int8 GEMM by cuBLAS (``torch._int_mm``, exact int32), then one Triton pass applying
-``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order, then the outlier columns in the
-activation dtype with the same ``addmm`` as the reference.
+``int8_mixed_mm``: one Triton int8 GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C)
+whose epilogue applies ``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order to the tile
+in registers (the int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB), then the outlier
+columns in the activation dtype with the same ``addmm`` as the reference.
 """
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..formats import int8 as ref8
-from .common import USE_PTX, mul_rn, rcp_approx, rcp_table, rint, round_to
+from .common import INTERPRET, USE_PTX, mul_rn, rcp_approx, rcp_table, rint, round_to
 
 #: Columns per sweep step: a FLUX/T5 row (K <= 16384) fits in at most 4 steps.
 _BLOCK_K = 4096
 
 
 @triton.jit
-def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, thr_h, thr_f,
-                      K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_ptr, stride_am, thr_h, thr_f,
+               K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, GATHER: tl.constexpr,
+               USE_PTX: tl.constexpr):
+    """One row: absmax over the non-outlier elements, codes with outlier elements 0. Without GATHER, flags (K,)
+    marks outlier columns. With GATHER the columns are known (``pos[k]`` = 1 + the column's place in the outlier
+    list, 0 if none): their codes are 0 in every row and the row's values there go to ``xg[row, pos - 1]``."""
+    row = row.to(tl.int64)
     a_row = a_ptr + row * stride_am
     STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     run_max = tl.zeros((BLOCK_K,), tl.float32)
@@ -37,7 +45,8 @@ def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, t
         keep = mag == mag  # fmaxf ignores NaN
         if HAS_THR:
             outlier = mag >= thr_h  # the column/absmax test compares in half precision
-            tl.store(flags_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=outlier & (k < K))
+            if not GATHER:
+                tl.store(flags_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=outlier & (k < K))
             keep = keep & (mag < thr_h)
         run_max = tl.maximum(run_max, tl.where(keep, mag, 0.0))
     absmax = tl.max(run_max, axis=0)
@@ -49,8 +58,129 @@ def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, t
         q = tl.where(q == q, q, 0.0)  # NaN (a NaN input, or 0 * inf in an all-zero row) converts to 0 on CUDA
         if HAS_THR:
             q = tl.where(tl.abs(a) < thr_f, q, 0.0)  # outlier elements are 0 (float32 test, as the reference)
+            if GATHER:
+                pos = tl.load(pos_ptr + k, mask=k < K, other=0) - 1
+                q = tl.where(pos >= 0, 0.0, q)  # bitsandbytes zeroes outlier columns whole
+                x = tl.load(a_row + k, mask=pos >= 0, other=0.0)
+                tl.store(xg_ptr + row * K + pos, x, mask=pos >= 0)
         tl.store(ca_ptr + row * K + k, q.to(tl.int8), mask=k < K)
     tl.store(sca_ptr + row, absmax)
+
+
+@triton.jit
+def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, thr_h, thr_f,
+                      K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
+    _quant_row(tl.program_id(0), a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, flags_ptr, a_ptr, stride_am, thr_h,
+               thr_f, K, BLOCK_K, HAS_THR, False, USE_PTX)
+
+
+@functools.lru_cache(maxsize=None)
+def _thresholds(threshold: float) -> tuple[float, float]:
+    """(threshold rounded to float16, to float32) as Python floats: the two comparisons of the reference."""
+    return (float(torch.tensor(threshold, dtype=torch.float16)), float(torch.tensor(threshold, dtype=torch.float32)))
+
+
+def _quant_rows(A2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(rows, K) float, unit column stride -> CA (rows, K) int8 with outlier *elements* zeroed, SCA (rows,)
+    float32, flags (K,) int32 (1 = the column holds an outlier; None without threshold). No host sync."""
+    rows, K = A2.shape
+    ca = torch.empty((rows, K), dtype=torch.int8, device=A2.device)
+    sca = torch.empty(rows, dtype=torch.float32, device=A2.device)
+    has_thr = threshold > 0
+    flags = torch.zeros(K if has_thr else 1, dtype=torch.int32, device=A2.device)
+    thr_h, thr_f = _thresholds(threshold)
+    _row_quant_kernel[(rows,)](
+        A2, ca, sca, flags, rcp_table(A2.device), A2.stride(0), thr_h, thr_f,
+        K=K, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(K)), HAS_THR=has_thr, USE_PTX=USE_PTX, num_warps=8,
+    )
+    return ca, sca, flags if has_thr else None
+
+
+@triton.jit
+def _flag_kernel(a_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Outlier columns (float16 |a| >= threshold in any row; NaN never is) into the zeroed int32 workspace ws
+    (3K + 1): ws[:K] flags, ws[K:2K] 1 + the column's place in the list, ws[2K:3K] the list, ws[3K] its length.
+    The first program to flag a column appends it (list order is arbitrary: only a float32 sum order follows it)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    inside = (rm < M)[:, None] & (k < K)[None, :]
+    a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + k[None, :], mask=inside, other=0.0)
+    hit = (tl.max((tl.abs(a.to(tl.float32).to(tl.float16).to(tl.float32)) >= thr_h).to(tl.int32), axis=0) > 0)
+    hit = hit & (k < K)
+    old = tl.atomic_xchg(ws_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=hit)
+    new = (hit & (old == 0)).to(tl.int32)
+    base = tl.atomic_add(ws_ptr + 3 * K, tl.sum(new, axis=0))
+    pos = base + tl.cumsum(new, axis=0) - new
+    tl.store(ws_ptr + 2 * K + pos, k, mask=new > 0)
+    tl.store(ws_ptr + K + k, pos + 1, mask=new > 0)
+
+
+@triton.jit
+def _gather_w(pid, cb_ptr, scb_ptr, cols_ptr, count_ptr, wg_ptr, N, stride_cb, stride_wg,
+              BLOCK_N: tl.constexpr, OC: tl.constexpr, USE_PTX: tl.constexpr):
+    """wg[n, j] = x-dtype((CB[n, cols[j]] * SCB[n]) * (1/127)) for j < count, rows of program ``pid``: the
+    dequantized outlier columns of the weight, as the reference's ``int8_vectorwise_dequant(CB[:, cols],
+    SCB).to(x.dtype)``. A program's rows of CB are read once from memory (scattered columns share cache lines)."""
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nin = (n < N)[:, None]
+    n64 = n.to(tl.int64)[:, None]
+    scb = tl.load(scb_ptr + n, mask=n < N, other=0.0)[:, None]
+    n_out = tl.load(count_ptr)
+    c0 = 0
+    while c0 < n_out:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
+        ci = c0 + tl.arange(0, OC)
+        cin = (ci < n_out)[None, :]
+        col = tl.load(cols_ptr + ci, mask=ci < n_out, other=0)[None, :]
+        cb = tl.load(cb_ptr + n64 * stride_cb + col, mask=nin & cin, other=0)
+        w = round_to(cb.to(tl.float32) * scb * 0.007874015718698502, wg_ptr.dtype.element_ty, USE_PTX)
+        tl.store(wg_ptr + n64 * stride_wg + ci[None, :], w, mask=nin & cin)
+        c0 += OC
+
+
+@triton.jit
+def _quant_gather_kernel(a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, cb_ptr, scb_ptr, wg_ptr, M, N,
+                         stride_am, stride_cb, stride_wg, thr_h, thr_f, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, USE_PTX: tl.constexpr):
+    """Programs [0, M): quantize a row, zero the outlier columns, gather its outlier values into xg. Programs
+    [M, M + cdiv(N, BLOCK_N)): gather the weight's outlier columns into wg. One launch for both."""
+    pid = tl.program_id(0)
+    if pid < M:
+        _quant_row(pid, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, ws_ptr + K, xg_ptr, stride_am, thr_h, thr_f,
+                   K, BLOCK_K, True, True, USE_PTX)
+    else:
+        _gather_w(pid - M, cb_ptr, scb_ptr, ws_ptr + 2 * K, ws_ptr + 3 * K, wg_ptr, N, stride_cb, stride_wg,
+                  BLOCK_N, 32, USE_PTX)
+
+
+def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float):
+    """(rows, K) float, threshold > 0 -> CA (rows, K) int8 (outlier columns zeroed whole, as the reference),
+    SCA (rows,) float32, and (xg, wg, count): the first ``count`` columns of xg (rows, K) / wg (N, K), A2's
+    dtype, hold A2's outlier columns and the dequantized weight columns. Two launches, no host sync."""
+    rows, K = A2.shape
+    N = CB.shape[0]
+    thr_h, thr_f = _thresholds(threshold)
+    ws = torch.zeros(3 * K + 1, dtype=torch.int32, device=A2.device)
+    bm, bk = 32, min(256, triton.next_power_of_2(K))
+    _flag_kernel[(triton.cdiv(rows, bm), triton.cdiv(K, bk))](A2, ws, rows, A2.stride(0), thr_h, K=K,
+                                                               BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+    ca = torch.empty((rows, K), dtype=torch.int8, device=A2.device)
+    sca = torch.empty(rows, dtype=torch.float32, device=A2.device)
+    xg = torch.empty((rows, K), dtype=A2.dtype, device=A2.device)  # only the first count columns are written
+    wg = torch.empty((N, K), dtype=A2.dtype, device=A2.device)
+    bn = 64
+    _quant_gather_kernel[(rows + triton.cdiv(N, bn),)](
+        A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0), wg.stride(0),
+        thr_h, thr_f, K=K, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(K)), BLOCK_N=bn, USE_PTX=USE_PTX,
+        num_warps=8,
+    )
+    return ca, sca, (xg, wg, ws[3 * K:])
+
+
+def _rows_of(A: torch.Tensor) -> torch.Tensor:
+    K = A.shape[-1]
+    A2 = A.reshape(A.numel() // K, K)
+    return A2 if A2.stride(1) == 1 else A2.contiguous()
 
 
 def int8_vectorwise_quant(A: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,74 +193,170 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float) -> tuple[torch.Tens
     rows = A.numel() // K if K else 0
     if rows == 0 or K == 0:
         return ref8.int8_vectorwise_quant(A, threshold)
-    A2 = A.reshape(rows, K)
-    if A2.stride(1) != 1:
-        A2 = A2.contiguous()
-    ca = torch.empty((rows, K), dtype=torch.int8, device=A.device)
-    sca = torch.empty(rows, dtype=torch.float32, device=A.device)
-    has_thr = threshold > 0
-    flags = torch.zeros(K if has_thr else 1, dtype=torch.int32, device=A.device)
-    thr_h = float(torch.tensor(threshold, dtype=torch.float16))
-    thr_f = float(torch.tensor(threshold, dtype=torch.float32))
-    _row_quant_kernel[(rows,)](
-        A2, ca, sca, flags, rcp_table(A.device), A2.stride(0), thr_h, thr_f,
-        K=K, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(K)), HAS_THR=has_thr, USE_PTX=USE_PTX, num_warps=8,
-    )
-    if has_thr:
+    ca, sca, flags = _quant_rows(_rows_of(A), threshold)
+    if flags is not None:
         cols = torch.nonzero(flags).reshape(-1)  # the output's size depends on the data: one host sync
         if rows > 1 and cols.numel():
-            ca[:, cols] = 0
+            ca[:, cols] = 0  # bitsandbytes zeroes whole outlier columns when M > 1
     else:
         cols = torch.empty(0, dtype=torch.int64, device=A.device)
     return ca.view(shape), sca, cols
 
 
 @triton.jit
-def _mm_dequant_kernel(c_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, M, N,
-                       HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, USE_PTX: tl.constexpr):
-    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (m < M)[:, None] & (n < N)[None, :]
-    offs = m.to(tl.int64)[:, None] * N + n[None, :]
-    c = tl.load(c_ptr + offs, mask=mask, other=0).to(tl.float32)
-    sa = tl.load(sca_ptr + m, mask=m < M, other=0.0)[:, None]
-    sb = tl.load(scb_ptr + n, mask=n < N, other=0.0)[None, :]
+def _dequant_epilogue(c, sa, sb, b, HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr, USE_PTX: tl.constexpr):
+    """float32 C (exact int32 values converted), SCA column, SCB row, float32 bias row -> float16
+    ``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order (``formats.int8``)."""
     v = mul_rn(c * sa * sb, 6.200012e-05, USE_PTX)  # ((C * SCA) * SCB) * 1/127^2, each product rounded
     if HAS_BIAS:
-        b = tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
         if BIAS_FP16:
             v = (v + b).to(tl.float16)  # bitsandbytes fuses a float16 bias before its float16 rounding
         else:
             v = (v.to(tl.float16).to(tl.float32) + b).to(tl.float16)  # any other bias is added afterwards
     else:
         v = v.to(tl.float16)
-    tl.store(out_ptr + offs, round_to(v.to(tl.float32), out_ptr.dtype.element_ty, USE_PTX), mask=mask)
+    return v
+
+
+@triton.jit
+def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, xg_ptr, wg_ptr, count_ptr, M, N,
+                    K: tl.constexpr, stride_am, stride_bn, stride_om, stride_xg, stride_wg,
+                    HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr, OUTLIERS: tl.constexpr, X_FP32: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, USE_PTX: tl.constexpr):
+    """out (M, N) = epilogue(CA (M, K) int8 @ CB (N, K) int8 ^T): int32 accumulation on the tensor cores (exact,
+    so any order gives the reference's C), the float16 dequantization applied to the tile in registers.
+
+    OUTLIERS: the first ``count`` columns of xg (M, .) and wg (N, .), x's dtype, hold X[:, cols] and the
+    dequantized weight columns (``_quant_with_outliers``); their product is added to the
+    x-dtype result in float32 and rounded once, as the reference's ``addmm`` (only the float32 summation order
+    of those products may differ)."""
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # Programs walk GROUP_M row tiles per column tile, so neighbours share B tiles in L2.
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past M / N read a valid row (results dropped by the store mask): no mask on the hot loads.
+    am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
+    bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + bn[:, None] * stride_bn + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            kin = rk[None, :] < K - k0
+            a = tl.load(a_ptrs, mask=kin, other=0)
+            b = tl.load(b_ptrs, mask=kin, other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    sa = tl.load(sca_ptr + rm, mask=rm < M, other=0.0)[:, None]
+    sb = tl.load(scb_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    else:
+        b = sb
+    v = _dequant_epilogue(acc.to(tl.float32), sa, sb, b, HAS_BIAS, BIAS_FP16, USE_PTX)
+    odt = out_ptr.dtype.element_ty
+    res = round_to(v.to(tl.float32), odt, USE_PTX)
+    if OUTLIERS:
+        n_out = tl.load(count_ptr)
+        acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        OC: tl.constexpr = 32
+        oc = tl.arange(0, OC)
+        c0 = 0
+        while c0 < n_out:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
+            cin = (c0 + oc < n_out)[None, :]
+            xs = tl.load(xg_ptr + am[:, None] * stride_xg + (c0 + oc)[None, :], mask=cin, other=0.0)
+            ws = tl.load(wg_ptr + bn[:, None] * stride_wg + (c0 + oc)[None, :], mask=cin, other=0.0)
+            if X_FP32 or not USE_PTX:  # float32 inputs must not drop to tf32; the interpreter has no bf16 dot
+                acc_x = tl.dot(xs.to(tl.float32), tl.trans(ws.to(tl.float32)), acc_x, input_precision="ieee")
+            else:
+                acc_x = tl.dot(xs, tl.trans(ws), acc_x)
+            c0 += OC
+        res = round_to(res.to(tl.float32) + acc_x, odt, USE_PTX)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptr + offs, res, mask=mask)
+
+
+@dataclass(frozen=True)
+class MMConfig:
+    """Launch shape of ``_int8_mm_kernel``."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 4
+
+
+def mm_config(M: int, N: int, K: int) -> MMConfig:
+    """Launch shape by token count: the fastest of the bench/kernels.py int8 sweep on an H100 (BENCHMARKS.md)."""
+    if INTERPRET:
+        return MMConfig(16, 16, 32, 2, 1, 1)
+    if M <= 1024:
+        return MMConfig(64, 128, 128, 8, 4, 4)
+    return MMConfig(128, 128, 128, 8, 8, 3)
+
+
+def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
+            out_dtype: torch.dtype, config: MMConfig | None = None,
+            outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """CA (M, K) int8, CB (N, K) int8, SCA (M,), SCB (N,) float32, bias (N,) or None -> (M, N) ``out_dtype``:
+    ``out_dtype(fp16(CA @ CB.T * SCA * SCB * 6.200012e-05 + bias))``, bit-identical to ``formats.int8``.
+
+    ``outliers = (xg (M, K), wg (N, K), count (1,) int32)`` from ``_quant_with_outliers`` (CA's outlier columns
+    already zero): adds ``X[:, cols] @ dequant(CB[:, cols]).T`` in out_dtype (module doc)."""
+    M, K = CA.shape
+    N = CB.shape[0]
+    cfg = config or mm_config(M, N, K)
+    out = torch.empty((M, N), dtype=out_dtype, device=CA.device)
+    xg, wg, count = outliers if outliers is not None else (out, out, SCB)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _int8_mm_kernel[grid](
+        CA, CB, SCA, SCB, bias if bias is not None else SCB, out, xg, wg, count, M, N, K, CA.stride(0),
+        CB.stride(0), out.stride(0), xg.stride(0), wg.stride(0), HAS_BIAS=bias is not None,
+        BIAS_FP16=bias is not None and bias.dtype == torch.float16, OUTLIERS=outliers is not None,
+        X_FP32=out_dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0, USE_PTX=USE_PTX, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return out
 
 
 def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
-                  threshold: float) -> torch.Tensor:
+                  threshold: float, config: MMConfig | None = None) -> torch.Tensor:
     """CUDA kernel of ``halfbyte::int8_mixed_mm``: A (..., K) float, CB (N, K) int8, SCB (N,) float32 ->
-    (..., N) in A's dtype, bit-identical to ``formats.int8.int8_linear`` (integer GEMM is exact)."""
+    (..., N) in A's dtype: ``formats.int8.int8_linear``, bit-identical without outliers (integer GEMM is exact);
+    with outlier columns the float32 sum of their products may be ordered differently (at most one rounding
+    apart). No host sync; three launches (outlier columns; row quantization + gathers; GEMM), two without a
+    threshold."""
+    if threshold < 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
     shape = A.shape
     N, K = CB.shape
-    A2 = A.reshape(-1, K)
-    M = A2.shape[0]
-    if M == 0 or K % 8 or N % 8:  # cuBLASLt's int8 GEMM needs K and N divisible by 8
+    M = A.numel() // K if K else 0
+    if M == 0 or K == 0 or N == 0:
         return ref8.int8_linear(A, CB, SCB, bias, threshold)
+    if CB.stride(1) != 1:
+        CB = CB.contiguous()
     bias = None if bias is None else bias.to(A.dtype)
-    CA, SCA, cols = int8_vectorwise_quant(A2, threshold)
-    if M <= 16:  # torch._int_mm takes more than 16 rows; zero rows add nothing
-        CA = torch.cat([CA, CA.new_zeros(32 - M, K)])
-    C = torch._int_mm(CA, CB.t())[:M]  # (M, N) int32; CB.t() is the column-major operand cuBLASLt wants
-    out = torch.empty((M, N), dtype=A.dtype, device=A.device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(N, 128))
-    _mm_dequant_kernel[grid](
-        C, SCA, SCB, bias if bias is not None else SCB, out, M, N,
-        HAS_BIAS=bias is not None, BIAS_FP16=bias is not None and bias.dtype == torch.float16,
-        BLOCK_M=32, BLOCK_N=128, USE_PTX=USE_PTX, num_warps=4,
-    )
-    if cols.numel():
-        subB = ref8.int8_vectorwise_dequant(CB[:, cols], SCB).to(A.dtype)
-        out = out.addmm(A2[:, cols], subB.T)
+    A2 = _rows_of(A)
+    if threshold > 0:
+        CA, SCA, outliers = _quant_with_outliers(A2, CB, SCB, threshold)
+    else:
+        (CA, SCA, _), outliers = _quant_rows(A2, threshold), None
+    out = int8_mm(CA, CB, SCA, SCB, bias, A.dtype, config, outliers)
     return out.view(*shape[:-1], N)

@@ -1,0 +1,278 @@
+"""A whole FLUX-sized transformer step and a T5-XXL encode: bf16 vs bitsandbytes 0.50.2 vs halfbyte, one GPU.
+
+    python bench/step.py [--compile] [--only flux t5] [--variants ...] [--json out.json]
+
+Method (docs: baseline-h100.md): ``FluxTransformer2DModel(guidance_embeds=True)`` with its default (FLUX.1-dev)
+config, built on the meta device and materialised on the GPU in bf16 with weights N(0, 1/fan_in); one 1024x1024
+image (4096 latent tokens), 512 text tokens, batch 1, guidance 3.5; one step = one forward under
+``torch.inference_mode()``, median of 5 after 2 warm-ups. Variants swap every ``nn.Linear`` for bitsandbytes'
+``Linear4bit`` (nf4, bf16 compute) / ``Linear8bitLt`` (threshold 6) or halfbyte's ``Linear4bit`` / ``Linear8bit``,
+quantized on the GPU from the same bf16 weights, one variant at a time. "peak" is the variant's own peak GPU
+memory: the allocator's peak during its steps minus the bf16 linear weights held aside (allocated before and
+untouched; exact accounting). ``--compile`` compiles the repeated blocks (``compile_repeated_blocks(fullgraph=
+True)``, diffusers' regional compilation: one graph per block class, the way diffusers recommends compiling FLUX)
+and reports the first call's seconds too. Every ratio is between columns of this one run.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import halfbyte  # noqa: E402
+
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+
+DEV = "cuda"
+BF16 = torch.bfloat16
+TINY = False  # --tiny: a CPU smoke run of this script with tiny widths (numbers meaningless)
+PROFILE: set[str] = set()  # variants whose step is also profiled (top CUDA kernels printed)
+SKIP: tuple[str, ...] = ()  # module-name suffixes kept in bf16 in every variant
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def allocated() -> int:
+    return torch.cuda.memory_allocated() if DEV == "cuda" else 0
+
+
+def peak() -> int:
+    return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
+
+
+def reset_peak() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith(SKIP)}
+
+
+def profile(fn, label: str) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        fn()
+        sync()
+    print(f"--- profile {label}")
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+def materialise(model: nn.Module) -> nn.Module:
+    model = model.to_empty(device=DEV)
+    gen = torch.Generator(DEV).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5, generator=gen)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.02, generator=gen)
+            else:
+                p.fill_(1.0)  # norm scales
+        for b in model.buffers():  # e.g. rotary tables are recomputed per call; nothing to fill
+            b.zero_()
+    return model.eval()
+
+
+def quantized(kind: str, lin: nn.Linear) -> nn.Module:
+    w = lin.weight.detach()
+    N, K = w.shape
+    if kind == "hb-nf4":
+        return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
+    if kind == "hb-nf4-dq":
+        return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
+    if kind == "hb-int8":
+        return halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
+    if kind == "bnb-nf4":
+        q = bnb.nn.Linear4bit(K, N, bias=lin.bias is not None, compute_dtype=BF16, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=False).to(DEV)
+    elif kind == "bnb-int8":
+        q = bnb.nn.Linear8bitLt(K, N, bias=lin.bias is not None, has_fp16_weights=False, threshold=6.0,
+                                device="meta")
+        CB, SCB, _ = bnb.functional.int8_vectorwise_quant(w.half())
+        q.weight = bnb.nn.Int8Params(CB, requires_grad=False, has_fp16_weights=False)
+        q.weight.CB, q.weight.SCB = CB, SCB
+    else:
+        raise ValueError(kind)
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return q
+
+
+def swap(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    for name, layer in layers.items():
+        model.set_submodule(name, layer)
+
+
+def steps(fn, n: int = 5, warmup: int = 2) -> tuple[float, float, torch.Tensor]:
+    """(median seconds, first call seconds, output) of ``fn()``."""
+    t0 = time.perf_counter()
+    out = fn()
+    sync()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), first, out
+
+
+def run_variants(model, call, variants, compile_: bool, label: str) -> list[dict]:
+    base = linears(model)
+    held = sum(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * 2 if m.bias is not None else 0)
+               for m in base.values())
+    rows, ref = [], None
+    for kind in variants:
+        if kind.startswith("bnb") and bnb is None:
+            continue
+        torch._dynamo.reset()
+        layers = None
+        try:
+            if kind != "bf16":
+                layers = {n: quantized(kind, m) for n, m in base.items()}
+                swap(model, layers)
+            sync()
+            reset_peak()
+            weights = allocated() - (held if kind != "bf16" else 0)
+            if compile_:
+                model.compile_repeated_blocks(fullgraph=True)
+            with torch.inference_mode():
+                sec, first, out = steps(call)
+                if kind in PROFILE and not compile_:
+                    profile(call, f"{label} {kind}")
+            top = peak() - (held if kind != "bf16" else 0)
+            out = out.float()
+            if ref is None and kind == "bf16":
+                ref = out
+            err = ((out - ref).norm() / ref.norm()).item() if ref is not None else float("nan")
+            rows.append(dict(model=label, variant=kind, compiled=compile_, seconds=sec, first_call=first,
+                             weights_gb=weights / 1e9, peak_gb=top / 1e9, rel_err=err))
+            print(f"  {label} {kind}{' compiled' if compile_ else ''}: {sec * 1e3:.1f} ms (first {first:.1f} s), "
+                  f"weights {weights / 1e9:.2f} GB, peak {top / 1e9:.2f} GB, rel err {err:.3f}", flush=True)
+        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
+            rows.append(dict(model=label, variant=kind, compiled=compile_, error=f"{type(e).__name__}: {e}"[:300]))
+            print(f"  {label} {kind}: error {type(e).__name__}: {str(e)[:300]}", flush=True)
+        finally:
+            for blk in model.modules():  # undo compile_repeated_blocks
+                if getattr(blk, "_compiled_call_impl", None) is not None:
+                    blk._compiled_call_impl = None
+            if layers is not None:
+                swap(model, base)
+                del layers
+            reset_peak()
+    return rows
+
+
+def flux(variants, compile_: bool) -> list[dict]:
+    from diffusers import FluxTransformer2DModel
+
+    kw = dict(guidance_embeds=True)
+    side, txt, ch, ctx, pooled = 64, 512, 64, 4096, 768
+    if TINY:
+        side, txt, ch, ctx, pooled = 8, 8, 16, 32, 16
+        kw.update(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, in_channels=ch,
+                  joint_attention_dim=ctx, pooled_projection_dim=pooled, axes_dims_rope=[4, 6, 6])
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**kw).to(BF16)
+    model = materialise(model)
+    gen = torch.Generator(DEV).manual_seed(1)
+    img = side * side
+    inputs = dict(
+        hidden_states=torch.randn(1, img, ch, device=DEV, dtype=BF16, generator=gen),
+        encoder_hidden_states=torch.randn(1, txt, ctx, device=DEV, dtype=BF16, generator=gen),
+        pooled_projections=torch.randn(1, pooled, device=DEV, dtype=BF16, generator=gen),
+        timestep=torch.tensor([0.5], device=DEV, dtype=BF16), guidance=torch.tensor([3.5], device=DEV, dtype=BF16),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side * 1.0), torch.arange(side * 1.0),
+                                           indexing="ij"),
+                            -1).reshape(-1, 3).to(DEV),
+        txt_ids=torch.zeros(txt, 3, device=DEV), return_dict=False,
+    )
+    return run_variants(model, lambda: model(**inputs)[0], variants, compile_, "flux")
+
+
+def t5(variants, compile_: bool) -> list[dict]:
+    from transformers import T5Config, T5EncoderModel
+
+    dims = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4) if TINY else \
+        dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+    cfg = T5Config(vocab_size=32128, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                   **dims)
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg).to(BF16)
+    model = materialise(model)
+    ids = torch.randint(0, 32128, (1, 512), device=DEV, generator=torch.Generator(DEV).manual_seed(2))
+    if compile_:
+        return []  # T5 is timed eagerly only (the issue's T5 target is eager)
+    global SKIP
+    # transformers keeps T5's ``wo`` out of quantization (``_keep_in_fp32_modules``) and its feed-forward casts the
+    # activations to ``wo.weight.dtype`` unless that is int8: a 4-bit wo would receive uint8 activations (what
+    # bitsandbytes' NF4 then silently computes on). Every variant keeps wo in bf16 here.
+    SKIP = (".wo",)
+    return run_variants(model, lambda: model(input_ids=ids).last_hidden_state, variants, False, "t5")
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | variant | compiled | step ms | vs bf16 | first call s | weights GB | peak GB | rel err |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {(r["model"], r["compiled"]): r["seconds"] for r in rows if r["variant"] == "bf16" and "seconds" in r}
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | error: {r['error'][:80]} |||||")
+            continue
+        base = bf16.get((r["model"], r["compiled"]))
+        ratio = f"{r['seconds'] / base:.3f}" if base else "-"
+        out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | {r['seconds'] * 1e3:.1f} | {ratio} | "
+                   f"{r['first_call']:.1f} | {r['weights_gb']:.2f} | {r['peak_gb']:.2f} | {r['rel_err']:.3f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--only", nargs="*", default=["flux", "t5"])
+    ap.add_argument("--variants", nargs="*",
+                    default=["bf16", "bnb-nf4", "hb-nf4", "hb-nf4-dq", "bnb-int8", "hb-int8"])
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny widths")
+    ap.add_argument("--profile", nargs="*", default=[], help="variants whose eager step is profiled")
+    a = ap.parse_args()
+    PROFILE.update(a.profile)
+    global DEV, TINY
+    if a.tiny:
+        DEV, TINY = "cpu", True
+    print(f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}, torch {torch.__version__}, bitsandbytes "
+          f"{getattr(bnb, '__version__', '-')}, halfbyte {halfbyte.__version__}", flush=True)
+    rows = []
+    if "flux" in a.only:
+        rows += flux(a.variants, a.compile)
+    if "t5" in a.only:
+        rows += t5(a.variants, a.compile)
+    print(table(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,10 @@ transformers + bitsandbytes (``quant_method: "bitsandbytes"``) load into halfbyt
 Opt out with the environment variable ``HALFBYTE_REPLACE_BITSANDBYTES=0`` (set before importing halfbyte) or
 ``halfbyte.integrations.restore_bitsandbytes()``; force it with ``HALFBYTE_REPLACE_BITSANDBYTES=1`` or
 ``replace_bitsandbytes()`` even where bitsandbytes is installed.
+
+**LoRA.** When peft is imported, halfbyte's layers are registered with its LoRA dispatch, and when diffusers' LoRA
+loaders are imported, their FLUX loader learns to check and widen halfbyte layers (``halfbyte.integrations.peft``).
+Opt out with ``HALFBYTE_LORA_HOOKS=0``.
 """
 
 import importlib.util
@@ -21,6 +25,7 @@ from types import ModuleType
 from ._hooks import when_imported
 
 _ENV = "HALFBYTE_REPLACE_BITSANDBYTES"
+_LORA_ENV = "HALFBYTE_LORA_HOOKS"
 _BNB_KEYS = ("bitsandbytes_4bit", "bitsandbytes_8bit")
 _saved: dict[str, dict[str, type]] = {}  # library -> the quantizer classes halfbyte replaced
 _replacing = False
@@ -46,6 +51,20 @@ def _register_diffusers(module: ModuleType) -> None:
     hb_diffusers.register()
     if _replacing:
         _swap("diffusers", module.AUTO_QUANTIZER_MAPPING, hb_diffusers.HalfbyteDiffusersQuantizer)
+
+
+def _register_peft(module: ModuleType) -> None:
+    from . import peft as hb_peft
+
+    hb_peft.install_peft_dispatch()
+
+
+def _register_diffusers_lora(module: ModuleType) -> None:
+    if importlib.util.find_spec("peft") is None:  # diffusers' LoRA loading needs peft; nothing to wrap
+        return
+    from . import peft as hb_peft
+
+    hb_peft.patch_flux_lora_loader(module)
 
 
 def _swap(library: str, mapping: dict, quantizer: type) -> None:
@@ -95,6 +114,13 @@ def install() -> None:
                      ("diffusers.quantizers.auto", _register_diffusers)):
         if importlib.util.find_spec(name.partition(".")[0]) is not None:
             when_imported(name, fn)
+    lora = os.environ.get(_LORA_ENV, "").strip().lower()
+    if lora not in ("", "0", "1", "false", "true"):
+        raise ValueError(f"{_LORA_ENV} must be 0 or 1, got {os.environ[_LORA_ENV]!r}")
+    if lora not in ("0", "false"):
+        for name, fn in (("peft", _register_peft), ("diffusers.loaders.lora_pipeline", _register_diffusers_lora)):
+            if importlib.util.find_spec(name.partition(".")[0]) is not None:
+                when_imported(name, fn)
 
 
 def attach_quantizer(model, config, library: str) -> None:

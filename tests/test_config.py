@@ -11,7 +11,8 @@ def test_defaults_match_diffusers_except_compute_dtype():
     assert (c.bnb_4bit_quant_type, c.bnb_4bit_use_double_quant, c.llm_int8_threshold) == ("fp4", False, 6.0)
     assert c.bnb_4bit_quant_storage == torch.uint8 and c.bnb_4bit_blocksize == 64
     assert c.bnb_4bit_compute_dtype is None  # deliberate: the activations' dtype
-    assert c.quantization_method() == "fp4" and BitsAndBytesConfig(load_in_8bit=True).quantization_method() == "llm_int8"
+    assert c.quantization_method() == "fp4"
+    assert BitsAndBytesConfig(load_in_8bit=True).quantization_method() == "llm_int8"
 
 
 def test_every_diffusers_field_is_accepted():
@@ -24,8 +25,9 @@ def test_every_diffusers_field_is_accepted():
 
 
 @pytest.mark.parametrize("kw", [
-    dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype="bfloat16",
-         llm_int8_skip_modules=["proj_out"], bnb_4bit_blocksize=128, bnb_4bit_quant_storage=torch.bfloat16),
+    dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+         bnb_4bit_compute_dtype="bfloat16", llm_int8_skip_modules=["proj_out"], bnb_4bit_blocksize=128,
+         bnb_4bit_quant_storage=torch.bfloat16),
     dict(load_in_8bit=True, llm_int8_threshold=10),
     dict(),
 ])

@@ -28,11 +28,13 @@ class Model(nn.Module):
 
 
 def kinds(model):
-    return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, Linear4bit, Linear8bit))}
+    kinds = (nn.Linear, Linear4bit, Linear8bit)
+    return {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, kinds)}
 
 
 def test_skip_rules_follow_diffusers():
-    m = halfbyte.quantize_(Model(), BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["proj_out", "blocks.1.attn"]))
+    cfg = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["proj_out", "blocks.1.attn"])
+    m = halfbyte.quantize_(Model(), cfg)
     k = kinds(m)
     # a name matches the module's own name anywhere, or a dotted prefix of the path; _keep_in_fp32_modules too
     assert k["proj_out"] == k["blocks.0.proj_out"] == k["keep"] == "Linear"

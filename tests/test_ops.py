@@ -59,13 +59,15 @@ def test_gemm_4bit_gradients_match_dequantized_linear():
 def test_compile_fullgraph_4bit_and_int8():
     """The layers trace into one graph (the int8 op has a fixed output shape: no dynamic-shape flags needed)."""
     lin = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
-    m4 = halfbyte.quantize_(torch.nn.Sequential(*[torch.nn.Linear(l.in_features, l.out_features) for l in lin]),
+    fresh = [torch.nn.Linear(layer.in_features, layer.out_features) for layer in lin]
+    m4 = halfbyte.quantize_(torch.nn.Sequential(*fresh),
                             halfbyte.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
     x = torch.randn(4, 64)
     torch._dynamo.reset()
     compiled = torch.compile(m4, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), m4(x), rtol=0, atol=0)
-    m8 = halfbyte.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 16)), halfbyte.BitsAndBytesConfig(load_in_8bit=True))
+    m8 = halfbyte.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 16)),
+                            halfbyte.BitsAndBytesConfig(load_in_8bit=True))
     torch._dynamo.reset()
     compiled8 = torch.compile(m8, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled8(x), m8(x), rtol=0, atol=0)

@@ -157,7 +157,8 @@ def main(path: str) -> None:
 
     from safetensors.torch import save_file
 
-    meta = {"bitsandbytes": bnb.__version__, "torch": torch.__version__, "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu"}
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
+    meta = {"bitsandbytes": bnb.__version__, "torch": torch.__version__, "device": device}
     save_file({k: v.contiguous() for k, v in out.items()}, path, metadata=meta)
     print(f"wrote {len(out)} tensors to {path}: {meta}")
 

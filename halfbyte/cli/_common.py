@@ -271,7 +271,7 @@ def hub_snapshot(repo_id: str, revision: str | None, allow_patterns: list[str] |
 
 def hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
     """One file of a Hub repo (downloaded or cached), or None if the repo has no such file."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
@@ -280,8 +280,10 @@ def hub_file(repo_id: str, filename: str, revision: str | None) -> Path | None:
         # offline: the file is not cached (the repo itself may be, without this file)
         if hub_cached(repo_id, revision):
             return None
-        raise CliError(f"{repo_id!r} is not a local directory, and HF_HUB_OFFLINE is set and the Hugging Face "
-                       "cache has no snapshot of it", NOT_FOUND) from e
+        # raised offline, and also when the Hub cannot be reached at all
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hugging Face Hub cannot be reached"
+        raise CliError(f"{repo_id!r} is not a local directory, {why}, and the Hugging Face cache has no snapshot "
+                       "of it", NOT_FOUND) from e
     except EntryNotFoundError:  # the repo exists and lacks the file
         return None
     except Exception as e:

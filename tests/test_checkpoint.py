@@ -5,6 +5,7 @@ gives for the loaded model; files are laid out as the libraries lay them out; sa
 fail naming the file and tensor; a streaming load stays within its memory bound (measured in a subprocess).
 """
 
+import copy
 import json
 import os
 import shutil
@@ -107,9 +108,12 @@ def test_round_trip_same_bytes_same_outputs(saved, name):
     loaded = halfbyte.from_pretrained(FLUX, d)
     assert_same_state(model, loaded)
     assert torch.equal(flux_out(model), flux_out(loaded))
-    assert not loaded.training and halfbyte.convert.quantization_config_of(loaded) == CFGS[name]
-    # the copy in model.config also records the dtype, for the library's own reload of a saved copy
+    # the recorded config (a private copy) also holds the dtype, for the library's own reload of a saved copy
+    want = copy.deepcopy(CFGS[name])
+    want._pre_quantization_dtype = loaded.dtype
+    assert not loaded.training and halfbyte.convert.quantization_config_of(loaded) == want
     assert loaded.config.quantization_config._pre_quantization_dtype == loaded.dtype
+    assert CFGS[name]._pre_quantization_dtype is None  # the caller's object is not touched
     again = d.parent / f"{name}-again"  # what from_pretrained gives, save_pretrained writes identically
     halfbyte.save_pretrained(loaded, again, max_shard_size="20KB")
     a, b = files_of(again), files_of(d)

@@ -98,6 +98,15 @@ class _QuantizedLinear(nn.Module):
                 state_dict[prefix + name] = _f32_bits(t)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def _check_input(self, x: Tensor) -> None:
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{type(self).__name__}({self.in_features} -> {self.out_features}) got a {x.dtype} input; it computes "
+                "on floating-point activations. A model that casts activations to `weight.dtype` (T5's feed-forward "
+                "before `wo`) must keep that layer unquantized (transformers' _keep_in_fp32_modules, or "
+                "llm_int8_skip_modules)"
+            )
+
     def _refuse_cast(self, *args, **kwargs):
         raise TypeError(
             f"{type(self).__name__} holds quantized data and cannot change dtype; cast the activations instead, "
@@ -227,6 +236,7 @@ class Linear4bit(_QuantizedLinear):
                 self.offset.view(torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         cdt = self.compute_dtype or x.dtype
         absmax, nested_absmax, nested_code, offset = self.quant_stats()
         fn = _ops.direct_kernel("gemm_4bit", x, self.bias) or torch.ops.halfbyte.gemm_4bit
@@ -309,6 +319,7 @@ class Linear8bit(_QuantizedLinear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         fn = _ops.direct_kernel("int8_mixed_mm", x, self.bias) or torch.ops.halfbyte.int8_mixed_mm
         return fn(x, self.weight, self.SCB.view(torch.float32), self.bias, self.threshold)
 

@@ -115,6 +115,14 @@ def test_compute_dtype_none_follows_input():
         assert q(torch.randn(2, 32, dtype=dt)).dtype == dt
 
 
+def test_non_float_input_gets_a_clear_error():
+    """T5's feed-forward casts activations to ``wo.weight.dtype``: with a 4-bit wo that would be uint8."""
+    for q in (Linear4bit.from_linear(nn.Linear(32, 16)), Linear8bit.from_linear(nn.Linear(32, 16))):
+        for dt in (torch.uint8, torch.int8):
+            with pytest.raises(TypeError, match=r"\(32 -> 16\) got a torch\.u?int8 input.*unquantized"):
+                q(torch.ones(2, 32, dtype=dt))
+
+
 def test_dtype_cast_of_quantized_layer_raises_but_device_move_works():
     q = Linear4bit.from_linear(nn.Linear(32, 16))
     for call in (lambda: q.to(torch.float16), q.half, q.bfloat16, q.float, lambda: q.to("cpu", torch.bfloat16)):

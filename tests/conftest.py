@@ -31,3 +31,32 @@ def _seed():
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (the GPU tier of tests/test_kernels.py)")
+
+
+# --- checkpoint tests (test_checkpoint*.py) ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_float(tmp_path_factory) -> Path:
+    """A tiny floating-point FLUX checkpoint written by diffusers' own (sharded) writer."""
+    from checkpoint_helpers import make_flux
+
+    d = tmp_path_factory.mktemp("flux") / "float"
+    make_flux().save_pretrained(d, max_shard_size="60KB")
+    return d
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict:
+    """name -> (quantized tiny FLUX, its halfbyte.save_pretrained directory (small shards))."""
+    from checkpoint_helpers import CFGS, make_flux
+
+    import halfbyte
+
+    out = {}
+    for name, cfg in CFGS.items():
+        model = halfbyte.quantize_(make_flux(), cfg)
+        d = tmp_path_factory.mktemp("saved") / name
+        halfbyte.save_pretrained(model, d, max_shard_size="20KB")
+        out[name] = model, d
+    return out

@@ -6,10 +6,15 @@ non-outlier elements and flags outlier columns in an int32 (K,) array; the secon
 writes ``rint(a * fdividef(127, absmax))``. Only the flagged columns are then zeroed across all rows (bitsandbytes
 zeroes whole outlier columns when M > 1), which needs every row's flags and so runs after the kernel.
 
-``int8_mixed_mm``: one Triton int8 GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C)
-whose epilogue applies ``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order to the tile
-in registers (the int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB), then the outlier
-columns in the activation dtype with the same ``addmm`` as the reference.
+``int8_mixed_mm``: no host sync, three launches. (1) ``_flag_kernel`` marks the outlier columns and lists them in
+a device workspace (list order arbitrary). (2) ``_quant_gather_kernel`` quantizes each row with those columns
+zeroed (as bitsandbytes does for M > 1) and gathers the activations' outlier columns into ``xg``, while its other
+programs gather the weight's outlier columns, dequantized, into ``wg``. (3) ``_int8_mm_kernel``: one Triton int8
+GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C) whose epilogue applies
+``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order to the tile in registers (the
+int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB), rounds to the activation dtype,
+then adds ``xg @ wg.T`` over the ``count`` outlier columns (tensor cores, float32) and rounds once more, as the
+reference's ``addmm`` does; only that float32 sum's order differs from the reference.
 """
 
 import functools

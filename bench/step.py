@@ -36,7 +36,6 @@ DEV = "cuda"
 BF16 = torch.bfloat16
 TINY = False  # --tiny: a CPU smoke run of this script with tiny widths (numbers meaningless)
 PROFILE: set[str] = set()  # variants whose step is also profiled (top CUDA kernels printed)
-SKIP: tuple[str, ...] = ()  # module-name suffixes kept in bf16 in every variant
 
 
 def sync() -> None:
@@ -58,8 +57,9 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith(SKIP)}
+def linears(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, nn.Linear]:
+    """The model's nn.Linear layers, but those whose name ends with one of ``skip`` (kept in bf16 everywhere)."""
+    return {n: m for n, m in model.named_modules() if type(m) is nn.Linear and not n.endswith(skip)}
 
 
 def profile(fn, label: str) -> None:
@@ -139,8 +139,8 @@ def steps(fn, n: int = 5, warmup: int = 2) -> tuple[float, float, torch.Tensor]:
     return statistics.median(times), first, out
 
 
-def run_variants(model, call, variants, compile_: bool, label: str) -> list[dict]:
-    base = linears(model)
+def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[str, ...] = ()) -> list[dict]:
+    base = linears(model, skip)
     held = sum(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * 2 if m.bias is not None else 0)
                for m in base.values())
     rows, ref = [], None
@@ -225,12 +225,11 @@ def t5(variants, compile_: bool) -> list[dict]:
     ids = torch.randint(0, 32128, (1, 512), device=DEV, generator=torch.Generator(DEV).manual_seed(2))
     if compile_:
         return []  # T5 is timed eagerly only (the issue's T5 target is eager)
-    global SKIP
     # transformers keeps T5's ``wo`` out of quantization (``_keep_in_fp32_modules``) and its feed-forward casts the
     # activations to ``wo.weight.dtype`` unless that is int8: a 4-bit wo would receive uint8 activations (what
     # bitsandbytes' NF4 then silently computes on). Every variant keeps wo in bf16 here.
-    SKIP = (".wo",)
-    return run_variants(model, lambda: model(input_ids=ids).last_hidden_state, variants, False, "t5")
+    return run_variants(model, lambda: model(input_ids=ids).last_hidden_state, variants, False, "t5",
+                        skip=(".wo",))
 
 
 def table(rows: list[dict]) -> str:

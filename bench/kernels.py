@@ -23,7 +23,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import halfbyte  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
-from halfbyte.kernels import gemm4bit  # noqa: E402
+from halfbyte.kernels import gemm4bit, prefetch  # noqa: E402
 
 try:
     import bitsandbytes as bnb
@@ -245,6 +245,27 @@ def bench_overhead(out):
     x16 = torch.randn(16, 256, device=DEV, dtype=DT)
     calls["halfbyte.Linear4bit module, M=1"] = lambda: hb4(x)
     calls["halfbyte.Linear4bit module, M=16"] = lambda: hb4(x16)
+
+    def no_prefetch():
+        prefetch.set_enabled(False)
+        try:
+            hb4(x16)
+        finally:
+            prefetch.set_enabled(True)
+
+    calls["halfbyte.Linear4bit module, M=16, prefetch off (incl. 2 toggles)"] = no_prefetch
+    n = 256 * 256
+    deq_args = (p, qs.absmax, None, None, None, 64, "nf4", n, DT)
+    calls["kernels.fourbit.dequantize (cached launcher)"] = lambda: k4.dequantize(*deq_args)
+
+    def triton_launch():
+        out = torch.empty(n, dtype=DT, device=DEV)
+        rows = k4._rows(64)
+        k4._dequant_kernel[(triton.cdiv(n // 64, rows),)](
+            p, qs.absmax, qs.absmax, qs.absmax, qs.absmax, k4.code_table("nf4", out.device), out, n,
+            BLOCKSIZE=64, ROWS=rows, NESTED=False, USE_PTX=True, num_warps=4)
+
+    calls["same dequantize through triton's own launch"] = triton_launch
     calls["halfbyte.Linear8bit module, M=16 (threshold 6)"] = lambda: hb8(x16)
     calls["nn.Linear bf16 module, M=16"] = lambda: lin(x16)
     if bnb is not None:

@@ -6,6 +6,7 @@ bitsandbytes' kernels round with ``rcp.approx.ftz.f32`` (``1.0f / a`` and ``__fd
 compute the hardware result from ``formats.fastmath``'s ulp table instead; both paths are tested against it.
 """
 
+import functools
 import os
 
 import torch
@@ -24,9 +25,11 @@ _TINY = tl.constexpr(2.0**-126)
 _HUGE = tl.constexpr(2.0**126)
 
 
+@functools.lru_cache(maxsize=None)
 def rcp_table(device: torch.device) -> torch.Tensor:
     """The (2**23,) int8 ulp-correction table the interpreter path reads; on the GPU a 1-element placeholder
-    (the PTX path never touches it, and the 8 MB table should not be copied to the device)."""
+    (the PTX path never touches it, and the 8 MB table should not be copied to the device). One per device,
+    read-only: a kernel launch must not allocate."""
     if USE_PTX:
         return torch.zeros(1, dtype=torch.int8, device=device)
     return fastmath._delta_table().to(device)

@@ -16,6 +16,7 @@ import triton.language as tl
 from ..formats import fourbit
 from ..formats.codebooks import FP4_MAG_CODES, FP4_THRESHOLDS, NF4_THRESHOLDS, code_4bit, dynamic_map
 from .common import USE_PTX, load_absmax, rcp_approx, rcp_table, round_to
+from .launch import launch
 
 #: Elements per program (ROWS * blocksize): enough bytes in flight per program without spilling registers.
 _TILE = 4096
@@ -105,10 +106,13 @@ def dequantize(
     quant_type: str,
     n: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:
     """packed ((n+1)//2 bytes, any dtype viewed as uint8), absmax (B,) float32 or uint8 with nested stats
     (nested_absmax (ceil(B/256),) float32, nested_code (256,) float32 or None for the dynamic map, offset (1,)
-    float32) -> (n,) ``dtype``: ``code[q] * absmax[block]`` in float32, rounded once."""
+    float32) -> (n,) ``dtype``: ``code[q] * absmax[block]`` in float32, rounded once. ``out``: a contiguous
+    (n,) ``dtype`` tensor to write instead of a new one; ``stream``: launch there instead of the current one."""
     fourbit.check_4bit_args(blocksize, quant_type)
     data = packed.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
@@ -117,7 +121,10 @@ def dequantize(
     nb = fourbit.num_blocks(n, blocksize)
     if absmax.numel() != nb:
         raise ValueError(f"absmax has {absmax.numel()} blocks, expected {nb} for {n} elements, blocksize {blocksize}")
-    out = torch.empty(n, dtype=dtype, device=data.device)
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=data.device)
+    elif out.shape != (n,) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({n},) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
     if n == 0:
         return out
     nested = nested_absmax is not None
@@ -127,9 +134,9 @@ def dequantize(
     else:
         args = (absmax, absmax, absmax, absmax)  # the unused pointers are never read
     rows = _rows(blocksize)
-    _dequant_kernel[(triton.cdiv(nb, rows),)](
-        data, *args, code_table(quant_type, data.device), out, n,
-        BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=USE_PTX, num_warps=4,
+    launch(
+        _dequant_kernel, (triton.cdiv(nb, rows),), data, *args, code_table(quant_type, data.device), out, n,
+        BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=USE_PTX, num_warps=4, launch_stream=stream,
     )
     return out
 
@@ -157,8 +164,8 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
         return packed, absmax
     thr, mag = _encode_tables(quant_type, A.device)
     rows = _rows(blocksize)
-    _quant_kernel[(triton.cdiv(nb, rows),)](
-        flat, packed, absmax, thr, mag, rcp_table(A.device), n,
+    launch(
+        _quant_kernel, (triton.cdiv(nb, rows),), flat, packed, absmax, thr, mag, rcp_table(A.device), n,
         BLOCKSIZE=blocksize, ROWS=rows, NF4=quant_type == "nf4", USE_PTX=USE_PTX, num_warps=4,
     )
     return packed, absmax

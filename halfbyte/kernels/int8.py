@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ..formats import int8 as ref8
 from .common import INTERPRET, USE_PTX, mul_rn, rcp_approx, rcp_table, rint, round_to
+from .launch import launch
 
 #: Columns per sweep step: a FLUX/T5 row (K <= 16384) fits in at most 4 steps.
 _BLOCK_K = 4096
@@ -94,8 +95,8 @@ def _quant_rows(A2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     has_thr = threshold > 0
     flags = torch.zeros(K if has_thr else 1, dtype=torch.int32, device=A2.device)
     thr_h, thr_f = _thresholds(threshold)
-    _row_quant_kernel[(rows,)](
-        A2, ca, sca, flags, rcp_table(A2.device), A2.stride(0), thr_h, thr_f,
+    launch(
+        _row_quant_kernel, (rows,), A2, ca, sca, flags, rcp_table(A2.device), A2.stride(0), thr_h, thr_f,
         K=K, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(K)), HAS_THR=has_thr, USE_PTX=USE_PTX, num_warps=8,
     )
     return ca, sca, flags if has_thr else None
@@ -167,14 +168,15 @@ def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, 
     thr_h, thr_f = _thresholds(threshold)
     ws = torch.zeros(3 * K + 1, dtype=torch.int32, device=A2.device)
     bm, bk = 32, min(256, triton.next_power_of_2(K))
-    _flag_kernel[(triton.cdiv(rows, bm), triton.cdiv(K, bk))](A2, ws, rows, A2.stride(0), thr_h, K=K,
-                                                               BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+    launch(_flag_kernel, (triton.cdiv(rows, bm), triton.cdiv(K, bk)), A2, ws, rows, A2.stride(0), thr_h, K=K,
+           BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
     ca = torch.empty((rows, K), dtype=torch.int8, device=A2.device)
     sca = torch.empty(rows, dtype=torch.float32, device=A2.device)
     xg = torch.empty((rows, K), dtype=A2.dtype, device=A2.device)  # only the first count columns are written
     wg = torch.empty((N, K), dtype=A2.dtype, device=A2.device)
     bn = 64
-    _quant_gather_kernel[(rows + triton.cdiv(N, bn),)](
+    launch(
+        _quant_gather_kernel, (rows + triton.cdiv(N, bn),),
         A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0), wg.stride(0),
         thr_h, thr_f, K=K, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(K)), BLOCK_N=bn, USE_PTX=USE_PTX,
         num_warps=8,
@@ -330,7 +332,8 @@ def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Te
     out = torch.empty((M, N), dtype=out_dtype, device=CA.device)
     xg, wg, count = outliers if outliers is not None else (out, out, SCB)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _int8_mm_kernel[grid](
+    launch(
+        _int8_mm_kernel, grid,
         CA, CB, SCA, SCB, bias if bias is not None else SCB, out, xg, wg, count, M, N, K, CA.stride(0),
         CB.stride(0), out.stride(0), xg.stride(0), wg.stride(0), HAS_BIAS=bias is not None,
         BIAS_FP16=bias is not None and bias.dtype == torch.float16, OUTLIERS=outliers is not None,

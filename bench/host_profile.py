@@ -1,0 +1,104 @@
+"""Host (CPU) cost per call of the pieces of an eager quantized linear, on one GPU: where the microseconds go.
+
+    python bench/host_profile.py
+
+Each line is the wall time per call of a loop of 2000 calls that the GPU outruns (tiny shapes), so it measures
+the host. Then a cProfile of halfbyte.Linear4bit forwards (two layers alternating, so the prefetcher hits).
+"""
+
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import halfbyte  # noqa: E402
+from halfbyte.kernels import fourbit as k4  # noqa: E402
+from halfbyte.kernels import launch as hl  # noqa: E402
+from halfbyte.kernels import prefetch  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+
+
+def per_call(fn, n=2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def main():
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(256, 256, device=DEV, dtype=DT) for _ in range(2)]
+    layers = [halfbyte.Linear4bit.from_linear(lin) for lin in lins]
+    x = torch.randn(16, 256, device=DEV, dtype=DT)
+    L = layers[0]
+    absmax = L.absmax.view(torch.float32)
+    n = 256 * 256
+    out = torch.empty(n, dtype=DT, device=DEV)
+    code = k4.code_table("nf4", out.device)
+    rows = k4._rows(64)
+    grid = (triton.cdiv(n // 64, rows),)
+    kw = dict(BLOCKSIZE=64, ROWS=rows, NESTED=False, USE_PTX=True, num_warps=4)
+    args = (L.weight, absmax, absmax, absmax, absmax, code, out, n)
+    kernel = k4._dequant_kernel[grid](*args, **kw)
+    stream = torch._C._cuda_getCurrentRawStream(0)
+    tail = (64, rows, False, True)
+    W = L.dequantize(DT)
+    rows_out = []
+
+    def row(name, fn):
+        us = per_call(fn)
+        rows_out.append((name, us))
+        print(f"| {name} | {us:.1f} |", flush=True)
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print("| call | host us |\n|---|---|")
+    row("empty loop (lambda: None)", lambda: None)
+    row("torch.empty(65536, bf16, cuda)", lambda: torch.empty(n, dtype=DT, device=DEV))
+    row("torch._C._cuda_getCurrentRawStream", lambda: torch._C._cuda_getCurrentRawStream(0))
+    row("torch.cuda.current_stream()", lambda: torch.cuda.current_stream())
+    row("torch.cuda.current_device()", lambda: torch.cuda.current_device())
+    row("kernel.run (compiled launcher, prebuilt args)", lambda: kernel.run(
+        grid[0], 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args, *tail))
+    row("triton fn[grid](...)", lambda: k4._dequant_kernel[grid](*args, **kw))
+    row("halfbyte launch(...)", lambda: hl.launch(k4._dequant_kernel, grid, *args, **kw))
+    row("kernels.fourbit.dequantize", lambda: k4.dequantize(L.weight, absmax, None, None, None, 64, "nf4", n, DT))
+    row("F.linear(x16, W)", lambda: torch.nn.functional.linear(x, W.view(256, 256), L.bias))
+    row("nn.Linear bf16 module, M=16", lambda: lins[0](x))
+    row("L.quant_stats()", L.quant_stats)
+    row("torch.compiler.is_compiling()", torch.compiler.is_compiling)
+    row("ops.direct_kernel", lambda: halfbyte.ops.direct_kernel("gemm_4bit", x, L.bias))
+    prefetch.set_enabled(False)
+    row("Linear4bit M=16, prefetch off", lambda: L(x))
+    prefetch.set_enabled(True)
+    row("Linear4bit M=16, prefetch on, one layer", lambda: L(x))
+
+    def two():
+        layers[0](x)
+        layers[1](x)
+
+    us = per_call(two) / 2
+    print(f"| Linear4bit M=16, prefetch on, two layers alternating (per layer) | {us:.1f} |")
+    pf = prefetch._PREFETCHERS[x.device]
+    print(f"hits {pf.hits} misses {pf.misses}")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2000):
+        two()
+    prof.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Kernel launches with a host cost of a few microseconds instead of triton's ~20.
+
+``JITFunction.run`` (triton 3.6) binds every argument, computes the specialization key in C, looks up the compiled
+kernel, reads several runtime knobs, builds a launch-metadata dict and only then calls the C launcher. On a FLUX
+step (~500 quantized layers, each with one or more launches) that Python outran the GPU. ``launch`` keeps a cache
+from a key that is at least as fine as triton's own specialization (argument dtypes, 16-byte alignment of
+pointers, integers' value classes, the constexpr and option values) to the compiled kernel and calls its launcher
+directly. A miss, the interpreter, a non-CUDA tensor or an installed launch hook (profilers) go through triton's
+normal path, which compiles and launches as usual.
+"""
+
+import torch
+import triton
+from triton import knobs
+
+from .common import INTERPRET
+
+#: Keyword arguments of a launch that are compile options, not kernel parameters.
+_OPTIONS = frozenset({"num_warps", "num_stages", "num_ctas", "maxnreg", "enable_fp_fusion", "launch_pdl"})
+
+_CACHE: dict[tuple, tuple] = {}
+_CONSTEXPR_POSITIONS: dict[triton.JITFunction, tuple[int, ...]] = {}
+
+
+def _arg_key(a):
+    """A hashable class of ``a`` that determines triton's specialization of it (and is finer where unsure)."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, int):
+        # triton specializes ints on == 1 and % 16 == 0, and types them i32 / i64 / u64 by range
+        return (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63)
+    if isinstance(a, float):
+        return float
+    raise TypeError(f"launch: unsupported kernel argument of type {type(a).__name__}")
+
+
+def _hooks_installed() -> bool:
+    rt = knobs.runtime
+    return bool(rt.launch_enter_hook.calls or rt.launch_exit_hook.calls)
+
+
+def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, launch_stream: torch.cuda.Stream | None = None,
+           **kwargs) -> None:
+    """``fn[grid](*args, **kwargs)`` on the current CUDA device, through a cached launcher.
+
+    ``args`` are the kernel's leading parameters in order (tensors, ints, floats, bools or None); ``kwargs``
+    name the remaining parameters (usually constexprs) and compile options (``num_warps``...). Same semantics as
+    triton's launch, including compilation on the first call of each specialization. ``launch_stream``: run on
+    this stream instead of the current one.
+    """
+    if INTERPRET or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_cuda or _hooks_installed():
+        if launch_stream is None:
+            fn[grid](*args, **kwargs)
+        else:
+            with torch.cuda.stream(launch_stream):
+                fn[grid](*args, **kwargs)
+        return
+    device = torch.cuda.current_device()
+    const = _CONSTEXPR_POSITIONS.get(fn)
+    if const is None:
+        const = _CONSTEXPR_POSITIONS[fn] = tuple(i for i, p in enumerate(fn.params) if p.is_constexpr)
+    # constexpr parameters passed by position are keyed by value, every other argument by its class
+    key = (fn, device, tuple(args[i] if i in const else _arg_key(a) for i, a in enumerate(args)),
+           tuple(kwargs.items()))
+    hit = _CACHE.get(key)
+    if hit is None:
+        if launch_stream is None:
+            kernel = fn[grid](*args, **kwargs)  # compiles if needed, and launches this call
+        else:
+            with torch.cuda.stream(launch_stream):
+                kernel = fn[grid](*args, **kwargs)
+        names = fn.arg_names[len(args):]
+        missing = [n for n in names if n not in kwargs]
+        if missing:
+            raise TypeError(f"launch: {fn.__name__} needs arguments {missing}")
+        # The launcher takes every parameter in signature order, constexprs included (it skips them).
+        tail = tuple(kwargs[n] for n in names)
+        _CACHE[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
+        return
+    run, function, packed, tail = hit
+    g0 = grid[0]
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    stream = torch._C._cuda_getCurrentRawStream(device) if launch_stream is None else launch_stream.cuda_stream
+    run(g0, g1, g2, stream, function, packed, None, None, None, *args, *tail)
+
+
+def clear_cache() -> None:
+    """Forget the cached launchers (tests; a process that reloads kernels)."""
+    _CACHE.clear()

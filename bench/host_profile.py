@@ -3,7 +3,7 @@
     python bench/host_profile.py
 
 Each line is the wall time per call of a loop of 2000 calls that the GPU outruns (tiny shapes), so it measures
-the host. Then a cProfile of halfbyte.Linear4bit forwards (two layers alternating, so the prefetcher hits).
+the host. Then a cProfile of halfbyte.Linear4bit forwards, with and without autograd recording.
 """
 
 import cProfile
@@ -19,7 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import halfbyte  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
 from halfbyte.kernels import launch as hl  # noqa: E402
-from halfbyte.kernels import prefetch  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 
@@ -78,26 +77,25 @@ def main():
     row("L.quant_stats()", L.quant_stats)
     row("torch.compiler.is_compiling()", torch.compiler.is_compiling)
     row("ops.direct_kernel", lambda: halfbyte.ops.direct_kernel("gemm_4bit", x, L.bias))
-    prefetch.set_enabled(False)
-    row("Linear4bit M=16, prefetch off", lambda: L(x))
-    prefetch.set_enabled(True)
-    row("Linear4bit M=16, prefetch on, one layer", lambda: L(x))
-
-    def two():
-        layers[0](x)
-        layers[1](x)
-
-    us = per_call(two) / 2
-    print(f"| Linear4bit M=16, prefetch on, two layers alternating (per layer) | {us:.1f} |")
-    pf = prefetch._PREFETCHERS[x.device]
-    print(f"hits {pf.hits} misses {pf.misses}")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(2000):
-        two()
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    with torch.no_grad():
+        row("Linear4bit M=16, no_grad (direct kernel)", lambda: L(x))
+        row("nn.Linear bf16 module, M=16, no_grad", lambda: lins[0](x))
+    xg = x.clone().requires_grad_()
+    row("Linear4bit M=16, input requires grad (autograd records)", lambda: L(xg))
+    row("nn.Linear bf16 module, M=16, input requires grad", lambda: lins[0](xg))
+    row("Linear4bit M=16, forward + backward", lambda: L(xg).sum().backward())
+    row("nn.Linear bf16 module, M=16, forward + backward", lambda: lins[0](xg).sum().backward())
+    for name, ctx in (("no_grad", torch.no_grad), ("autograd", torch.enable_grad)):
+        prof = cProfile.Profile()
+        with ctx():
+            inp = x if name == "no_grad" else xg
+            prof.enable()
+            for _ in range(2000):
+                L(inp)
+            prof.disable()
+        torch.cuda.synchronize()
+        print(f"\n## cProfile, Linear4bit M=16, {name}")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import halfbyte  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
-from halfbyte.kernels import gemm4bit, prefetch  # noqa: E402
+from halfbyte.kernels import gemm4bit  # noqa: E402
 
 try:
     import bitsandbytes as bnb
@@ -246,14 +246,6 @@ def bench_overhead(out):
     calls["halfbyte.Linear4bit module, M=1"] = lambda: hb4(x)
     calls["halfbyte.Linear4bit module, M=16"] = lambda: hb4(x16)
 
-    def no_prefetch():
-        prefetch.set_enabled(False)
-        try:
-            hb4(x16)
-        finally:
-            prefetch.set_enabled(True)
-
-    calls["halfbyte.Linear4bit module, M=16, prefetch off (incl. 2 toggles)"] = no_prefetch
     n = 256 * 256
     deq_args = (p, qs.absmax, None, None, None, 64, "nf4", n, DT)
     calls["kernels.fourbit.dequantize (cached launcher)"] = lambda: k4.dequantize(*deq_args)

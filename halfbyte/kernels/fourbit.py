@@ -106,13 +106,10 @@ def dequantize(
     quant_type: str,
     n: int,
     dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-    stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:
     """packed ((n+1)//2 bytes, any dtype viewed as uint8), absmax (B,) float32 or uint8 with nested stats
     (nested_absmax (ceil(B/256),) float32, nested_code (256,) float32 or None for the dynamic map, offset (1,)
-    float32) -> (n,) ``dtype``: ``code[q] * absmax[block]`` in float32, rounded once. ``out``: a contiguous
-    (n,) ``dtype`` tensor to write instead of a new one; ``stream``: launch there instead of the current one."""
+    float32) -> (n,) ``dtype``: ``code[q] * absmax[block]`` in float32, rounded once."""
     fourbit.check_4bit_args(blocksize, quant_type)
     data = packed.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
@@ -121,10 +118,7 @@ def dequantize(
     nb = fourbit.num_blocks(n, blocksize)
     if absmax.numel() != nb:
         raise ValueError(f"absmax has {absmax.numel()} blocks, expected {nb} for {n} elements, blocksize {blocksize}")
-    if out is None:
-        out = torch.empty(n, dtype=dtype, device=data.device)
-    elif out.shape != (n,) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({n},) {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    out = torch.empty(n, dtype=dtype, device=data.device)
     if n == 0:
         return out
     nested = nested_absmax is not None
@@ -136,7 +130,7 @@ def dequantize(
     rows = _rows(blocksize)
     launch(
         _dequant_kernel, (triton.cdiv(nb, rows),), data, *args, code_table(quant_type, data.device), out, n,
-        BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=USE_PTX, num_warps=4, launch_stream=stream,
+        BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=USE_PTX, num_warps=4,
     )
     return out
 

@@ -5,8 +5,8 @@
 * M > 1: dequantize the whole weight with the nested absmax fused (``fourbit.dequantize``) into x's dtype, then
   cuBLAS. On an H100 this beat this module's fused Triton tensor-core kernels at every M from 8 to 128 that
   bench/kernels.py measured (BENCHMARKS.md, "Triton kernels"), so those kernels were dropped rather than kept unused.
-  Once a model has run a step, the next layer's weight is dequantized on a side stream during this layer's GEMM
-  (``prefetch``), which hides the dequantize behind the GEMM.
+  Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
+  holds every SM, so the two kernels do not run concurrently; BENCHMARKS.md, "Side-stream dequantize").
 Both paths use the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's dtype);
 the GEMV differs from the reference only in the order of its float32 sums.
 
@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from ..formats import fourbit as ref4
-from . import prefetch
 from .common import USE_PTX, load_absmax_inbounds, round_to
 from .fourbit import code_table, dequantize, nested_code_table
 from .launch import launch
@@ -153,21 +152,5 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
             x = x.contiguous()
         return gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                     quant_type).view(*A.shape[:-1], N)
-    pf = prefetch.prefetcher(A.device) if M > 1 and A.is_cuda else None
-    if pf is None:
-        W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
-    else:
-        W = pf.take((B, absmax, nested_absmax, nested_code, offset), (N, K, blocksize, quant_type, A.dtype, N * K),
-                    A.dtype, N * K, lambda: dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize,
-                                                       quant_type, N * K, A.dtype))
+    W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
     return torch.nn.functional.linear(A, W.view(N, K), bias)
-
-
-def _dequant_into(tensors, static, out, stream) -> None:
-    """``prefetch.DEQUANT_INTO``: the same dequantize as ``gemm_4bit``'s, into a slot, on the side stream."""
-    B, absmax, nested_absmax, nested_code, offset = tensors
-    N, K, blocksize, quant_type, dtype, n = static
-    dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n, dtype, out=out, stream=stream)
-
-
-prefetch.DEQUANT_INTO = _dequant_into

@@ -9,6 +9,8 @@ directly. A miss, the interpreter, a non-CUDA tensor or an installed launch hook
 normal path, which compiles and launches as usual.
 """
 
+import inspect
+
 import torch
 import triton
 from triton import knobs
@@ -36,41 +38,37 @@ def _arg_key(a):
     raise TypeError(f"launch: unsupported kernel argument of type {type(a).__name__}")
 
 
+def cache_key(fn: triton.JITFunction, device: int, args: tuple, kwargs: dict) -> tuple:
+    """The launcher cache's key: constexpr parameters passed by position by value, every other positional
+    argument by its specialization class (``_arg_key``), keyword arguments (constexprs, options) by value."""
+    const = _CONSTEXPR_POSITIONS.get(fn)
+    if const is None:
+        params = inspect.signature(fn.fn).parameters.values()  # JITFunction and the interpreter's wrapper
+        const = _CONSTEXPR_POSITIONS[fn] = tuple(i for i, p in enumerate(params) if "constexpr" in str(p.annotation))
+    return (fn, device, tuple(args[i] if i in const else _arg_key(a) for i, a in enumerate(args)),
+            tuple(kwargs.items()))
+
+
 def _hooks_installed() -> bool:
     rt = knobs.runtime
     return bool(rt.launch_enter_hook.calls or rt.launch_exit_hook.calls)
 
 
-def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, launch_stream: torch.cuda.Stream | None = None,
-           **kwargs) -> None:
+def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, **kwargs) -> None:
     """``fn[grid](*args, **kwargs)`` on the current CUDA device, through a cached launcher.
 
     ``args`` are the kernel's leading parameters in order (tensors, ints, floats, bools or None); ``kwargs``
     name the remaining parameters (usually constexprs) and compile options (``num_warps``...). Same semantics as
-    triton's launch, including compilation on the first call of each specialization. ``launch_stream``: run on
-    this stream instead of the current one.
+    triton's launch, including compilation on the first call of each specialization.
     """
     if INTERPRET or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_cuda or _hooks_installed():
-        if launch_stream is None:
-            fn[grid](*args, **kwargs)
-        else:
-            with torch.cuda.stream(launch_stream):
-                fn[grid](*args, **kwargs)
+        fn[grid](*args, **kwargs)
         return
     device = torch.cuda.current_device()
-    const = _CONSTEXPR_POSITIONS.get(fn)
-    if const is None:
-        const = _CONSTEXPR_POSITIONS[fn] = tuple(i for i, p in enumerate(fn.params) if p.is_constexpr)
-    # constexpr parameters passed by position are keyed by value, every other argument by its class
-    key = (fn, device, tuple(args[i] if i in const else _arg_key(a) for i, a in enumerate(args)),
-           tuple(kwargs.items()))
+    key = cache_key(fn, device, args, kwargs)
     hit = _CACHE.get(key)
     if hit is None:
-        if launch_stream is None:
-            kernel = fn[grid](*args, **kwargs)  # compiles if needed, and launches this call
-        else:
-            with torch.cuda.stream(launch_stream):
-                kernel = fn[grid](*args, **kwargs)
+        kernel = fn[grid](*args, **kwargs)  # compiles if needed, and launches this call
         names = fn.arg_names[len(args):]
         missing = [n for n in names if n not in kwargs]
         if missing:
@@ -83,7 +81,7 @@ def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, launch_stream: 
     g0 = grid[0]
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
-    stream = torch._C._cuda_getCurrentRawStream(device) if launch_stream is None else launch_stream.cuda_stream
+    stream = torch._C._cuda_getCurrentRawStream(device)
     run(g0, g1, g2, stream, function, packed, None, None, None, *args, *tail)
 
 

@@ -1,0 +1,58 @@
+"""The cached launcher of ``halfbyte.kernels.launch``: it must never reuse a compiled kernel for arguments that
+triton would have specialized differently (constexprs passed by position, dtypes, pointer alignment, integer
+classes). The GPU test runs the real launches; the key tests run everywhere."""
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="GPU tier: needs a CUDA device")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("misalign", [1, 3])
+def test_cached_launcher_respects_alignment_specialization(misalign):
+    from halfbyte.formats import fourbit as ref
+    from halfbyte.kernels import fourbit
+    w = torch.randn(4096, device="cuda")
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    expected = ref.dequantize_4bit(packed, absmax, 64, "nf4", (4096,), torch.float16)
+    for off in (0, misalign, 0, misalign):  # alternate: both specializations come from the cache
+        buf = torch.zeros(packed.numel() + 16, dtype=torch.uint8, device="cuda")
+        buf[off:off + packed.numel()] = packed
+        out = fourbit.dequantize(buf[off:off + packed.numel()], absmax, None, None, None, 64, "nf4", 4096,
+                                 torch.float16)
+        assert torch.equal(out, expected)
+
+
+def test_launch_keys_separate_what_triton_specializes():
+    from halfbyte.kernels.launch import _arg_key
+    assert _arg_key(1) != _arg_key(17) and _arg_key(16) == _arg_key(32) and _arg_key(17) != _arg_key(16)
+    assert _arg_key(2**31) != _arg_key(17) and _arg_key(2**31 + 16) != _arg_key(16)
+    assert _arg_key(True) != _arg_key(False) and _arg_key(None) is None
+    t = torch.zeros(64, dtype=torch.uint8)
+    assert _arg_key(t) == _arg_key(t[16:]) != _arg_key(t[1:])
+    assert _arg_key(t) != _arg_key(t.view(torch.int8))
+    with pytest.raises(TypeError, match="unsupported kernel argument"):
+        _arg_key("x")
+
+
+def test_launch_keys_constexprs_passed_by_position_by_value():
+    """The GEMV passes K (a constexpr) by position: two K of one integer class must not share a kernel."""
+    from halfbyte.kernels import gemm4bit
+    from halfbyte.kernels.launch import cache_key
+    fn = gemm4bit._gemv_kernel
+    t = torch.zeros(64)
+    names = fn.arg_names
+    k = names.index("K")
+    args = [t] * k + [3072, 4]
+    other = [t] * k + [4096, 4]
+    assert cache_key(fn, 0, tuple(args), {}) != cache_key(fn, 0, tuple(other), {})
+    n = names.index("N")
+    bigger_n = list(args)
+    bigger_n[n] = 4096  # a runtime int of the same class shares the kernel
+    same_class = list(args)
+    same_class[n] = 8192
+    assert cache_key(fn, 0, tuple(bigger_n), {}) == cache_key(fn, 0, tuple(same_class), {})
+    assert cache_key(fn, 0, tuple(args), {"BLOCK_N": 16}) != cache_key(fn, 0, tuple(args), {"BLOCK_N": 32})

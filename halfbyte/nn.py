@@ -6,9 +6,9 @@ statistics are stored as int32 bit-views, so no dtype cast (``model.to(torch.bfl
 ``torch_dtype``, ``pipe.to("cuda", torch.bfloat16)``) can touch them, while device moves work as usual. The
 bitsandbytes key layout exists only at the file boundary (``halfbyte.io.bnb``). Layers are built explicitly
 (``from_linear`` or the constructor for empty shells); ``forward`` is one ``halfbyte::`` op call and never mutates
-state (eager inference on CUDA calls the op's registered CUDA kernel directly, ``ops.direct_kernel``: the same code
-without the dispatcher's per-call cost). Weights are frozen; inputs and bias get gradients, so adapters can train
-on top.
+state (in eager mode ``ops.direct_kernel`` skips the dispatcher: inference on CUDA calls the op's registered CUDA
+kernel, training calls an autograd.Function with the op's own backward; the same code without the dispatcher's
+per-call cost). Weights are frozen; inputs and bias get gradients, so adapters can train on top.
 """
 
 import math

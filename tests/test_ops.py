@@ -71,3 +71,45 @@ def test_compile_fullgraph_4bit_and_int8():
     torch._dynamo.reset()
     compiled8 = torch.compile(m8, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled8(x), m8(x), rtol=0, atol=0)
+
+
+def _grads(call, x, bias):
+    x, bias = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    out = call(x, bias)
+    out.backward(torch.arange(out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape) / out.numel())
+    return out, x.grad, bias.grad
+
+
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="GPU tier: needs a CUDA device")])])
+def test_eager_autograd_path_equals_the_op(dq, dtype, device):
+    """Training layers skip the dispatcher through ``ops.direct_kernel`` (an autograd.Function; on CUDA its
+    backward dequantizes with the fused kernel): outputs and gradients equal the op's own autograd bit for bit,
+    for 4-bit and LLM.int8()."""
+    from halfbyte import ops
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 24)
+    l4 = halfbyte.Linear4bit.from_linear(lin, double_quant=dq, device=device)
+    l8 = halfbyte.Linear8bit.from_linear(lin, threshold=1.5, device=device)
+    x = (torch.randn(3, 5, 128) * 2).to(device, dtype)
+    bias = torch.randn(24, dtype=dtype, device=device)
+    stats = l4.quant_stats()
+    args4 = (l4.weight, *stats)
+    xr = x.detach().requires_grad_()
+    assert ops.direct_kernel("gemm_4bit", xr, None) is ops._EAGER_AUTOGRAD["gemm_4bit"]
+    if device == "cpu":
+        assert ops.direct_kernel("gemm_4bit", x, None) is None  # CPU inference: the op (reference kernel)
+    for fn, op in ((ops._EAGER_AUTOGRAD["gemm_4bit"], torch.ops.halfbyte.gemm_4bit),):
+        got = _grads(lambda x, b: fn(x, *args4, b, [24, 128], 64, "nf4"), x, bias)
+        ref = _grads(lambda x, b: op(x, *args4, b, [24, 128], 64, "nf4"), x, bias)
+        for g, r in zip(got, ref):
+            assert torch.equal(g, r)
+    scb = l8.SCB.view(torch.float32)
+    got = _grads(lambda x, b: ops._EAGER_AUTOGRAD["int8_mixed_mm"](x, l8.weight, scb, b, 1.5), x, bias)
+    ref = _grads(lambda x, b: torch.ops.halfbyte.int8_mixed_mm(x, l8.weight, scb, b, 1.5), x, bias)
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)
+    with torch.no_grad():
+        assert ops.direct_kernel("gemm_4bit", xr, None) is None

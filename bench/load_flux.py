@@ -8,6 +8,7 @@ after the library's imports and first kernel loads, which are not timed):
   bnb-<fmt>       diffusers AutoModel + bitsandbytes' BitsAndBytesConfig, model.save_pretrained, reload
   hf-<fmt>        diffusers AutoModel + halfbyte.BitsAndBytesConfig, model.save_pretrained, reload
   stream-<fmt>    halfbyte.from_pretrained (streaming), halfbyte.save_pretrained, halfbyte.from_pretrained reload
+                  (and halfbyte.save_pretrained(durable=True), timed apart)
 with fmt in nf4 (compute bf16) and int8 (threshold 6). Reported per step (load, save, reload): seconds, peak GPU
 memory allocated (torch.cuda.max_memory_allocated), peak anonymous host memory (RssAnon, sampled every 5 ms).
 """
@@ -176,6 +177,9 @@ def run_case(ckpt: Path, case: str, out: Path) -> dict:
         exec(WARMUP, {})
     torch.cuda.synchronize()
     result = {"case": case}
+    if os.environ.get("LOAD_TRACE"):  # diagnosis only: the recorder slows the load, so nothing is timed
+        result["trace"] = traced_load(load)
+        return result
     model, result["load"] = measure(load)
     result["quantized_gb"] = round(halfbyte.memory_footprint(model) / 2**30, 2) if kind != "bnb" else \
         round(sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30, 2)
@@ -183,11 +187,54 @@ def run_case(ckpt: Path, case: str, out: Path) -> dict:
         result["bytes_check"] = bytes_check(model, ckpt, fmt)
     _, result["save"] = measure(functools.partial(save, model))
     result["saved_gb"] = round(sum(f.stat().st_size for f in out.glob("*.safetensors")) / 2**30, 2)
+    if kind == "stream":  # the fsynced save, for the cost of durability
+        durable = out.with_name(out.name + "-durable")
+        _, result["save_durable"] = measure(functools.partial(halfbyte.save_pretrained, model, durable, durable=True))
+        shutil.rmtree(durable, ignore_errors=True)
     del model
     torch.cuda.empty_cache()
     _, result["reload"] = measure(reload)
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def _frame(frames) -> str:
+    """The innermost frame of an allocation's stack outside torch itself (the code that asked for the memory)."""
+    for f in frames:
+        name = f.get("filename", "")
+        if "/torch/" not in name and "<" not in name:
+            return f"{name.split('site-packages/')[-1]}:{f.get('line')} {f.get('name')}"
+    return "torch internals"
+
+
+def traced_load(load) -> dict:
+    """Run ``load`` under the CUDA allocator's history recorder: the allocations alive at the peak of allocated
+    memory grouped by the code that made them, and what stays allocated besides the model's own tensors."""
+    base = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    model = load()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, cur, peak, at_peak = {}, 0, 0, {}
+    for ev in snap["device_traces"][torch.cuda.current_device()]:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = (ev["size"], _frame(ev.get("frames", [])))
+            cur += ev["size"]
+            if cur > peak:
+                peak, at_peak = cur, dict(live)
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])[0]
+    groups: dict[str, int] = {}
+    for size, where in at_peak.values():
+        groups[where] = groups.get(where, 0) + size
+    own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda)
+    after = torch.cuda.memory_allocated() - base
+    top = sorted(groups.items(), key=lambda kv: -kv[1])[:12]
+    return dict(peak_delta_gb=round(peak / 2**30, 4), model_gb=round(own / 2**30, 4),
+                allocated_after_minus_model_mb=round((after - own) / 2**20, 1),
+                peak_minus_model_mb=round((peak - own) / 2**20, 1),
+                at_peak_mb={k: round(v / 2**20, 1) for k, v in top}, dropped_events=len(live))
 
 
 def bytes_check(model, ckpt: Path, fmt: str, names=("x_embedder", "transformer_blocks.0.ff.net.2",
@@ -239,6 +286,8 @@ def main() -> None:
     every.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     every.add_argument("--json", type=Path)
     every.add_argument("--scratch", type=Path, default=Path("/tmp/halfbyte-bench-save"))
+    every.add_argument("--trace", nargs="*", default=[], choices=CASES,
+                       help="after the timed cases, load these again under the allocator's history recorder")
     args = p.parse_args()
     if args.cmd == "make":
         make(args.dir)
@@ -261,6 +310,12 @@ def main() -> None:
                                                                   "error": proc.stderr.strip()[-400:]})
             print(json.dumps(results[-1]), flush=True)
         print(table(results))
+        for case in args.trace:
+            proc = subprocess.run([sys.executable, __file__, "one", str(args.dir), case, str(args.scratch / case)],
+                                  capture_output=True, text=True, env={**os.environ, "LOAD_TRACE": "1"})
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            results.append(json.loads(line[-1][7:]) if line else {"case": case, "trace_error": proc.stderr[-400:]})
+            print(json.dumps(results[-1], indent=1), flush=True)
         if args.json:
             args.json.write_text(json.dumps(results, indent=2))
 

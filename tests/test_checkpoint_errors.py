@@ -63,16 +63,16 @@ def test_saved_directory_has_a_plain_directory_mode_and_keeps_the_dtype(saved, t
     assert diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "b").dtype == torch.bfloat16
 
 
-def test_durable_saves_fsync_every_file_and_non_durable_none(saved, tmp_path, monkeypatch):
+def test_durable_saves_fsync_every_file_and_default_saves_none(saved, tmp_path, monkeypatch):
     synced = []
     real = safetensors_stream._fsync
     monkeypatch.setattr(safetensors_stream, "_fsync", lambda p: (synced.append(Path(p)), real(p)))
     model = saved["nf4"][0]
-    halfbyte.save_pretrained(model, tmp_path / "a", max_shard_size="20KB")
+    halfbyte.save_pretrained(model, tmp_path / "a", max_shard_size="20KB", durable=True)
     shards = sorted((tmp_path / "a").glob("*.safetensors"))
     assert len(shards) > 1 and all(any(p.name == s.name for p in synced) for s in shards)
     synced.clear()
-    halfbyte.save_pretrained(model, tmp_path / "b", max_shard_size="20KB", durable=False)
+    halfbyte.save_pretrained(model, tmp_path / "b", max_shard_size="20KB")
     assert synced == [] and files_of(tmp_path / "b") == files_of(tmp_path / "a")
 
 

@@ -310,7 +310,7 @@ class MMConfig:
 
 
 def mm_config(M: int, N: int, K: int) -> MMConfig:
-    """Launch shape by token count: the fastest of the bench/kernels.py int8 sweep on an H100 (BENCHMARKS.md)."""
+    """Launch shape by token count: the fastest of the bench/kernel_bench.py int8 sweep on an H100 (BENCHMARKS.md)."""
     if INTERPRET:
         return MMConfig(16, 16, 32, 2, 1, 1)
     if M <= 1024:

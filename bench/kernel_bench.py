@@ -1,6 +1,6 @@
 """Per-layer timings: halfbyte's Triton kernels vs bf16 ``F.linear`` vs bitsandbytes (CUDA backend), one GPU.
 
-    python bench/kernels.py [--sweep] [--json results.json]
+    python bench/kernel_bench.py [--sweep] [--json results.json]
 
 Layer shapes are FLUX.1 / T5-XXL linears (docs: baseline-h100.md). Every ratio in a table comes from this one
 process on this one card; absolute times from another run or card are not comparable. Times are medians of

@@ -4,7 +4,7 @@
   never writes the weight out.
 * M > 1: dequantize the whole weight with the nested absmax fused (``fourbit.dequantize``) into x's dtype, then
   cuBLAS. On an H100 this beat this module's fused Triton tensor-core kernels at every M from 8 to 128 that
-  bench/kernel_bench.py measured (BENCHMARKS.md, "Triton kernels"), so those kernels were dropped rather than kept unused.
+  bench/kernel_bench.py measured (BENCHMARKS.md, "Triton kernels"), so those kernels were dropped.
   Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
   holds every SM, so the two kernels do not run concurrently; BENCHMARKS.md, "Side-stream dequantize").
 Both paths use the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's dtype);

@@ -130,6 +130,7 @@ def measure(fn):
         seconds = time.perf_counter() - t
     return out, dict(seconds=round(seconds, 2), peak_gpu_gb=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                      final_gpu_gb=round(torch.cuda.memory_allocated() / 2**30, 2),
+                     final_reserved_gb=round(torch.cuda.memory_reserved() / 2**30, 2),
                      peak_host_anon_gb=round(host.peak / 2**30, 2))
 
 
@@ -199,19 +200,19 @@ def run_case(ckpt: Path, case: str, out: Path) -> dict:
 
 
 def _frame(frames) -> str:
-    """The innermost frame of an allocation's stack outside torch itself (the code that asked for the memory)."""
-    for f in frames:
-        name = f.get("filename", "")
-        if "/torch/" not in name and "<" not in name:
-            return f"{name.split('site-packages/')[-1]}:{f.get('line')} {f.get('name')}"
-    return "torch internals"
+    """The two innermost Python frames of an allocation's stack outside torch (the code that asked for it)."""
+    py = [f for f in frames if f.get("filename", "").endswith(".py") and "/torch/" not in f["filename"]]
+    if not py:
+        return "torch internals"
+    return " <- ".join(f"{f['filename'].split('site-packages/')[-1].split('/work/main/')[-1]}:{f.get('line')} "
+                       f"{f.get('name')}" for f in py[:2])
 
 
 def traced_load(load) -> dict:
     """Run ``load`` under the CUDA allocator's history recorder: the allocations alive at the peak of allocated
     memory grouped by the code that made them, and what stays allocated besides the model's own tensors."""
     base = torch.cuda.memory_allocated()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000)
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     model = load()
     torch.cuda.synchronize()
     snap = torch.cuda.memory._snapshot()
@@ -231,10 +232,17 @@ def traced_load(load) -> dict:
     own = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda)
     after = torch.cuda.memory_allocated() - base
     top = sorted(groups.items(), key=lambda kv: -kv[1])[:12]
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda}
+    stray: dict[str, int] = {}
+    for addr, (size, where) in live.items():  # allocations alive after the load that no model tensor holds
+        if addr not in owned:
+            stray[where] = stray.get(where, 0) + size
     return dict(peak_delta_gb=round(peak / 2**30, 4), model_gb=round(own / 2**30, 4),
                 allocated_after_minus_model_mb=round((after - own) / 2**20, 1),
                 peak_minus_model_mb=round((peak - own) / 2**20, 1),
-                at_peak_mb={k: round(v / 2**20, 1) for k, v in top}, dropped_events=len(live))
+                at_peak_mb={k: round(v / 2**20, 1) for k, v in top},
+                alive_not_model_mb={k: round(v / 2**20, 1)
+                                    for k, v in sorted(stray.items(), key=lambda kv: -kv[1])[:8]})
 
 
 def bytes_check(model, ckpt: Path, fmt: str, names=("x_embedder", "transformer_blocks.0.ff.net.2",

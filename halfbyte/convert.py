@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from .config import BitsAndBytesConfig
-from .nn import Linear4bit, Linear8bit
+from .nn import Linear4bit, Linear8bit, release_scratch
 
 QUANTIZED_LINEARS = (Linear4bit, Linear8bit)
 
@@ -69,7 +69,10 @@ def quantize_(
             elif not isinstance(child, QUANTIZED_LINEARS):
                 visit(child, path + ".")
 
-    visit(model, "")
+    try:
+        visit(model, "")
+    finally:
+        release_scratch()
     model._halfbyte_config = config  # read back by quantization_config_of (saving, inspection)
     return model
 

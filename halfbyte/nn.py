@@ -11,6 +11,7 @@ kernel, training calls an autograd.Function with the op's own backward; the same
 per-call cost). Weights are frozen; inputs and bias get gradients, so adapters can train on top.
 """
 
+import contextlib
 import math
 
 import torch
@@ -62,23 +63,51 @@ def _row_pieces(rows: int, cols: int, device: torch.device, multiple: int = 1) -
     return [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
 
-def _double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(B,) float32 absmax -> codes (B,) uint8, nested absmax (ceil(B/256),) float32, offset (1,) float32.
+_SCRATCH: dict[torch.device, object] = {}
+
+
+@contextlib.contextmanager
+def _scratch(device: torch.device):
+    """Allocate a quantization's temporaries (pieces of the float weight, per-piece results) from a private CUDA
+    memory pool, apart from the layers' long-lived tensors.
+
+    Why: the caching allocator hands a request a free block whole when splitting it would leave less than 1 MiB,
+    and that slack stays allocated for the block's lifetime. Loading ~500 layers interleaves temporaries and
+    results of many sizes, so results landing in blocks freed by temporaries kept 40-100 MB of slack beyond the
+    model's bytes after a FLUX load (H200, BENCHMARKS.md) and raised the load's peak. With the temporaries in
+    their own pool the results pack tightly. ``release_scratch()`` returns the pool's memory (loaders call it).
+    """
+    if device.type != "cuda" or not hasattr(torch.cuda, "use_mem_pool"):
+        yield
+        return
+    pool = _SCRATCH.get(device)
+    if pool is None:
+        pool = _SCRATCH[device] = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool, device=device):
+        yield
+
+
+def release_scratch() -> None:
+    """Give the quantization scratch pools' memory back to the devices (the end of a load)."""
+    _SCRATCH.clear()  # a MemPool returns its cached blocks to the device when it is destroyed
+
+
+def _double_quantize(absmax: Tensor, codes: Tensor, nested: Tensor) -> Tensor:
+    """(B,) float32 absmax -> codes (B,) uint8 and nested absmax (ceil(B/256),) float32 written into the given
+    tensors; returns offset (1,) float32.
 
     bitsandbytes' ``compress_statistics``: ``absmax - mean(absmax)`` quantized blockwise (256) over the dynamic
     map, in pieces of whole nested blocks (the reference search keeps ~80 bytes of temporaries per value).
     """
     nb = blockwise.NESTED_BLOCKSIZE
     offset = absmax.mean().reshape(1)
-    codes = torch.empty(absmax.numel(), dtype=torch.uint8, device=absmax.device)
-    nested = torch.empty(fourbit.num_blocks(absmax.numel(), nb), dtype=torch.float32, device=absmax.device)
     code = dynamic_map(absmax.device)
     per = max(nb, _piece_numel(absmax.device) // 16 // nb * nb)
     for s in range(0, absmax.numel(), per):
         q, a = torch.ops.halfbyte.quantize_blockwise(absmax[s:s + per] - offset, code, nb)
         codes[s:s + q.numel()] = q
         nested[s // nb:s // nb + a.numel()] = a
-    return codes, nested, offset
+    return offset
 
 
 def _bias_for(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Parameter:
@@ -201,25 +230,37 @@ class Linear4bit(_QuantizedLinear):
         w = linear.weight.detach()
         device = torch.device(device) if device is not None else w.device
         cast, dtype = dtype, dtype or w.dtype
+        shell = w.is_meta or device.type == "meta"
+        # A real layer is built as a meta shell and filled: no placeholder tensors allocated and dropped.
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, quant_type=quant_type,
                     blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype, dtype=dtype,
-                    quant_storage=quant_storage, device=device)
+                    quant_storage=quant_storage, device=device if shell else "meta")
         if linear.bias is not None:
             layer.bias = _bias_for(linear, device, cast)
-        if w.is_meta or device.type == "meta":
+        if shell:
             return layer
         N, K = w.shape
-        packed = torch.empty(fourbit.packed_numel(N * K), dtype=torch.uint8, device=device)
-        absmax = torch.empty(fourbit.num_blocks(N * K, blocksize), dtype=torch.float32, device=device)
-        for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device, blocksize), device, dtype):
-            p, a = torch.ops.halfbyte.quantize_4bit(piece, blocksize, quant_type)
-            e0 = r0 * K  # a multiple of blocksize (even): the piece's bytes and blocks start on boundaries
-            packed[e0 // 2:e0 // 2 + p.numel()] = p
-            absmax[e0 // blocksize:e0 // blocksize + a.numel()] = a
-        layer.weight.data = packed.view(layer.weight.shape)
+        n, nb = N * K, fourbit.num_blocks(N * K, blocksize)
+        packed = torch.empty(fourbit.packed_numel(n), dtype=torch.uint8, device=device)
         if double_quant:
-            q, nested, offset = _double_quantize(absmax)
-            layer.absmax, layer.nested_absmax, layer.offset = q, _f32_bits(nested), _f32_bits(offset)
+            codes = torch.empty(nb, dtype=torch.uint8, device=device)
+            nested = torch.empty(fourbit.num_blocks(nb, blockwise.NESTED_BLOCKSIZE), dtype=torch.float32,
+                                 device=device)
+        with _scratch(device):
+            absmax = torch.empty(nb, dtype=torch.float32, device=device) if double_quant else None
+        if absmax is None:
+            absmax = torch.empty(nb, dtype=torch.float32, device=device)
+        with _scratch(device):
+            for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device, blocksize), device, dtype):
+                p, a = torch.ops.halfbyte.quantize_4bit(piece, blocksize, quant_type)
+                e0 = r0 * K  # a multiple of blocksize (even): the piece's bytes and blocks start on boundaries
+                packed[e0 // 2:e0 // 2 + p.numel()] = p
+                absmax[e0 // blocksize:e0 // blocksize + a.numel()] = a
+            if double_quant:
+                offset = _double_quantize(absmax, codes, nested)
+        layer.weight = nn.Parameter(packed.view(layer.weight.shape), requires_grad=False)
+        if double_quant:
+            layer.absmax, layer.nested_absmax, layer.offset = codes, _f32_bits(nested), _f32_bits(offset.clone())
         else:
             layer.absmax = _f32_bits(absmax)
         return layer
@@ -303,18 +344,20 @@ class Linear8bit(_QuantizedLinear):
         w = linear.weight.detach()
         device = torch.device(device) if device is not None else w.device
         cast, dtype = dtype, dtype or w.dtype
+        shell = w.is_meta or device.type == "meta"
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, threshold=threshold,
-                    dtype=dtype, device=device)
+                    dtype=dtype, device=device if shell else "meta")
         if linear.bias is not None:
             layer.bias = _bias_for(linear, device, cast)
-        if w.is_meta or device.type == "meta":
+        if shell:
             return layer
         N, K = w.shape
         CB = torch.empty(N, K, dtype=torch.int8, device=device)
         SCB = torch.empty(N, dtype=torch.float32, device=device)
-        for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device), device, dtype):
-            CB[r0:r1], SCB[r0:r1], _ = torch.ops.halfbyte.int8_vectorwise_quant(piece.to(torch.float16), 0.0)
-        layer.weight.data = CB
+        with _scratch(device):
+            for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device), device, dtype):
+                CB[r0:r1], SCB[r0:r1], _ = torch.ops.halfbyte.int8_vectorwise_quant(piece.to(torch.float16), 0.0)
+        layer.weight = nn.Parameter(CB, requires_grad=False)
         layer.SCB = _f32_bits(SCB)
         return layer
 

@@ -21,7 +21,7 @@ from .. import transfer
 from ..config import BitsAndBytesConfig
 from ..convert import dequantize_, is_skipped
 from ..io.bnb import bitsandbytes_state_dict
-from ..nn import Linear4bit
+from ..nn import Linear4bit, release_scratch
 from . import _layers
 
 
@@ -171,6 +171,7 @@ class HalfbyteDiffusersQuantizer(DiffusersQuantizer):
         _layers.assign(module, tensors)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        release_scratch()
         if self._pending:
             names = sorted({k.rpartition(".weight")[0] or k for k in self._pending})
             raise ValueError(f"checkpoint ended with incomplete quantized layers: {names[:5]}")

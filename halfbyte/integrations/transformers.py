@@ -15,6 +15,7 @@ from transformers.quantizers.base import HfQuantizer
 from ..config import BitsAndBytesConfig
 from ..convert import dequantize_
 from ..io.bnb import bitsandbytes_state_dict
+from ..nn import release_scratch
 from . import _layers
 
 _BNB_4BIT_PATTERNS = sorted(_layers.BNB_4BIT_SUFFIXES, key=len, reverse=True) + ["weight"]
@@ -132,6 +133,7 @@ class HalfbyteHfQuantizer(HfQuantizer):
         model._halfbyte_config = self.config
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        release_scratch()
         _layers.check_all_filled(model)
         _layers.refuse_dtype_casts(model)
         conversions = getattr(model, "_weight_conversions", None)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import transfer
 from ..convert import QUANTIZED_LINEARS
-from ..nn import Linear4bit, Linear8bit
+from ..nn import Linear4bit, Linear8bit, release_scratch
 from . import bnb
 from .safetensors_stream import ShardedReader
 
@@ -67,15 +67,18 @@ def load_tensors(model: nn.Module, reader: ShardedReader, *, pre_quantized: bool
     units.sort(key=lambda u: (reader.file_of[u[2][0]], u[2][0]))  # shard by shard, in key order
 
     load_layer = _load_quantized_layer if pre_quantized else _quantize_layer
-    for what, name, keys in progress(units, len(units)):
-        if what == "layer":
-            unexpected += load_layer(model, reader, name, layers[name], keys, torch_dtype, device, config_path)
-        else:
-            _load_plain(model, reader, name, state.pop(name), fp32_modules, torch_dtype, device)
-        for k in keys:
-            reader.release(k)
-        if what == "layer" and not pre_quantized and device.type == "cpu":
-            _trim_malloc()
+    try:
+        for what, name, keys in progress(units, len(units)):
+            if what == "layer":
+                unexpected += load_layer(model, reader, name, layers[name], keys, torch_dtype, device, config_path)
+            else:
+                _load_plain(model, reader, name, state.pop(name), fp32_modules, torch_dtype, device)
+            for k in keys:
+                reader.release(k)
+            if what == "layer" and not pre_quantized and device.type == "cpu":
+                _trim_malloc()
+    finally:
+        release_scratch()
     if unexpected:
         warnings.warn(f"{reader.source}: {len(unexpected)} tensors have no place in {type(model).__name__} and were "
                       f"ignored, e.g. {sorted(unexpected)[:5]}", stacklevel=3)

@@ -63,7 +63,7 @@ def _row_pieces(rows: int, cols: int, device: torch.device, multiple: int = 1) -
     return [(r, min(r + per, rows)) for r in range(0, rows, per)]
 
 
-_SCRATCH: dict[torch.device, object] = {}
+_SCRATCH: dict[int, object] = {}  # CUDA device index -> MemPool
 
 
 @contextlib.contextmanager
@@ -80,10 +80,11 @@ def _scratch(device: torch.device):
     if device.type != "cuda" or not hasattr(torch.cuda, "use_mem_pool"):
         yield
         return
-    pool = _SCRATCH.get(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    pool = _SCRATCH.get(index)
     if pool is None:
-        pool = _SCRATCH[device] = torch.cuda.MemPool()
-    with torch.cuda.use_mem_pool(pool, device=device):
+        pool = _SCRATCH[index] = torch.cuda.MemPool()
+    with torch.cuda.use_mem_pool(pool, device=index):
         yield
 
 

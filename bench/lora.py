@@ -210,6 +210,14 @@ def part_train(model, config, device, dtype, args) -> dict:
         opt.zero_grad(set_to_none=True)
 
     result = timed(step, device, args.warmup, args.iters)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            sync(device)
+        averages = prof.key_averages()
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+        print(averages.table(sort_by="self_device_time_total", row_limit=15, max_name_column_width=60))
     model.eval()
     return dict(step_ms=result["ms"], peak_gb=result["peak_gb"],
                 trainable_params=sum(p.numel() for p in params), checkpointing=args.checkpointing)
@@ -289,11 +297,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the train part")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one training step")
     p.add_argument("--compile-backend", default=None, help="default: inductor (aot_eager with --tiny)")
     p.add_argument("--cudnn-attention", action="store_true",
-                   help="allow cuDNN's attention kernels (off by default: on an H200 with torch 2.11 the first "
-                        "QLoRA backward with them on hit an illegal memory access; with them off both libraries "
-                        "train; not yet narrowed down to cuDNN)")
+                   help="allow cuDNN's attention kernels (off by default: on an H200 with torch 2.11 cuDNN's "
+                        "attention backward fails, mha_graph.execute, then an illegal memory access; "
+                        "BENCHMARKS.md)")
     args = p.parse_args(argv)
     if not args.cudnn_attention:
         torch.backends.cuda.enable_cudnn_sdp(False)

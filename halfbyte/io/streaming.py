@@ -67,6 +67,7 @@ def load_tensors(model: nn.Module, reader: ShardedReader, *, pre_quantized: bool
     units.sort(key=lambda u: (reader.file_of[u[2][0]], u[2][0]))  # shard by shard, in key order
 
     load_layer = _load_quantized_layer if pre_quantized else _quantize_layer
+    transfer.reserve_device_memory(device, [_final_bytes(t, torch_dtype) for t in state.values()])
     try:
         for what, name, keys in progress(units, len(units)):
             if what == "layer":
@@ -83,6 +84,12 @@ def load_tensors(model: nn.Module, reader: ShardedReader, *, pre_quantized: bool
         warnings.warn(f"{reader.source}: {len(unexpected)} tensors have no place in {type(model).__name__} and were "
                       f"ignored, e.g. {sorted(unexpected)[:5]}", stacklevel=3)
     return missing
+
+
+def _final_bytes(t: Tensor, torch_dtype: torch.dtype | None) -> int:
+    """Bytes the (meta) model tensor ``t`` will hold once loaded (floating tensors in ``torch_dtype``)."""
+    size = torch_dtype.itemsize if torch_dtype is not None and t.is_floating_point() else t.element_size()
+    return t.numel() * size
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,3 +60,11 @@ def saved(tmp_path_factory) -> dict:
         halfbyte.save_pretrained(model, d, max_shard_size="20KB")
         out[name] = model, d
     return out
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory) -> str:
+    """A saved tiny FLUX pipeline (the LoRA tests)."""
+    from halfbyte.testing import save_tiny_flux_pipeline
+
+    return str(save_tiny_flux_pipeline(tmp_path_factory.mktemp("lora") / "pipe"))

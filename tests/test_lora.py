@@ -17,7 +17,6 @@ Models: the tiny FLUX transformer and T5 encoder of ``halfbyte.testing`` in floa
 import copy
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,103 +26,33 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from lora_helpers import (
+    ATTN,
+    FORMATS,
+    PEFT_TARGETS,
+    QUANTIZED,
+    TARGETS,
+    dense_copy,
+    flux_inputs,
+    flux_lora,
+    load_transformer,
+    maxdiff,
+    quantized_state,
+    requantization_bound,
+    run,
+    same_tensors,
+)
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
-from transformers import T5Config, T5EncoderModel
 
 import halfbyte
 from halfbyte import BitsAndBytesConfig, Linear4bit, Linear8bit
-from halfbyte.formats.codebooks import code_4bit
 from halfbyte.integrations import peft as hb_peft
 from halfbyte.integrations.peft import LoraLinear
-from halfbyte.ops import decode_absmax
 from halfbyte.testing import (
-    save_tiny_flux_pipeline,
     tiny_flux_transformer_config,
     tiny_sd3_transformer,
-    tiny_t5_config,
 )
-
-FORMATS = {"nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"), "int8": dict(load_in_8bit=True)}
-QUANTIZED = (Linear4bit, Linear8bit)
-ATTN = [f"transformer_blocks.0.attn.{p}" for p in
-        ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")]
-ATTN += [f"single_transformer_blocks.0.attn.{p}" for p in ("to_q", "to_k", "to_v")]
-TARGETS = ATTN + ["single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2"]
-PEFT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-
-
-@pytest.fixture(scope="module")
-def flux_dir(tmp_path_factory) -> str:
-    return str(save_tiny_flux_pipeline(tmp_path_factory.mktemp("lora") / "pipe"))
-
-
-def load_transformer(flux_dir: str, fmt: str | None) -> FluxTransformer2DModel:
-    cfg = None if fmt is None else BitsAndBytesConfig(**FORMATS[fmt])
-    return FluxTransformer2DModel.from_pretrained(flux_dir + "/transformer", quantization_config=cfg,
-                                                  torch_dtype=torch.float32)
-
-
-def dense_copy(model: nn.Module) -> nn.Module:
-    """The model with every halfbyte layer replaced by an nn.Linear holding its dequantized weight."""
-    dense = halfbyte.dequantize_(copy.deepcopy(model))
-    if hasattr(dense, "hf_quantizer"):  # what diffusers' own dequantize() also drops: a plain model now
-        del dense.hf_quantizer
-        dense.is_quantized = False
-    return dense
-
-
-def flux_inputs(channels: int = 16, batch: int = 1, tokens: int = 16, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    return dict(hidden_states=torch.randn(batch, tokens, channels, generator=g),
-                encoder_hidden_states=torch.randn(batch, 8, 32, generator=g),
-                pooled_projections=torch.randn(batch, 32, generator=g), timestep=torch.full((batch,), 0.5),
-                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(8, 3), guidance=torch.full((batch,), 3.5))
-
-
-def run(model, **kw) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**flux_inputs(**kw)).sample
-
-
-def flux_lora(model, names, rank=4, seed=0, in_features=None) -> dict[str, torch.Tensor]:
-    """A random LoRA in diffusers' FLUX format whose deltas are about the size of the tiny weights."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name in names:
-        m = model.get_submodule(name)
-        fan_in = (in_features or {}).get(name, m.in_features)
-        sd[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / math.sqrt(fan_in)
-        sd[f"transformer.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.3
-    return sd
-
-
-def quantized_state(model) -> dict[str, torch.Tensor]:
-    """Every tensor of the halfbyte layers, cloned, by full name."""
-    return {f"{n}.{t}": v.clone() for n, m in model.named_modules() if isinstance(m, QUANTIZED)
-            for t, v in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
-
-
-def same_tensors(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
-
-
-def requantization_bound(layer, weight: torch.Tensor) -> torch.Tensor:
-    """Per-element bound on |dequantize(layer) - weight| when ``layer`` holds ``weight`` quantized, (out, in)."""
-    if isinstance(layer, Linear8bit):  # half a step of the row's scale, plus the float16 cast it quantizes from
-        bound = weight.abs().amax(1, keepdim=True) / 254 + weight.abs() * 2 ** -11
-    else:  # codes are chosen against the block's absmax a: half the widest gap between neighbouring codes times
-        # a, plus |code| <= 1 times the error of the stored absmax a' (double quantization; else a' = a)
-        half_gap = code_4bit(layer.quant_type).sort().values.diff().max() / 2
-        a = weight.reshape(-1, layer.blocksize).abs().amax(1, keepdim=True)
-        a_stored = decode_absmax(*layer.quant_stats()).reshape(-1, 1)
-        bound = (half_gap * a + (a - a_stored).abs()).expand(-1, layer.blocksize).reshape(weight.shape)
-    return bound * (1 + 2 ** -20)  # float32 rounding of the products
-
-
-def maxdiff(a, b) -> float:
-    return (a - b).abs().max().item()
-
 
 # --- inference: load_lora_weights, set_adapters, fuse / unfuse --------------------------------------------------
 
@@ -304,90 +233,6 @@ def test_peft_bad_input(flux_dir):
     with pytest.raises(RuntimeError, match=r"transformer_blocks\.0\.attn\.to_q\.lora_A.*torch.Size\(\[4, 48\]\).*"
                                            r"torch.Size\(\[4, 32\]\)"):
         set_peft_model_state_dict(pm, wrong)
-
-
-# --- training (QLoRA) --------------------------------------------------------------------------------------------
-
-STEPS, LR = 30, 3e-2  # a random target the adapters fit partly: 30 steps reach ~0.36 of the start loss
-
-
-def train(model, loss_fn, probe: nn.Module) -> list[float]:
-    """AdamW on the trainable parameters for STEPS steps on one fixed batch; returns the losses. Checks on the first
-    step that gradient checkpointing recomputes ``probe`` and that gradients reach exactly the adapters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LR)
-    calls, losses = [0], []
-    probe.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    model.train()
-    for step in range(STEPS):
-        loss = loss_fn()
-        opt.zero_grad()
-        loss.backward()
-        if step == 0:
-            assert calls[0] == 2, "gradient checkpointing must run the block's forward again in backward"
-            named = dict(model.named_parameters())
-            assert {n for n, p in named.items() if p.grad is not None} == {n for n, p in named.items()
-                                                                         if p.requires_grad}
-            assert all("lora_" in n for n, p in named.items() if p.requires_grad)
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_qlora_flux_trains_saves_and_reloads(flux_dir, tmp_path, fmt):
-    transformer = load_transformer(flux_dir, fmt)
-    transformer.enable_gradient_checkpointing()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS + ["proj_mlp"], init_lora_weights="gaussian")
-    pm = get_peft_model(transformer, config)
-    base = quantized_state(transformer)
-    batch = flux_inputs(batch=2, seed=4)
-    target = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(5))
-    losses = train(pm, lambda: nn.functional.mse_loss(pm(**batch).sample, target),
-                   transformer.transformer_blocks[0].attn.to_q)
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert same_tensors(quantized_state(transformer), base)  # the base stayed quantized and frozen
-    y = run(pm)
-
-    pm.save_pretrained(tmp_path / "peft")  # peft format
-    again = PeftModel.from_pretrained(load_transformer(flux_dir, fmt), tmp_path / "peft")
-    assert torch.equal(run(again), y)
-
-    lora = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(pm).items()}
-    FluxPipeline.save_lora_weights(tmp_path / "diffusers", transformer_lora_layers=lora,  # diffusers format
-                                   transformer_lora_adapter_metadata=config.to_dict())
-    pipe = FluxPipeline.from_pretrained(flux_dir, transformer=load_transformer(flux_dir, fmt))
-    pipe.load_lora_weights(tmp_path / "diffusers")
-    assert torch.equal(run(pipe.transformer), y)
-
-
-@pytest.mark.filterwarnings("ignore:`(gradient|is_gradient)_checkpointing.*deprecated:FutureWarning")
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_qlora_t5_trains_saves_and_reloads(tmp_path, fmt):
-    torch.manual_seed(0)
-    T5EncoderModel(T5Config(**tiny_t5_config())).save_pretrained(tmp_path / "t5")
-
-    def load():
-        return T5EncoderModel.from_pretrained(tmp_path / "t5", quantization_config=BitsAndBytesConfig(**FORMATS[fmt]))
-
-    model = load()
-    model.gradient_checkpointing_enable()
-    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "v", "o", "wi_0", "wi_1"],
-                                          init_lora_weights="gaussian"))
-    base = quantized_state(model)
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    target = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(2))
-    losses = train(pm, lambda: nn.functional.mse_loss(pm(input_ids=ids).last_hidden_state, target),
-                   model.encoder.block[0].layer[0].SelfAttention.q)
-    assert losses[-1] < 0.5 * losses[0], losses
-    assert same_tensors(quantized_state(model), base)
-    with torch.no_grad():
-        y = pm(input_ids=ids).last_hidden_state
-    pm.save_pretrained(tmp_path / "peft")
-    again = PeftModel.from_pretrained(load(), tmp_path / "peft")
-    with torch.no_grad():
-        assert torch.equal(again(input_ids=ids).last_hidden_state, y)
 
 
 # --- against bitsandbytes + peft, DoRA, torch.compile, hooks -----------------------------------------------------

@@ -391,3 +391,23 @@ def test_atomic_write(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # as open() would create it, not private
+
+
+@pytest.mark.parametrize("mode", ["model", "pipeline"])
+def test_quantize_durable_fsyncs_every_file_and_default_none(flux_dir, tmp_path, capsys, monkeypatch, mode):
+    """--durable: every file of OUT reaches the disk before OUT is renamed into place; the default, like the
+    libraries' own saves, leaves that to the OS (OUT is atomic against failures either way)."""
+    from halfbyte.io import safetensors_stream
+
+    synced = []
+    real = safetensors_stream._fsync
+    monkeypatch.setattr(safetensors_stream, "_fsync", lambda p: (synced.append(Path(p).name), real(p)))
+    where = ["--subfolder", "text_encoder_2"] if mode == "model" else ["--component", "text_encoder_2"]
+    code, _, err = run_main(capsys, "quantize", str(flux_dir), str(tmp_path / "a"), *where, "--quant", "nf4")
+    assert code == 0, err
+    assert synced == []
+    code, _, err = run_main(capsys, "quantize", str(flux_dir), str(tmp_path / "b"), *where, "--quant", "nf4",
+                            "--durable")
+    assert code == 0, err
+    written = {p.name for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    assert written and written <= set(synced)

@@ -62,6 +62,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="where to quantize: auto (default), cpu, cuda, cuda:N")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--durable", action="store_true",
+                   help="fsync every file before OUT is renamed into place, so that a machine crash or power loss "
+                        "cannot leave a half-written OUT either (waits for the disk; without it a failed or "
+                        "interrupted run still leaves no partial OUT)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
 
 
@@ -152,7 +156,7 @@ def quantize_pipeline(source, out: Path, plan: dict[str, str | None], dtype, dev
     from ..io.safetensors_stream import atomic_directory
 
     rows, copied = [], []
-    with atomic_directory(out, replaced=lambda name: True) as tmp:
+    with atomic_directory(out, replaced=lambda name: True, durable=args.durable) as tmp:
         shutil.copy2(source.root / "model_index.json", tmp / "model_index.json")
         todo = [n for n in source.components if plan.get(n)]
         for i, name in enumerate(todo, 1):
@@ -192,7 +196,7 @@ def quantize_model(cls, directory: Path, dest: Path, config, dtype, device, args
         {**config.to_dict(), "_pre_quantization_dtype": str(model.dtype).removeprefix("torch.")})
     model._halfbyte_config = config
     halfbyte.save_pretrained(model, dest, bitsandbytes_compatible=args.bitsandbytes_compatible,
-                             max_shard_size=args.max_shard_size)
+                             max_shard_size=args.max_shard_size, durable=args.durable and not name)
     row = {"component": name or None, "class": cls.__name__, "format": kind_of(config),
            "quantization_config": config.to_bitsandbytes_dict() if args.bitsandbytes_compatible else config.to_dict(),
            "layers_quantized": sum(isinstance(m, QUANTIZED_LINEARS) for m in model.modules()),

@@ -243,13 +243,13 @@ class Linear4bit(_QuantizedLinear):
         N, K = w.shape
         n, nb = N * K, fourbit.num_blocks(N * K, blocksize)
         packed = torch.empty(fourbit.packed_numel(n), dtype=torch.uint8, device=device)
-        if double_quant:
+        if double_quant:  # the float32 absmax is then a temporary: only its double-quantized form stays
             codes = torch.empty(nb, dtype=torch.uint8, device=device)
             nested = torch.empty(fourbit.num_blocks(nb, blockwise.NESTED_BLOCKSIZE), dtype=torch.float32,
                                  device=device)
-        with _scratch(device):
-            absmax = torch.empty(nb, dtype=torch.float32, device=device) if double_quant else None
-        if absmax is None:
+            with _scratch(device):
+                absmax = torch.empty(nb, dtype=torch.float32, device=device)
+        else:
             absmax = torch.empty(nb, dtype=torch.float32, device=device)
         with _scratch(device):
             for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device, blocksize), device, dtype):

@@ -226,7 +226,9 @@ class Linear4bit(_QuantizedLinear):
 
         ``dtype``: cast the weight and bias to it first (default: the weight's dtype); it becomes the layer's
         ``dtype``. The weight is read, cast and quantized in row pieces (``QUANT_PIECE_NUMEL``), so it may be a
-        memory-mapped tensor on another device without ever being copied whole.
+        memory-mapped tensor on another device without ever being copied whole. On CUDA the pieces live in a
+        scratch memory pool kept for the next call (``_scratch``); ``quantize_`` and the loaders release it when
+        they finish, callers quantizing layers one by one call ``halfbyte.nn.release_scratch()``.
         """
         w = linear.weight.detach()
         device = torch.device(device) if device is not None else w.device
@@ -340,7 +342,7 @@ class Linear8bit(_QuantizedLinear):
         """Quantize ``linear`` row-wise (weight cast to float16 first, as bitsandbytes). Meta weight -> shell.
 
         ``dtype``: cast the weight and bias to it first (default: the weight's dtype); it becomes the layer's
-        ``dtype``. Quantizes in row pieces, as ``Linear4bit.from_linear``.
+        ``dtype``. Quantizes in row pieces, with the same scratch pool as ``Linear4bit.from_linear``.
         """
         w = linear.weight.detach()
         device = torch.device(device) if device is not None else w.device

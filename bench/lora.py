@@ -82,6 +82,8 @@ def build(lib: str, config: dict, device: torch.device, dtype: torch.dtype) -> n
                 dense.bias.normal_(0, 0.02, generator=gen)
         del w
         setattr(parent, name, quantized(lib, dense, dtype))
+    if lib == "halfbyte":
+        halfbyte.nn.release_scratch()  # layers quantized one by one: the scratch pool goes back
     if lib == "bnb":
         model.is_loaded_in_4bit = True  # as diffusers' bitsandbytes quantizer marks it (peft's dispatch reads it)
     return model.eval().requires_grad_(False)

@@ -152,6 +152,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
         try:
             if kind != "bf16":
                 layers = {n: quantized(kind, m) for n, m in base.items()}
+                halfbyte.nn.release_scratch()  # layers quantized one by one: the scratch pool goes back
                 swap(model, layers)
             sync()
             reset_peak()

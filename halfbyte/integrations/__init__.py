@@ -53,10 +53,20 @@ def _register_diffusers(module: ModuleType) -> None:
         _swap("diffusers", module.AUTO_QUANTIZER_MAPPING, hb_diffusers.HalfbyteDiffusersQuantizer)
 
 
-def _register_peft(module: ModuleType) -> None:
+def _install_peft_dispatch(_module: ModuleType | None = None) -> None:
     from . import peft as hb_peft
 
     hb_peft.install_peft_dispatch()
+
+
+def _register_peft(module: ModuleType) -> None:
+    if getattr(getattr(module, "__spec__", None), "_initializing", False):
+        # halfbyte is being imported from inside peft's own import (transformers probes optional packages while
+        # peft imports it, and anything those import may import halfbyte): importing peft.tuners now would be
+        # circular. Install once peft's LoRA model module has finished loading (its dependencies have by then).
+        when_imported("peft.tuners.lora.model", _install_peft_dispatch)
+        return
+    _install_peft_dispatch()
 
 
 def _register_diffusers_lora(module: ModuleType) -> None:

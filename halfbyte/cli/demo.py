@@ -128,7 +128,7 @@ class _QuantizeArgs:
     """The attributes of ``halfbyte quantize``'s arguments that ``quantize_pipeline`` reads."""
 
     def __init__(self, args: argparse.Namespace):
-        self.quiet, self.bitsandbytes_compatible, self.max_shard_size = True, False, "5GB"
+        self.quiet, self.bitsandbytes_compatible, self.max_shard_size, self.durable = True, False, "5GB", False
         self.double_quant, self.compute_dtype, self.blocksize = args.double_quant, args.compute_dtype, args.blocksize
         self.threshold, self.skip = args.threshold, args.skip
 

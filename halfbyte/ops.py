@@ -257,12 +257,12 @@ if importlib.util.find_spec("triton") is not None:
 class _Gemm4bitEager(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type):
-        direct = A.is_cuda and "gemm_4bit" in _DIRECT
-        kernel = _DIRECT["gemm_4bit"] if direct else torch.ops.halfbyte.gemm_4bit
-        out = kernel(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type)
+        kernel = _DIRECT.get("gemm_4bit") if A.is_cuda else None
+        out = (kernel or torch.ops.halfbyte.gemm_4bit)(A, B, absmax, nested_absmax, nested_code, offset, bias, shape,
+                                                       blocksize, quant_type)
         _gemm_4bit_setup(ctx, (A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize,
                                quant_type), out)
-        ctx.fused_dequant = direct
+        ctx.fused_dequant = kernel is not None
         return out
 
     backward = staticmethod(_gemm_4bit_backward)

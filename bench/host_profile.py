@@ -77,8 +77,21 @@ def main():
     row("L.quant_stats()", L.quant_stats)
     row("torch.compiler.is_compiling()", torch.compiler.is_compiling)
     row("ops.direct_kernel", lambda: halfbyte.ops.direct_kernel("gemm_4bit", x, L.bias))
+    x1 = x[:1].clone()
     with torch.no_grad():
-        row("Linear4bit M=16, no_grad (direct kernel)", lambda: L(x))
+        row("Linear4bit M=16, no_grad (inference plan)", lambda: L(x))
+        row("Linear4bit M=1, no_grad (inference plan, GEMV)", lambda: L(x1))
+        fn = halfbyte.ops.direct_kernel("gemm_4bit", x, L.bias)
+        args = (L.weight, *L.quant_stats(), L.bias, [256, 256], 64, "nf4")
+        row("gemm_4bit CUDA kernel function, M=16 (direct kernel, no plan)", lambda: fn(x, *args))
+        try:
+            import bitsandbytes as bnb
+            qw, qs = bnb.functional.quantize_4bit(W.view(256, 256), blocksize=64, quant_type="nf4",
+                                                 compress_statistics=False)
+            row("bitsandbytes matmul_4bit, M=16", lambda: bnb.matmul_4bit(x, qw.t(), bias=L.bias, quant_state=qs))
+            row("bitsandbytes matmul_4bit, M=1", lambda: bnb.matmul_4bit(x1, qw.t(), bias=L.bias, quant_state=qs))
+        except ImportError:
+            print("(bitsandbytes not installed: its rows skipped)")
         row("nn.Linear bf16 module, M=16, no_grad", lambda: lins[0](x))
     xg = x.clone().requires_grad_()
     row("Linear4bit M=16, input requires grad (autograd records)", lambda: L(xg))

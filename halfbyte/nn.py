@@ -137,6 +137,12 @@ class _QuantizedLinear(nn.Module):
                 "llm_int8_skip_modules)"
             )
 
+    def __getstate__(self):
+        # Inference plans hold device addresses and compiled launchers: never pickled or deep-copied.
+        state = dict(self.__dict__)
+        state.pop("_plans", None)
+        return state
+
     def _refuse_cast(self, *args, **kwargs):
         raise TypeError(
             f"{type(self).__name__} holds quantized data and cannot change dtype; cast the activations instead, "
@@ -280,6 +286,10 @@ class Linear4bit(_QuantizedLinear):
                 self.offset.view(torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and (self.compute_dtype is None or self.compute_dtype == x.dtype):
+            plan = self._inference_plan(x)
+            if plan is not None:
+                return plan(x, self.bias)
         self._check_input(x)
         cdt = self.compute_dtype or x.dtype
         absmax, nested_absmax, nested_code, offset = self.quant_stats()
@@ -287,6 +297,37 @@ class Linear4bit(_QuantizedLinear):
         out = fn(x.to(cdt), self.weight, absmax, nested_absmax, nested_code, offset, self.bias, list(self.shape),
                  self.blocksize, self.quant_type)
         return out.to(x.dtype)
+
+    def _inference_plan(self, x: Tensor):
+        """The prebuilt-launch plan for this eager inference call (``ops.inference_plan``), or None.
+
+        One plan per activation dtype, valid while the layer's tensors stay where it was built (compared by
+        address on every call). When they move between calls (offloading hooks that bring the weights in for each
+        forward), a plan is only rebuilt once the same addresses are seen twice in a row, so a layer whose weights
+        never stay put takes the ordinary path instead of rebuilding a plan per call.
+        """
+        params, bufs = self._parameters, self._buffers  # direct: Module.__getattr__ costs ~0.5 us a name
+        b = params.get("bias")  # None when built without bias (then not registered)
+        if not x.is_floating_point() or not _ops.plan_usable("gemm_4bit", x, b):
+            return None
+        dq = self.double_quant
+        key = (params["weight"].data_ptr(), bufs["absmax"].data_ptr(), 0 if b is None else b.data_ptr(),
+               bufs["nested_absmax"].data_ptr() if dq else 0, bufs["offset"].data_ptr() if dq else 0,
+               x.get_device())
+        if key[-1] != torch._C._cuda_getDevice():  # bound launches go to the current device's context
+            return None
+        plans = self.__dict__.setdefault("_plans", {})
+        entry = plans.get(x.dtype)
+        if entry is not None and entry[0] == key and entry[1] is not None:
+            return entry[1]
+        if entry is not None and entry[0] != key:  # moved since the last call: wait until it stays put
+            plans[x.dtype] = (key, None)
+            return None
+        absmax, nested_absmax, nested_code, offset = self.quant_stats()
+        plan = _ops.inference_plan("gemm_4bit", x, self.weight, absmax, nested_absmax, nested_code, offset, b,
+                                   self.shape, self.blocksize, self.quant_type)
+        plans[x.dtype] = (key, plan)
+        return plan
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The (out_features, in_features) weight in ``dtype`` (default: the dtype it was quantized from)."""

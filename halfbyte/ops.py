@@ -9,6 +9,7 @@ the only data-dependent size (LLM.int8() outlier columns) uses ``new_dynamic_siz
 
 import importlib
 import importlib.util
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -298,3 +299,32 @@ def direct_kernel(op: str, x: Tensor, *params: Tensor | None):
     if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
         return None if torch._C._are_functorch_transforms_active() else _EAGER_AUTOGRAD.get(op)
     return _DIRECT.get(op) if x.is_cuda else None
+
+
+def plan_usable(op: str, x: Tensor, bias: Tensor | None) -> bool:
+    """Whether a call of ``halfbyte::<op>`` with input ``x`` and ``bias`` may use an inference plan: the call is
+    one that ``direct_kernel`` sends to the CUDA kernel itself (eager, nothing recorded, plain CUDA tensors), and no
+    profiler hooks triton's launches (a plan's launches would not reach it). Written out rather than calling
+    ``direct_kernel``: it runs on every eager call of every 4-bit layer."""
+    if op not in _DIRECT or type(x) is not Tensor or not x.is_cuda or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    launch = sys.modules.get("halfbyte.kernels.launch")
+    return launch is None or not launch.hooks_installed()
+
+
+def inference_plan(op: str, x: Tensor, *args):
+    """A prebuilt-launch plan (``kernels.gemm4bit.Plan``) for eager inference calls of ``halfbyte::<op>`` like
+    this one, or None where such a call must take ``direct_kernel``/the op (tracing, autograd recording, tensor
+    subclasses, CPU, no triton, a profiler hooking triton's launches). ``args``: the op's arguments after ``x``
+    (gemm_4bit only, for now). The caller owns the plan and must check, before each use, that the tensors it was
+    built from still sit at the same addresses (the plan holds addresses, not tensors)."""
+    if op != "gemm_4bit":
+        return None
+    B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type = args
+    if not plan_usable(op, x, bias) or (bias is not None and bias.dtype != x.dtype):
+        return None
+    gemm4bit = importlib.import_module("halfbyte.kernels.gemm4bit")
+    N, K = (int(s) for s in shape)
+    return gemm4bit.Plan(B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type, x.dtype)

@@ -7,8 +7,12 @@
   bench/kernel_bench.py measured (BENCHMARKS.md, "Triton kernels"), so those kernels were dropped.
   Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
   holds every SM, so the two kernels do not run concurrently; BENCHMARKS.md, "Side-stream dequantize").
-Both paths use the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's dtype);
-the GEMV differs from the reference only in the order of its float32 sums.
+The M > 1 path uses the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's
+dtype). The GEMV never rounds a weight: it sums ``code[q] * x`` over each group of bytes sharing an absmax in
+float32 and multiplies the group's sum by the absmax once (bitsandbytes' GEMV rounds every weight to x's dtype
+first). Per weight that is ~2 fewer instructions than ``round(code * absmax) * x``, on a kernel bound by
+instruction issue rather than memory: 1.2-1.4x faster (BENCHMARKS.md, "GEMV"). Its result differs from the
+reference by the weights' rounding to x's dtype plus float32 sum order (tests/test_kernels.py derives the bound).
 
 GEMV layout: a program owns BLOCK_N weight rows and walks K in steps of GROUPS x GB bytes (GB = bytes sharing one
 absmax, at most 32), accumulating products in float32 registers; K is split across programs (float32 atomics into
@@ -26,8 +30,8 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from .common import USE_PTX, load_absmax_inbounds, round_to
-from .fourbit import code_table, dequantize, nested_code_table
-from .launch import launch
+from .fourbit import _dequant_kernel, _rows, code_table, dequantize, nested_code_table
+from .launch import bind, launch
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Config:
     block_n: int
     kstep: int
     num_warps: int = 4
+    xsplit: bool = False
 
 
 @triton.jit
@@ -44,7 +49,7 @@ def _gemv_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, co
                  N, K: tl.constexpr, STEPS: tl.constexpr,
                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                  BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GB: tl.constexpr, I64: tl.constexpr,
-                 USE_PTX: tl.constexpr):
+                 XSPLIT: tl.constexpr, USE_PTX: tl.constexpr):
     pid_n = tl.program_id(0)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows_c = tl.where(rows < N, rows, 0)  # clamped rows load valid data; their results are dropped
@@ -55,20 +60,22 @@ def _gemv_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, co
     boff = g[:, None] * GB + tl.arange(0, GB)[None, :]  # (GROUPS, GB) byte offsets inside one K step
     w_rows = w_ptr + rows_c[:, None, None] * KB
     blk_rows = rows_c[:, None] * (K // BLOCKSIZE)
-    xdt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, GROUPS, GB), tl.float32)
+    acc = tl.zeros((BLOCK_N, GROUPS), tl.float32)
     kb_start = tl.program_id(1) * (STEPS * GROUPS * GB)
     for i in range(STEPS):  # constexpr trip count: also runs under the interpreter
         kb0 = kb_start + i * (GROUPS * GB)
         byte = tl.load(w_rows + (kb0 + boff)[None, :, :], eviction_policy="evict_first")  # (BLOCK_N, GROUPS, GB)
         blk = blk_rows + ((kb0 + g * GB) * 2 // BLOCKSIZE)[None, :]  # (BLOCK_N, GROUPS)
-        am = load_absmax_inbounds(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, NESTED, USE_PTX)[:, :, None]
-        hi = round_to(tl.load(code_ptr + (byte >> 4)) * am, xdt, USE_PTX).to(tl.float32)
-        lo = round_to(tl.load(code_ptr + (byte & 15)) * am, xdt, USE_PTX).to(tl.float32)
-        xe = tl.load(x_ptr + 2 * (kb0 + boff)).to(tl.float32)  # (GROUPS, GB): x at even and odd columns
-        xo = tl.load(x_ptr + 2 * (kb0 + boff) + 1).to(tl.float32)
-        acc += hi * xe[None, :, :] + lo * xo[None, :, :]
-    res = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BLOCK_N,)
+        am = load_absmax_inbounds(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, NESTED, USE_PTX)
+        if XSPLIT:  # x's (even, odd) column pairs as contiguous loads, split in registers
+            x2 = tl.load(x_ptr + 2 * (kb0 + boff)[:, :, None] + tl.arange(0, 2)[None, None, :]).to(tl.float32)
+            xe, xo = tl.split(x2)
+        else:
+            xe = tl.load(x_ptr + 2 * (kb0 + boff)).to(tl.float32)  # (GROUPS, GB): x at even and odd columns
+            xo = tl.load(x_ptr + 2 * (kb0 + boff) + 1).to(tl.float32)
+        p = tl.load(code_ptr + (byte >> 4)) * xe[None, :, :] + tl.load(code_ptr + (byte & 15)) * xo[None, :, :]
+        acc += tl.sum(p, axis=2) * am  # a group's GB bytes share one absmax: one multiply per group
+    res = tl.sum(acc, axis=1)  # (BLOCK_N,)
     mask = rows < N
     if ATOMIC:
         tl.atomic_add(out_ptr + rows, res, mask=mask)
@@ -86,8 +93,10 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(N: int, K: int) -> Config:
-    """GEMV launch shape: the fastest of the bench/kernel_bench.py sweep on an H100 for all four FLUX/T5 shapes it
-    timed (BENCHMARKS.md, "Triton kernels")."""
+    """GEMV launch shape, from bench/gemv_variants.py's sweep on an H200 (BENCHMARKS.md, "GEMV"): small N wants
+    more bytes per row per step and x split in registers; FLUX/T5 widths 16 rows x 256 bytes."""
+    if N <= 4096:
+        return Config(block_n=8, kstep=512, num_warps=4, xsplit=True)
     return Config(block_n=16, kstep=256, num_warps=4)
 
 
@@ -130,7 +139,8 @@ def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize
     out = torch.zeros(1, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, N)
     common = (code_table(quant_type, x.device), bias if bias is not None else out, out, N, K, k_steps // split)
     flags = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                 BLOCK_N=cfg.block_n, I64=N * K >= 2**31, USE_PTX=USE_PTX, num_warps=cfg.num_warps)
+                 BLOCK_N=cfg.block_n, I64=N * K >= 2**31, XSPLIT=cfg.xsplit, USE_PTX=USE_PTX,
+                 num_warps=cfg.num_warps)
     gb = min(blocksize // 2, 32, kstep)
     launch(_gemv_kernel, (tiles, split), x, data, *stats, *common, GROUPS=kstep // gb, GB=gb, **flags)
     if atomic:
@@ -154,3 +164,77 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
                     quant_type).view(*A.shape[:-1], N)
     W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
     return torch.nn.functional.linear(A, W.view(N, K), bias)
+
+
+class Plan:
+    """Eager inference calls of one 4-bit weight in one activation dtype, with every launch prebuilt.
+
+    A FLUX step makes ~500 4-bit calls; through ``gemm_4bit`` each pays ~35 us of Python (checks, key lookups,
+    pointer queries) on top of the launch itself, and the host outran the GPU. A plan binds the dequantize launch
+    (and the GEMV launch when the weight allows it) once, to device addresses (``launch.Bound``), so a call is an
+    allocation, one bound launch and, for M > 1, ``F.linear``. It holds no tensor: its owner passes the bias
+    and checks that the weight tensors still sit where the plan was bound (``halfbyte.nn``).
+    Results are those of ``gemm_4bit`` (same kernels, same arguments).
+    """
+
+    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_gemv_out", "_atomic")
+
+    def __init__(self, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
+                 dtype: torch.dtype):
+        """Tensors as ``gemm_4bit`` takes them (CUDA), ``bias`` in ``dtype`` or None; ``dtype`` the activations'."""
+        ref4.check_4bit_args(blocksize, quant_type)
+        self.N, self.K, self.dtype, self.device = N, K, dtype, B.device
+        data = B.reshape(-1)
+        data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+        n = N * K
+        nested = nested_absmax is not None
+        if nested:
+            ncode = nested_code if nested_code is not None else nested_code_table(B.device)
+            stats = (absmax, nested_absmax, ncode, offset)
+        else:
+            stats = (absmax, absmax, absmax, absmax)
+        code = code_table(quant_type, B.device)
+        rows = _rows(blocksize)
+        W = torch.empty(0, dtype=dtype, device=B.device)  # the output's place: only its dtype specializes
+        self._deq = bind(_dequant_kernel, (triton.cdiv(ref4.num_blocks(n, blocksize), rows),),
+                         (data, *stats, code, W, n), dict(BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested,
+                                                          USE_PTX=USE_PTX, num_warps=4), free=(6,))
+        self._gemv = None
+        if fused_supported(1, K, blocksize, dtype):
+            x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
+            cfg = default_config(N, K)
+            kstep = cfg.kstep
+            while (K // 2) % kstep:
+                kstep //= 2
+            tiles = triton.cdiv(N, cfg.block_n)
+            k_steps = (K // 2) // kstep
+            split = _split(tiles, k_steps, B.device)
+            self._atomic = split > 1
+            out = torch.empty(1, N, dtype=torch.float32 if self._atomic else dtype, device=B.device)
+            gb = min(blocksize // 2, 32, kstep)
+            flags = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ATOMIC=self._atomic,
+                         BLOCK_N=cfg.block_n, I64=n >= 2**31, XSPLIT=cfg.xsplit, USE_PTX=USE_PTX,
+                         num_warps=cfg.num_warps, GROUPS=kstep // gb, GB=gb)
+            self._gemv = bind(_gemv_kernel, (tiles, split), (x, data, *stats, code,
+                              bias if bias is not None else out, out, N, K, k_steps // split), flags, free=(0, 8))
+            self._gemv_out = torch.float32 if self._atomic else dtype
+        if self._deq is None:
+            raise RuntimeError("kernels.gemm4bit.Plan: launches cannot be bound here (interpreter or launch hooks)")
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""
+        stream = torch._C._cuda_getCurrentRawStream(self.device.index)
+        if self._gemv is not None and x.numel() == self.K:
+            if x.stride(-1) == 1 and x.data_ptr() % 16 == 0:
+                if not self._atomic:
+                    out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
+                    self._gemv(stream, x.data_ptr(), out.data_ptr())
+                    return out
+                acc = torch.zeros(x.shape[:-1] + (self.N,), dtype=torch.float32, device=self.device)
+                self._gemv(stream, x.data_ptr(), acc.data_ptr())
+                if bias is not None:
+                    acc += bias
+                return acc.to(self.dtype)
+        W = torch.empty((self.N, self.K), dtype=self.dtype, device=self.device)
+        self._deq(stream, W.data_ptr())
+        return torch.nn.functional.linear(x, W, bias)

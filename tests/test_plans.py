@@ -1,0 +1,131 @@
+"""Inference plans of ``halfbyte.Linear4bit`` (prebuilt launches bound to the layer's device addresses, used by
+eager CUDA inference calls): their results are the op's, they are rebuilt or stepped around when the layer's
+tensors move, never used while autograd records or a profiler hooks triton, and never pickled. The plan path
+exists only on CUDA; the CPU test checks that a CPU forward never creates one."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import halfbyte
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="GPU tier: needs a CUDA device")
+
+
+def _layer(N, K, dtype, bias=True, device="cuda", **kw):
+    torch.manual_seed(N + K)
+    lin = torch.nn.Linear(K, N, bias=bias, dtype=dtype, device=device)
+    with torch.no_grad():
+        lin.weight.normal_(0, K ** -0.5)
+    return halfbyte.Linear4bit.from_linear(lin, **kw).requires_grad_(False)
+
+
+def _op(layer, x):
+    absmax, nested, ncode, offset = layer.quant_stats()
+    return torch.ops.halfbyte.gemm_4bit(x, layer.weight, absmax, nested, ncode, offset, layer.bias,
+                                        list(layer.shape), layer.blocksize, layer.quant_type)
+
+
+def test_cpu_forward_builds_no_plan():
+    layer = _layer(32, 64, torch.float32, device="cpu")
+    with torch.no_grad():
+        layer(torch.randn(3, 64))
+    assert "_plans" not in layer.__dict__
+    pickle.loads(pickle.dumps(layer))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,K,bias", [(3072, 1024, True), (192, 512, False), (96, 320, True), (256, 4096, True)])
+@pytest.mark.parametrize("shape", [(1, 1), (1,), (2, 7), (16,)], ids=["gemv3d", "gemv", "3d", "m16"])
+def test_plan_equals_the_op(dq, qt, dtype, N, K, bias, shape):
+    layer = _layer(N, K, dtype, bias=bias, quant_type=qt, double_quant=dq)
+    x = torch.randn(*shape, K, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        expected = _op(layer, x)
+        first = layer(x)  # builds the plan
+        assert layer._plans[dtype][1] is not None
+        second = layer(x)  # uses it
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert second.shape == (*shape, N) and second.dtype == dtype
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_plan_follows_moved_tensors():
+    dtype = torch.bfloat16
+    layer = _layer(256, 512, dtype)
+    x = torch.randn(4, 512, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        expected = _op(layer, x)
+        assert torch.equal(layer(x), expected)
+        old = layer._plans[dtype]
+        layer.cpu().cuda()  # new addresses: the old plan must not be used
+        assert torch.equal(layer(x), expected)
+        assert layer._plans[dtype][1] is None and layer._plans[dtype][0] != old[0]
+        assert torch.equal(layer(x), expected)  # same addresses twice in a row: rebuilt
+        assert layer._plans[dtype][1] is not None
+        # new weights copied in place keep the addresses: the plan stays and computes with the new bytes
+        other = _layer(256, 512, dtype)
+        other.bias.add_(1.0)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), _op(other, x))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_no_plan_while_autograd_records_or_profiler_hooks():
+    from triton import knobs
+    dtype = torch.bfloat16
+    layer = _layer(128, 256, dtype)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(8, 256, dtype=dtype, device="cuda", requires_grad=True)
+    layer(x).sum().backward()
+    assert "_plans" not in layer.__dict__ and x.grad is not None and layer.bias.grad is not None
+    calls = []
+
+    def hook(metadata):
+        calls.append(metadata)
+
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        with torch.no_grad():
+            out = layer(x)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert calls, "a profiler hook must see the launch"
+    with torch.no_grad():
+        assert torch.equal(out, layer(x))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_misaligned_gemv_input_takes_the_dequantize_path():
+    dtype = torch.float16
+    layer = _layer(512, 256, dtype)
+    buf = torch.randn(257, dtype=dtype, device="cuda")
+    x = buf[1:]  # 2-byte offset: the bound GEMV was specialized for 16-byte aligned rows
+    with torch.no_grad():
+        layer(buf[:256].clone())  # builds the plan
+        out = layer(x)
+    W = layer.dequantize(dtype)
+    assert torch.equal(out, torch.nn.functional.linear(x, W, layer.bias))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_layer_with_plan_pickles_and_copies():
+    layer = _layer(64, 128, torch.bfloat16)
+    x = torch.randn(2, 128, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        expected = layer(x)
+        assert layer._plans
+        for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+            assert "_plans" not in clone.__dict__
+            assert torch.equal(clone(x), expected)

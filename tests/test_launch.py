@@ -6,11 +6,14 @@ import pytest
 import torch
 
 CUDA = torch.cuda.is_available()
-gpu = pytest.mark.skipif(not CUDA, reason="GPU tier: needs a CUDA device")
+
+
+def gpu(fn):
+    """GPU tier: the ``gpu`` marker (``pytest -m gpu`` selects it) and a skip where no CUDA device is."""
+    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="GPU tier: needs a CUDA device")(fn))
 
 
 @gpu
-@pytest.mark.gpu
 @pytest.mark.parametrize("misalign", [1, 3])
 def test_cached_launcher_respects_alignment_specialization(misalign):
     from halfbyte.formats import fourbit as ref

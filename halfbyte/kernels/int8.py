@@ -6,15 +6,16 @@ non-outlier elements and flags outlier columns in an int32 (K,) array; the secon
 writes ``rint(a * fdividef(127, absmax))``. Only the flagged columns are then zeroed across all rows (bitsandbytes
 zeroes whole outlier columns when M > 1), which needs every row's flags and so runs after the kernel.
 
-``int8_mixed_mm``: no host sync, three launches. (1) ``_flag_kernel`` marks the outlier columns and lists them in
+``int8_mixed_mm``: no host sync, four launches. (1) ``_flag_kernel`` marks the outlier columns and lists them in
 a device workspace (list order arbitrary). (2) ``_quant_gather_kernel`` quantizes each row with those columns
 zeroed (as bitsandbytes does for M > 1) and gathers the activations' outlier columns into ``xg``, while its other
 programs gather the weight's outlier columns, dequantized, into ``wg``. (3) ``_int8_mm_kernel``: one Triton int8
 GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C) whose epilogue applies
 ``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order to the tile in registers (the
-int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB), rounds to the activation dtype,
-then adds ``xg @ wg.T`` over the ``count`` outlier columns (tensor cores, float32) and rounds once more, as the
-reference's ``addmm`` does; only that float32 sum's order differs from the reference.
+int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB) and rounds to the activation dtype.
+(4) ``_outlier_add_kernel`` adds ``xg @ wg.T`` over the ``count`` outlier columns (tensor cores, float32) to that
+result and rounds once more, as the reference's ``addmm`` does; only that float32 sum's order differs from the
+reference. It exits at once when no column is an outlier.
 """
 
 import functools
@@ -28,17 +29,39 @@ from ..formats import int8 as ref8
 from .common import INTERPRET, USE_PTX, mul_rn, rcp_approx, rcp_table, rint, round_to
 from .launch import launch
 
-#: Columns per sweep step: a FLUX/T5 row (K <= 16384) fits in at most 4 steps.
-_BLOCK_K = 4096
+#: The gathered outlier columns (xg, wg) are zero-padded to a multiple of this, so that the outlier kernel reads
+#: whole unmasked steps of ``MMConfig.oc`` columns (a divisor of it): masked column loads did not vectorize.
+_OUT_PAD = 128
+OUT_PAD = tl.constexpr(_OUT_PAD)
+#: Launch shapes of the outlier-flag kernel and of the row quantization with gathers, from
+#: bench/int8_quant_sweep.py (H200, FLUX and T5 activations, 0 and 350 outlier columns): the flag kernel scans 4 row
+#: tiles per program from 2048 rows up (one below: more programs); rows are quantized in 1024-column steps by 4 warps
+#: up to K = 4096, in 2048-column steps by 8 warps above (the former 4096 x 8 warps took 1.2-1.45x as long).
+#: Settable for the sweep; None = by shape.
+_FLAG_CONFIG: dict | None = None
+_QUANT_CONFIG: dict | None = None
+
+
+def _flag_config(rows: int, K: int) -> dict:
+    if _FLAG_CONFIG is not None:
+        return _FLAG_CONFIG
+    return dict(block_m=32, block_k=256, row_iters=4 if rows >= 2048 else 1, num_warps=4)
+
+
+def _quant_config(K: int) -> dict:
+    if _QUANT_CONFIG is not None:
+        return _QUANT_CONFIG
+    return dict(block_k=1024, num_warps=4) if K <= 4096 else dict(block_k=2048, num_warps=8)
 
 
 @triton.jit
-def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_ptr, stride_am, thr_h, thr_f,
-               K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, GATHER: tl.constexpr,
+def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_ptr, stride_am, stride_xg, thr_h,
+               thr_f, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, GATHER: tl.constexpr,
                USE_PTX: tl.constexpr):
     """One row: absmax over the non-outlier elements, codes with outlier elements 0. Without GATHER, flags (K,)
     marks outlier columns. With GATHER the columns are known (``pos[k]`` = 1 + the column's place in the outlier
-    list, 0 if none): their codes are 0 in every row and the row's values there go to ``xg[row, pos - 1]``."""
+    list, 0 if none, ``flags_ptr[3K]`` their count): their codes are 0 in every row, the row's values there go to
+    ``xg[row, pos - 1]``, and xg's columns from the count up to the next multiple of OUT_PAD are zeroed."""
     row = row.to(tl.int64)
     a_row = a_ptr + row * stride_am
     STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
@@ -59,7 +82,8 @@ def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_pt
     scale = 127.0 * rcp_approx(absmax, delta_ptr, USE_PTX)  # __fdividef(127, absmax)
     for c in range(STEPS):
         k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        a = tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32)
+        raw = tl.load(a_row + k, mask=k < K, other=0.0)
+        a = raw.to(tl.float32).to(tl.float16).to(tl.float32)
         q = rint(a * scale, USE_PTX)
         q = tl.where(q == q, q, 0.0)  # NaN (a NaN input, or 0 * inf in an all-zero row) converts to 0 on CUDA
         if HAS_THR:
@@ -67,17 +91,21 @@ def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_pt
             if GATHER:
                 pos = tl.load(pos_ptr + k, mask=k < K, other=0) - 1
                 q = tl.where(pos >= 0, 0.0, q)  # bitsandbytes zeroes outlier columns whole
-                x = tl.load(a_row + k, mask=pos >= 0, other=0.0)
-                tl.store(xg_ptr + row * K + pos, x, mask=pos >= 0)
+                tl.store(xg_ptr + row * stride_xg + pos, raw, mask=pos >= 0)  # the input's own value and dtype
         tl.store(ca_ptr + row * K + k, q.to(tl.int8), mask=k < K)
     tl.store(sca_ptr + row, absmax)
+    if GATHER:
+        n_out = tl.load(flags_ptr + 3 * K)
+        z = n_out + tl.arange(0, OUT_PAD)
+        tl.store(xg_ptr + row * stride_xg + z, tl.zeros((OUT_PAD,), xg_ptr.dtype.element_ty),
+                 mask=z < tl.cdiv(n_out, OUT_PAD) * OUT_PAD)
 
 
 @triton.jit
 def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, thr_h, thr_f,
                       K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
-    _quant_row(tl.program_id(0), a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, flags_ptr, a_ptr, stride_am, thr_h,
-               thr_f, K, BLOCK_K, HAS_THR, False, USE_PTX)
+    _quant_row(tl.program_id(0), a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, flags_ptr, a_ptr, stride_am, 0,
+               thr_h, thr_f, K, BLOCK_K, HAS_THR, False, USE_PTX)
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,31 +125,38 @@ def _quant_rows(A2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     has_thr = threshold > 0
     flags = torch.zeros(K if has_thr else 1, dtype=torch.int32, device=A2.device)
     thr_h, thr_f = _thresholds(threshold)
+    qc = _quant_config(K)
     launch(
         _row_quant_kernel, (rows,), A2, ca, sca, flags, rcp_table(A2.device), A2.stride(0), thr_h, thr_f,
-        K=K, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(K)), HAS_THR=has_thr, USE_PTX=USE_PTX, num_warps=8,
+        K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), HAS_THR=has_thr, USE_PTX=USE_PTX,
+        num_warps=qc["num_warps"],
     )
     return ca, sca, flags if has_thr else None
 
 
 @triton.jit
 def _flag_kernel(a_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr):
     """Outlier columns (float16 |a| >= threshold in any row; NaN never is) into the zeroed int32 workspace ws
     (3K + 1): ws[:K] flags, ws[K:2K] 1 + the column's place in the list, ws[2K:3K] the list, ws[3K] its length.
-    The first program to flag a column appends it (list order is arbitrary: only a float32 sum order follows it)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    A program scans ROW_ITERS x BLOCK_M rows of BLOCK_K columns. The first program to flag a column appends it
+    (list order is arbitrary: only a float32 sum order follows it)."""
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    inside = (rm < M)[:, None] & (k < K)[None, :]
-    a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + k[None, :], mask=inside, other=0.0)
-    hit = (tl.max((tl.abs(a.to(tl.float32).to(tl.float16).to(tl.float32)) >= thr_h).to(tl.int32), axis=0) > 0)
-    hit = hit & (k < K)
+    seen = tl.zeros((BLOCK_M, BLOCK_K), tl.int1)
+    for i in range(ROW_ITERS):
+        rm = (tl.program_id(0) * ROW_ITERS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        inside = (rm < M)[:, None] & (k < K)[None, :]
+        a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + k[None, :], mask=inside, other=0.0)
+        seen = seen | (tl.abs(a.to(tl.float32).to(tl.float16).to(tl.float32)) >= thr_h)
+    hit = (tl.max(seen.to(tl.int32), axis=0) > 0) & (k < K)
     old = tl.atomic_xchg(ws_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=hit)
     new = (hit & (old == 0)).to(tl.int32)
-    base = tl.atomic_add(ws_ptr + 3 * K, tl.sum(new, axis=0))
-    pos = base + tl.cumsum(new, axis=0) - new
-    tl.store(ws_ptr + 2 * K + pos, k, mask=new > 0)
-    tl.store(ws_ptr + K + k, pos + 1, mask=new > 0)
+    n_new = tl.sum(new, axis=0)
+    if n_new > 0:  # most tiles add none: an unconditional atomic on the one counter serialized ~1700 programs
+        base = tl.atomic_add(ws_ptr + 3 * K, n_new)
+        pos = base + tl.cumsum(new, axis=0) - new
+        tl.store(ws_ptr + 2 * K + pos, k, mask=new > 0)
+        tl.store(ws_ptr + K + k, pos + 1, mask=new > 0)
 
 
 @triton.jit
@@ -129,59 +164,70 @@ def _gather_w(pid, cb_ptr, scb_ptr, cols_ptr, count_ptr, wg_ptr, N, stride_cb, s
               BLOCK_N: tl.constexpr, OC: tl.constexpr, USE_PTX: tl.constexpr):
     """wg[n, j] = x-dtype((CB[n, cols[j]] * SCB[n]) * (1/127)) for j < count, rows of program ``pid``: the
     dequantized outlier columns of the weight, as the reference's ``int8_vectorwise_dequant(CB[:, cols],
-    SCB).to(x.dtype)``. A program's rows of CB are read once from memory (scattered columns share cache lines)."""
+    SCB).to(x.dtype)``; 0 from count up to the next multiple of OUT_PAD. A program's rows of CB are read once
+    from memory (scattered columns share cache lines)."""
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nin = (n < N)[:, None]
     n64 = n.to(tl.int64)[:, None]
     scb = tl.load(scb_ptr + n, mask=n < N, other=0.0)[:, None]
     n_out = tl.load(count_ptr)
+    n_pad = tl.cdiv(n_out, OUT_PAD) * OUT_PAD
     c0 = 0
-    while c0 < n_out:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
+    while c0 < n_pad:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
         ci = c0 + tl.arange(0, OC)
         cin = (ci < n_out)[None, :]
         col = tl.load(cols_ptr + ci, mask=ci < n_out, other=0)[None, :]
-        cb = tl.load(cb_ptr + n64 * stride_cb + col, mask=nin & cin, other=0)
+        cb = tl.load(cb_ptr + n64 * stride_cb + col, mask=nin & cin, other=0)  # 0 past the count
         w = round_to(cb.to(tl.float32) * scb * 0.007874015718698502, wg_ptr.dtype.element_ty, USE_PTX)
-        tl.store(wg_ptr + n64 * stride_wg + ci[None, :], w, mask=nin & cin)
+        w = tl.where(cin, w, 0.0)  # exact zeros in the padding, whatever SCB holds
+        tl.store(wg_ptr + n64 * stride_wg + ci[None, :], w, mask=nin & (ci < n_pad)[None, :])
         c0 += OC
 
 
 @triton.jit
 def _quant_gather_kernel(a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, cb_ptr, scb_ptr, wg_ptr, M, N,
-                         stride_am, stride_cb, stride_wg, thr_h, thr_f, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                         stride_am, stride_cb, stride_xg, stride_wg, thr_h, thr_f, K: tl.constexpr,
+                         BLOCK_K: tl.constexpr,
                          BLOCK_N: tl.constexpr, USE_PTX: tl.constexpr):
-    """Programs [0, M): quantize a row, zero the outlier columns, gather its outlier values into xg. Programs
-    [M, M + cdiv(N, BLOCK_N)): gather the weight's outlier columns into wg. One launch for both."""
+    """Programs [0, G = cdiv(N, BLOCK_N)): gather the weight's outlier columns into wg. Programs [G, G + M):
+    quantize a row, zero the outlier columns, gather its outlier values into xg. One launch for both. The weight
+    gathers go first: their loads are scattered and serial (latency-bound), and launched last they ran as a tail
+    on a few SMs after the row programs (up to ~25 us per FLUX layer)."""
     pid = tl.program_id(0)
-    if pid < M:
-        _quant_row(pid, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, ws_ptr + K, xg_ptr, stride_am, thr_h, thr_f,
-                   K, BLOCK_K, True, True, USE_PTX)
-    else:
-        _gather_w(pid - M, cb_ptr, scb_ptr, ws_ptr + 2 * K, ws_ptr + 3 * K, wg_ptr, N, stride_cb, stride_wg,
+    G = tl.cdiv(N, BLOCK_N)
+    if pid < G:
+        _gather_w(pid, cb_ptr, scb_ptr, ws_ptr + 2 * K, ws_ptr + 3 * K, wg_ptr, N, stride_cb, stride_wg,
                   BLOCK_N, 32, USE_PTX)
+    else:
+        _quant_row(pid - G, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, ws_ptr + K, xg_ptr, stride_am, stride_xg,
+                   thr_h, thr_f, K, BLOCK_K, True, True, USE_PTX)
 
 
 def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float):
     """(rows, K) float, threshold > 0 -> CA (rows, K) int8 (outlier columns zeroed whole, as the reference),
-    SCA (rows,) float32, and (xg, wg, count): the first ``count`` columns of xg (rows, K) / wg (N, K), A2's
-    dtype, hold A2's outlier columns and the dequantized weight columns. Two launches, no host sync."""
+    SCA (rows,) float32, and (xg, wg, count): the first ``count`` columns of xg (rows, Kp) / wg (N, Kp), A2's
+    dtype, hold A2's outlier columns and the dequantized weight columns, zeros up to the next multiple of
+    OUT_PAD (Kp = K rounded up to one). Two launches, no host sync."""
     rows, K = A2.shape
     N = CB.shape[0]
     thr_h, thr_f = _thresholds(threshold)
     ws = torch.zeros(3 * K + 1, dtype=torch.int32, device=A2.device)
-    bm, bk = 32, min(256, triton.next_power_of_2(K))
-    launch(_flag_kernel, (triton.cdiv(rows, bm), triton.cdiv(K, bk)), A2, ws, rows, A2.stride(0), thr_h, K=K,
-           BLOCK_M=bm, BLOCK_K=bk, num_warps=4)
+    fc = _flag_config(rows, K)
+    bm, bk, iters = fc["block_m"], min(fc["block_k"], triton.next_power_of_2(K)), fc["row_iters"]
+    launch(_flag_kernel, (triton.cdiv(rows, bm * iters), triton.cdiv(K, bk)), A2, ws, rows, A2.stride(0), thr_h,
+           K=K, BLOCK_M=bm, BLOCK_K=bk, ROW_ITERS=iters, num_warps=fc["num_warps"])
     ca = torch.empty((rows, K), dtype=torch.int8, device=A2.device)
     sca = torch.empty(rows, dtype=torch.float32, device=A2.device)
-    xg = torch.empty((rows, K), dtype=A2.dtype, device=A2.device)  # only the first count columns are written
-    wg = torch.empty((N, K), dtype=A2.dtype, device=A2.device)
-    bn = 64
+    kp = triton.cdiv(K, _OUT_PAD) * _OUT_PAD  # the outlier columns, zero-padded to a multiple of OUT_PAD, fit
+    xg = torch.empty((rows, kp), dtype=A2.dtype, device=A2.device)  # only the first columns are written
+    wg = torch.empty((N, kp), dtype=A2.dtype, device=A2.device)
+    bn = 16  # rows per weight-gather program: many small programs, spread over the SMs
+    qc = _quant_config(K)
     launch(
         _quant_gather_kernel, (rows + triton.cdiv(N, bn),),
-        A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0), wg.stride(0),
-        thr_h, thr_f, K=K, BLOCK_K=min(_BLOCK_K, triton.next_power_of_2(K)), BLOCK_N=bn, USE_PTX=USE_PTX,
-        num_warps=8,
+        A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0), xg.stride(0),
+        wg.stride(0), thr_h, thr_f, K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), BLOCK_N=bn,
+        USE_PTX=USE_PTX, num_warps=qc["num_warps"],
     )
     return ca, sca, (xg, wg, ws[3 * K:])
 
@@ -228,18 +274,56 @@ def _dequant_epilogue(c, sa, sb, b, HAS_BIAS: tl.constexpr, BIAS_FP16: tl.conste
 
 
 @triton.jit
-def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, xg_ptr, wg_ptr, count_ptr, M, N,
-                    K: tl.constexpr, stride_am, stride_bn, stride_om, stride_xg, stride_wg,
-                    HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr, OUTLIERS: tl.constexpr, X_FP32: tl.constexpr,
+def _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC: tl.constexpr,
+                  X_FP32: tl.constexpr, USE_PTX: tl.constexpr):
+    """acc_x += xg[rows, c0:c0+OC] @ wg[cols, c0:c0+OC]^T in float32 (columns past the count hold zeros)."""
+    oc = tl.multiple_of(c0, OC) + tl.arange(0, OC)
+    xs = tl.load(xg_ptr + am[:, None] * stride_xg + oc[None, :])
+    ws = tl.load(wg_ptr + bn[:, None] * stride_wg + oc[None, :])
+    if X_FP32 or not USE_PTX:  # float32 inputs must not drop to tf32; the interpreter has no bf16 dot
+        return tl.dot(xs.to(tl.float32), tl.trans(ws.to(tl.float32)), acc_x, input_precision="ieee")
+    return tl.dot(xs, tl.trans(ws), acc_x)
+
+
+@triton.jit
+def _outlier_add_kernel(out_ptr, xg_ptr, wg_ptr, count_ptr, M, N, stride_om, stride_xg, stride_wg,
+                        X_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OC: tl.constexpr,
+                        USE_PTX: tl.constexpr):
+    """out[tile] = out-dtype(float32(out[tile]) + xg[rows, :count] @ wg[cols, :count]^T), the product summed in
+    float32: the reference's ``addmm`` of the outlier columns onto the rounded int8 result. Nothing is read or
+    written when count == 0. A kernel of its own: fused into the int8 GEMM's epilogue, its float32 accumulator
+    tile raised the GEMM's register pressure so much that the GEMM took 1.43x as long even without outliers
+    (bench/int8_parts.py, BENCHMARKS.md)."""
+    n_out = tl.load(count_ptr)
+    if n_out > 0:
+        pid = tl.program_id(0)
+        grid_n = tl.cdiv(N, BLOCK_N)
+        pid_m = pid // grid_n
+        pid_n = pid % grid_n
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        am = (rm % M).to(tl.int64)  # rows past M / N read a valid row; the store drops them
+        bn = (rn % N).to(tl.int64)
+        acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        c0 = 0
+        while c0 < n_out:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
+            acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, X_FP32, USE_PTX)
+            c0 += OC
+        mask = (rm < M)[:, None] & (rn < N)[None, :]
+        offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+        res = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, round_to(res + acc_x, out_ptr.dtype.element_ty, USE_PTX), mask=mask)
+
+
+@triton.jit
+def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, M, N,
+                    K: tl.constexpr, stride_am, stride_bn, stride_om,
+                    HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     EVEN_K: tl.constexpr, USE_PTX: tl.constexpr):
     """out (M, N) = epilogue(CA (M, K) int8 @ CB (N, K) int8 ^T): int32 accumulation on the tensor cores (exact,
-    so any order gives the reference's C), the float16 dequantization applied to the tile in registers.
-
-    OUTLIERS: the first ``count`` columns of xg (M, .) and wg (N, .), x's dtype, hold X[:, cols] and the
-    dequantized weight columns (``_quant_with_outliers``); their product is added to the
-    x-dtype result in float32 and rounded once, as the reference's ``addmm`` (only the float32 summation order
-    of those products may differ)."""
+    so any order gives the reference's C), the float16 dequantization applied to the tile in registers. The
+    outlier columns' products are added afterwards by ``_outlier_add_kernel``."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -278,22 +362,6 @@ def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, xg_ptr, w
     v = _dequant_epilogue(acc.to(tl.float32), sa, sb, b, HAS_BIAS, BIAS_FP16, USE_PTX)
     odt = out_ptr.dtype.element_ty
     res = round_to(v.to(tl.float32), odt, USE_PTX)
-    if OUTLIERS:
-        n_out = tl.load(count_ptr)
-        acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        OC: tl.constexpr = 32
-        oc = tl.arange(0, OC)
-        c0 = 0
-        while c0 < n_out:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
-            cin = (c0 + oc < n_out)[None, :]
-            xs = tl.load(xg_ptr + am[:, None] * stride_xg + (c0 + oc)[None, :], mask=cin, other=0.0)
-            ws = tl.load(wg_ptr + bn[:, None] * stride_wg + (c0 + oc)[None, :], mask=cin, other=0.0)
-            if X_FP32 or not USE_PTX:  # float32 inputs must not drop to tf32; the interpreter has no bf16 dot
-                acc_x = tl.dot(xs.to(tl.float32), tl.trans(ws.to(tl.float32)), acc_x, input_precision="ieee")
-            else:
-                acc_x = tl.dot(xs, tl.trans(ws), acc_x)
-            c0 += OC
-        res = round_to(res.to(tl.float32) + acc_x, odt, USE_PTX)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offs, res, mask=mask)
@@ -309,12 +377,18 @@ class MMConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+    # The outlier kernel's tile and columns per step. 64 columns per step: with the loop fused in the GEMM's
+    # epilogue, 64 took 0.83-0.87x the time of 32 and of 128 at 350 outlier columns (bench/int8_outliers.py, H200).
+    out_block_m: int = 128
+    out_block_n: int = 128
+    oc: int = 64
+    out_warps: int = 8
 
 
 def mm_config(M: int, N: int, K: int) -> MMConfig:
     """Launch shape by token count: the fastest of the bench/kernel_bench.py int8 sweep on an H100 (BENCHMARKS.md)."""
     if INTERPRET:
-        return MMConfig(16, 16, 32, 2, 1, 1)
+        return MMConfig(16, 16, 32, 2, 1, 1, out_block_m=16, out_block_n=16, oc=32, out_warps=1)
     if M <= 1024:
         return MMConfig(64, 128, 128, 8, 4, 4)
     return MMConfig(128, 128, 128, 8, 8, 3)
@@ -326,23 +400,30 @@ def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Te
     """CA (M, K) int8, CB (N, K) int8, SCA (M,), SCB (N,) float32, bias (N,) or None -> (M, N) ``out_dtype``:
     ``out_dtype(fp16(CA @ CB.T * SCA * SCB * 6.200012e-05 + bias))``, bit-identical to ``formats.int8``.
 
-    ``outliers = (xg (M, K), wg (N, K), count (1,) int32)`` from ``_quant_with_outliers`` (CA's outlier columns
+    ``outliers = (xg (M, Kp), wg (N, Kp), count (1,) int32)`` from ``_quant_with_outliers`` (CA's outlier columns
     already zero): adds ``X[:, cols] @ dequant(CB[:, cols]).T`` in out_dtype (module doc)."""
     M, K = CA.shape
     N = CB.shape[0]
     cfg = config or mm_config(M, N, K)
     out = torch.empty((M, N), dtype=out_dtype, device=CA.device)
-    xg, wg, count = outliers if outliers is not None else (out, out, SCB)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
     launch(
         _int8_mm_kernel, grid,
-        CA, CB, SCA, SCB, bias if bias is not None else SCB, out, xg, wg, count, M, N, K, CA.stride(0),
-        CB.stride(0), out.stride(0), xg.stride(0), wg.stride(0), HAS_BIAS=bias is not None,
-        BIAS_FP16=bias is not None and bias.dtype == torch.float16, OUTLIERS=outliers is not None,
-        X_FP32=out_dtype == torch.float32, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=cfg.group_m, EVEN_K=K % cfg.block_k == 0, USE_PTX=USE_PTX, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        CA, CB, SCA, SCB, bias if bias is not None else SCB, out, M, N, K, CA.stride(0), CB.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BIAS_FP16=bias is not None and bias.dtype == torch.float16,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        EVEN_K=K % cfg.block_k == 0, USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if outliers is not None:
+        if _OUT_PAD % cfg.oc:
+            raise ValueError(f"MMConfig.oc must divide {_OUT_PAD} (the outlier columns' padding), got {cfg.oc}")
+        xg, wg, count = outliers
+        grid = (triton.cdiv(M, cfg.out_block_m) * triton.cdiv(N, cfg.out_block_n),)
+        launch(
+            _outlier_add_kernel, grid, out, xg, wg, count, M, N, out.stride(0), xg.stride(0), wg.stride(0),
+            X_FP32=out_dtype == torch.float32, BLOCK_M=cfg.out_block_m, BLOCK_N=cfg.out_block_n, OC=cfg.oc,
+            USE_PTX=USE_PTX, num_warps=cfg.out_warps,
+        )
     return out
 
 
@@ -351,8 +432,8 @@ def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: to
     """CUDA kernel of ``halfbyte::int8_mixed_mm``: A (..., K) float, CB (N, K) int8, SCB (N,) float32 ->
     (..., N) in A's dtype: ``formats.int8.int8_linear``, bit-identical without outliers (integer GEMM is exact);
     with outlier columns the float32 sum of their products may be ordered differently (at most one rounding
-    apart). No host sync; three launches (outlier columns; row quantization + gathers; GEMM), two without a
-    threshold."""
+    apart). No host sync; four launches (outlier columns; row quantization + gathers; GEMM; outlier products),
+    two without a threshold."""
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     shape = A.shape

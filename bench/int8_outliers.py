@@ -1,0 +1,103 @@
+"""LLM.int8() layer time by number of outlier columns and by the outlier kernel's shape, one GPU.
+
+    python bench/int8_outliers.py [--json out.json]
+
+For FLUX/T5 shapes, activations N(0, 1) with ``c`` columns scaled so that every row holds a value >= 6 there
+(threshold 6: those columns go through the 16-bit path), c in {0, 8, 350} (350 of 3072: what random-weight FLUX
+blocks show after the AdaLN modulation, BENCHMARKS.md). Times are CUDA-graph replays (GPU only, ms) of
+``halfbyte.kernels.int8.int8_mixed_mm`` under several ``MMConfig`` settings of the outlier kernel (columns per
+step ``oc``, warps ``st``; until session 5 the loop sat in the GEMM's epilogue and ``st`` counted its software-
+pipeline stages), against bf16 ``F.linear`` and bitsandbytes' ``Linear8bitLt`` (whose outlier path syncs with
+the host, so bitsandbytes and halfbyte's layer are also timed eagerly: ``bnb_eager``, ``hb_eager``). Each
+variant's output is checked against the first config's (only the float32 order of the outlier products differs:
+within one output rounding).
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import halfbyte  # noqa: E402
+from halfbyte.kernels import int8 as k8  # noqa: E402
+
+try:
+    import bitsandbytes as bnb
+except Exception:  # noqa: BLE001
+    bnb = None
+
+DEV, DT = "cuda", torch.bfloat16
+SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (512, 10240, 4096)]
+LOOPS = [(32, 8), (64, 8), (128, 8), (64, 4)]  # (columns per step, warps) of the outlier kernel
+
+
+def timed_graph(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    rows = []
+    for M, N, K in SHAPES:
+        lin = torch.nn.Linear(K, N, device=DEV, dtype=DT)
+        with torch.no_grad():
+            lin.weight.normal_(0, K ** -0.5)
+        layer = halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
+        blin = None
+        if bnb is not None:
+            blin = bnb.nn.Linear8bitLt(K, N, has_fp16_weights=False, threshold=6.0)
+            blin.load_state_dict(lin.state_dict())
+            blin = blin.to(DEV)
+        for c in (0, 8, 350):
+            x = torch.randn(M, K, device=DEV, dtype=DT)
+            if c:
+                cols = torch.randperm(K, device=DEV)[:c]
+                x[:, cols] = x[:, cols].sign() * (6 + x[:, cols].abs())
+            r = {"shape": f"{M}x{N}x{K}", "outlier_cols": c}
+            with torch.no_grad():
+                r["bf16"] = timed_graph(lambda: lin(x))
+                if blin is not None:  # its outlier path syncs with the host: no graph capture, eager timing
+                    r["bnb_eager"] = triton.testing.do_bench(lambda: blin(x), warmup=25, rep=100,
+                                                             return_mode="median")
+                    r["hb_eager"] = triton.testing.do_bench(lambda: layer(x), warmup=25, rep=100,
+                                                            return_mode="median")
+                base_cfg = k8.mm_config(M, N, K)
+                A2 = x
+                ref = None
+                for oc, st in LOOPS:
+                    cfg = dataclasses.replace(base_cfg, oc=oc, out_warps=st)
+
+                    def call(cfg=cfg):
+                        return k8.int8_mixed_mm(A2, layer.weight, layer.SCB.view(torch.float32), layer.bias, 6.0,
+                                                cfg)
+                    try:
+                        out = call()
+                        if ref is None:
+                            ref = out
+                        ok = torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=2 ** -7)
+                        r[f"oc{oc}/st{st}"] = timed_graph(call)
+                        if not ok:
+                            r[f"oc{oc}/st{st}_WRONG"] = True
+                    except Exception as e:  # noqa: BLE001
+                        print(f"  oc{oc}/st{st}: failed {type(e).__name__}: {str(e)[:120]}")
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+            rows.append(r)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Where an LLM.int8() layer's GPU time goes: each launch of ``int8_mixed_mm`` timed alone (CUDA graph replay,
+ms), for FLUX/T5 shapes with 0 and 350 outlier columns, against bf16 ``F.linear``.
+
+    python bench/int8_parts.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import halfbyte  # noqa: E402
+from halfbyte.kernels import int8 as k8  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+
+
+def timed_graph(fn) -> float:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for M, N, K in ((4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (512, 10240, 4096)):
+        lin = torch.nn.Linear(K, N, device=DEV, dtype=DT)
+        layer = halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
+        CB, SCB = layer.weight, layer.SCB.view(torch.float32)
+        for c in (0, 350):
+            x = torch.randn(M, K, device=DEV, dtype=DT)
+            if c:
+                cols = torch.randperm(K, device=DEV)[:c]
+                x[:, cols] = x[:, cols].sign() * (6 + x[:, cols].abs())
+            thr_h, _ = k8._thresholds(6.0)
+            ws = torch.zeros(3 * K + 1, dtype=torch.int32, device=DEV)
+            r = {"bf16": timed_graph(lambda: lin(x))}
+            r["zeros(ws)"] = timed_graph(lambda: ws.zero_())
+
+            fc = k8._flag_config(M, K)
+            bk = min(fc["block_k"], triton.next_power_of_2(K))
+
+            def flag():
+                ws.zero_()
+                k8.launch(k8._flag_kernel, (triton.cdiv(M, fc["block_m"] * fc["row_iters"]), triton.cdiv(K, bk)),
+                          x, ws, M, x.stride(0), thr_h, K=K, BLOCK_M=fc["block_m"], BLOCK_K=bk,
+                          ROW_ITERS=fc["row_iters"], num_warps=fc["num_warps"])
+            r["flag(+zero)"] = timed_graph(flag)
+            ca, sca, outl = k8._quant_with_outliers(x, CB, SCB, 6.0)
+            r["flag+quant_gather(+allocs)"] = timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0))
+            r["quant_rows(no outliers)"] = timed_graph(lambda: k8._quant_rows(x, 0.0))
+            r["int8_mm(no outlier loop)"] = timed_graph(lambda: k8.int8_mm(ca, CB, sca, SCB, lin.bias, DT))
+            r["int8_mm(+outliers)"] = timed_graph(lambda: k8.int8_mm(ca, CB, sca, SCB, lin.bias, DT, outliers=outl))
+            r["whole"] = timed_graph(lambda: k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
+            # the launch shapes before bench/int8_quant_sweep.py (session 5), same run
+            k8._FLAG_CONFIG = dict(block_m=32, block_k=256, row_iters=1, num_warps=4)
+            k8._QUANT_CONFIG = dict(block_k=4096, num_warps=8)
+            r["whole(old quant shapes)"] = timed_graph(lambda: k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
+            k8._FLAG_CONFIG = k8._QUANT_CONFIG = None
+            print(f"{M}x{N}x{K} outliers={c}: " + " ".join(f"{k}={v:.4f}" for k, v in r.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -151,6 +151,13 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
         layers = None
         try:
             if kind != "bf16":
+                if kind.startswith("hb"):  # as halfbyte.quantize_ does: one reserved segment, no block rounding
+                    cfg = (halfbyte.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0) if kind == "hb-int8"
+                           else halfbyte.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                            bnb_4bit_use_double_quant=kind == "hb-nf4-dq"))
+                    halfbyte.transfer.reserve_device_memory(
+                        torch.device(DEV), [b for m in base.values() for b in
+                                            halfbyte.convert.quantized_tensor_bytes(m, cfg)])
                 layers = {n: quantized(kind, m) for n, m in base.items()}
                 halfbyte.nn.release_scratch()  # layers quantized one by one: the scratch pool goes back
                 swap(model, layers)

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from . import transfer
 from .config import BitsAndBytesConfig
 from .nn import Linear4bit, Linear8bit, release_scratch
 
@@ -30,6 +31,17 @@ def _make_quantized(linear: nn.Linear, config: BitsAndBytesConfig, device) -> nn
             quant_storage=config.bnb_4bit_quant_storage, device=device,
         )
     return Linear8bit.from_linear(linear, threshold=config.llm_int8_threshold, device=device)
+
+
+def quantized_tensor_bytes(linear: nn.Linear, config: BitsAndBytesConfig) -> list[int]:
+    """Bytes of each tensor the quantized form of ``linear`` holds (the shell of its exact shapes, on meta)."""
+    K, N, bias = linear.in_features, linear.out_features, linear.bias is not None
+    if config.load_in_4bit:
+        shell = Linear4bit(K, N, bias, quant_type=config.bnb_4bit_quant_type, blocksize=config.bnb_4bit_blocksize,
+                           double_quant=config.bnb_4bit_use_double_quant, device="meta")
+    else:
+        shell = Linear8bit(K, N, bias, threshold=config.llm_int8_threshold, device="meta")
+    return [t.numel() * t.element_size() for t in (*shell.parameters(), *shell.buffers())]
 
 
 def quantize_(
@@ -61,17 +73,33 @@ def quantize_(
                         "for a single layer")
     skip = default_skip_modules(model, config) if modules_to_not_convert is None else list(modules_to_not_convert)
 
+    targets: list[tuple[nn.Module, str, nn.Linear]] = []
+
     def visit(parent: nn.Module, prefix: str) -> None:
         for name, child in parent.named_children():
             path = f"{prefix}{name}"
             if isinstance(child, nn.Linear) and not is_skipped(name, path, skip):
-                setattr(parent, name, _make_quantized(child, config, device))
+                targets.append((parent, name, child))
             elif not isinstance(child, QUANTIZED_LINEARS):
                 visit(child, path + ".")
 
+    visit(model, "")
+    # The quantized tensors are long-lived: carve them from one reserved free segment per CUDA device instead of
+    # letting each large one round up (transfer.reserve_device_memory; ~60 MB on a FLUX transformer).
+    sizes: dict[torch.device, list[int]] = {}
+    for _, _, child in targets:
+        where = torch.device(device) if device is not None else child.weight.device
+        if where.type == "cuda":
+            sizes.setdefault(where, []).extend(quantized_tensor_bytes(child, config))
+    for where, nbytes in sizes.items():
+        transfer.reserve_device_memory(where, nbytes)
     try:
-        visit(model, "")
+        for parent, name, child in targets:
+            setattr(parent, name, _make_quantized(child, config, device))
     finally:
+        # visit() is a recursive closure, hence a reference cycle that holds ``targets``: emptied here, or the
+        # replaced float layers would live until the next garbage collection
+        targets.clear()
         release_scratch()
     model._halfbyte_config = config  # read back by quantization_config_of (saving, inspection)
     return model

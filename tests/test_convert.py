@@ -117,3 +117,46 @@ def test_stats_survive_device_and_dtype_move_of_a_transformers_model():
     assert out_bf16.dtype == torch.bfloat16
     cos = torch.nn.functional.cosine_similarity(out_bf16.float().flatten(), out_fp32.flatten(), dim=0)
     assert cos > 0.99  # only bf16 rounding of activations and norms separates the two
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA device")
+@pytest.mark.parametrize("cfg", [BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+                                 BitsAndBytesConfig(load_in_8bit=True)], ids=["nf4", "int8"])
+def test_quantize_on_cuda_holds_exactly_the_quantized_bytes(cfg):
+    """quantize_ reserves one segment for the quantized tensors (transfer.reserve_device_memory): a model
+    quantized onto the GPU from host weights leaves the allocator holding its tensor bytes exactly, with no block
+    rounding (FLUX widths). Cached free blocks of earlier tests are returned first, so that the reserved segment
+    is the only large free block the layers can be carved from."""
+    from halfbyte.convert import quantized_tensor_bytes
+
+    # first: the lazily built per-device tables (code tables, int8's reciprocal table) the kernels keep
+    halfbyte.quantize_(nn.Sequential(nn.Linear(64, 64, device="cuda")), cfg)(torch.randn(2, 64, device="cuda"))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    model = nn.Sequential(*[nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+                            for k, n in [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 9216)] * 4])
+    expected = sum(sum(quantized_tensor_bytes(m, cfg)) for m in model)
+    halfbyte.quantize_(model, cfg, device="cuda")
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    assert held == expected, f"allocated {held - expected:+d} bytes beyond the quantized tensors' {expected}"
+    x = torch.randn(2, 3072, dtype=torch.bfloat16, device="cuda")
+    assert model[:1](x).shape == (2, 3072)
+
+
+def test_quantize_drops_the_float_layers_at_once():
+    """The replaced nn.Linear layers (and their float weights) are freed when quantize_ returns, without waiting
+    for a garbage collection."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 32)))
+    refs = [weakref.ref(model[0]), weakref.ref(model[1][0].weight)]
+    gc.disable()
+    try:
+        halfbyte.quantize_(model, BitsAndBytesConfig(load_in_4bit=True))
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()

@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import timed_graph  # noqa: E402
+
 import halfbyte  # noqa: E402, F401  (registers the halfbyte:: ops)
 from halfbyte.formats import fourbit as ref4  # noqa: E402
 from halfbyte.formats.codebooks import code_4bit  # noqa: E402
@@ -93,15 +95,6 @@ def pair_table(device) -> torch.Tensor:
     code = code_4bit("nf4", torch.device("cpu")).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
     b = torch.arange(256)
     return ((code[b >> 4] << 16) | code[b & 15]).to(torch.int32).to(device)
-
-
-def timed_graph(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
 def main():

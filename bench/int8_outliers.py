@@ -23,6 +23,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import outlier_activations, timed_graph  # noqa: E402
+
 import halfbyte  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
 
@@ -34,15 +36,6 @@ except Exception:  # noqa: BLE001
 DEV, DT = "cuda", torch.bfloat16
 SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (512, 10240, 4096)]
 LOOPS = [(32, 8), (64, 8), (128, 8), (64, 4)]  # (columns per step, warps) of the outlier kernel
-
-
-def timed_graph(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
 def main():
@@ -62,10 +55,7 @@ def main():
             blin.load_state_dict(lin.state_dict())
             blin = blin.to(DEV)
         for c in (0, 8, 350):
-            x = torch.randn(M, K, device=DEV, dtype=DT)
-            if c:
-                cols = torch.randperm(K, device=DEV)[:c]
-                x[:, cols] = x[:, cols].sign() * (6 + x[:, cols].abs())
+            x = outlier_activations(M, K, c, DT, DEV)
             r = {"shape": f"{M}x{N}x{K}", "outlier_cols": c}
             with torch.no_grad():
                 r["bf16"] = timed_graph(lambda: lin(x))

@@ -11,19 +11,12 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import outlier_activations, timed_graph  # noqa: E402
+
 import halfbyte  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
-
-
-def timed_graph(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
 
 
 def main():
@@ -33,10 +26,7 @@ def main():
         layer = halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
         CB, SCB = layer.weight, layer.SCB.view(torch.float32)
         for c in (0, 350):
-            x = torch.randn(M, K, device=DEV, dtype=DT)
-            if c:
-                cols = torch.randperm(K, device=DEV)[:c]
-                x[:, cols] = x[:, cols].sign() * (6 + x[:, cols].abs())
+            x = outlier_activations(M, K, c, DT, DEV)
             thr_h, _ = k8._thresholds(6.0)
             ws = torch.zeros(3 * K + 1, dtype=torch.int32, device=DEV)
             r = {"bf16": timed_graph(lambda: lin(x))}

@@ -13,6 +13,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import outlier_activations, timed_graph  # noqa: E402
+
 import halfbyte  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
 
@@ -22,15 +24,6 @@ FLAGS = [(32, 256, 1, 4), (32, 256, 4, 4), (32, 256, 8, 8), (64, 256, 4, 8), (16
 QUANTS = [(4096, 8), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 16)]
 
 
-def timed_graph(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=100, return_mode="median")
-
-
 def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     for M, K, N in ((4608, 3072, 3072), (4608, 12288, 3072), (512, 4096, 10240)):
@@ -38,10 +31,7 @@ def main():
         layer = halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
         CB, SCB = layer.weight, layer.SCB.view(torch.float32)
         for c in (0, 350):
-            x = torch.randn(M, K, device=DEV, dtype=DT)
-            if c:
-                cols = torch.randperm(K, device=DEV)[:c]
-                x[:, cols] = x[:, cols].sign() * (6 + x[:, cols].abs())
+            x = outlier_activations(M, K, c, DT, DEV)
             ref = k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0)
             res = []
             for bm, bk, it, w in FLAGS:

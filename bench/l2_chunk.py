@@ -20,21 +20,14 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import timed_graph  # noqa: E402
+
 import halfbyte  # noqa: E402, F401
 from halfbyte.kernels import fourbit  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 SHAPES = [(4608, 3072, 3072, "FLUX attn"), (4608, 12288, 3072, "FLUX MLP up"), (4608, 3072, 12288, "FLUX MLP down"),
           (4608, 18432, 3072, "FLUX single in"), (512, 10240, 4096, "T5 MLP up"), (512, 4096, 10240, "T5 MLP down")]
-
-
-def timed_graph(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
 
 
 def main():
@@ -48,14 +41,14 @@ def main():
         packed, absmax = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
         x = torch.randn(M, K, device=DEV, dtype=DT)
         r = {"shape": f"{M}x{N}x{K}", "layer": name}
-        r["bf16"] = timed_graph(lambda: torch.nn.functional.linear(x, w))
+        r["bf16"] = timed_graph(lambda: torch.nn.functional.linear(x, w), rep=200)
 
         def whole():
             W = fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", N * K, DT)
             return torch.nn.functional.linear(x, W.view(N, K))
 
         ref = whole()
-        r["whole"] = timed_graph(whole)
+        r["whole"] = timed_graph(whole, rep=200)
         for cn in (4096, 2048, 1024, 512):
             if cn >= N or N % cn:
                 continue
@@ -75,7 +68,7 @@ def main():
             got = chunked()
             diff = (got.float() - ref.float()).abs().max().item()
             ok = torch.allclose(got.float(), ref.float(), rtol=2 ** -7, atol=1e-3)
-            r[f"chunk{cn}"] = timed_graph(chunked)
+            r[f"chunk{cn}"] = timed_graph(chunked, rep=200)
             r[f"chunk{cn}_ok"] = ok
             r[f"chunk{cn}_maxdiff"] = diff
         print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)

@@ -226,6 +226,13 @@ def test_gemm_4bit_tiny(dn, nested):
                 assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W, bias)))
 
 
+def test_gemm_4bit_rejects_a_wrong_feature_count():
+    """An input with K elements but another last dimension must not be taken for one token (the GEMV)."""
+    packed, stats, _ = _quantized_linear(16, 128, 64, "nf4", False, torch.float32)
+    with pytest.raises(ValueError, match="has 64 features, the 16x128 weight expects 128"):
+        gemm4bit.gemm_4bit(torch.randn(2, 64, device=DEV), packed, *stats, None, [16, 128], 64, "nf4")
+
+
 def test_gemm_4bit_fallbacks_and_leading_dims():
     """K % blocksize != 0 (a block straddles rows) and odd K go through dequantize + linear; 3-D input; a
     (1, 1, K) input takes the GEMV where K allows."""

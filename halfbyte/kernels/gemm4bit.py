@@ -154,6 +154,9 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
     """CUDA kernel of ``halfbyte::gemm_4bit``: A (..., K) float -> (..., N) in A's dtype (contract in ops.py)."""
     ref4.check_4bit_args(blocksize, quant_type)
     N, K = (int(s) for s in shape)
+    if A.dim() == 0 or A.shape[-1] != K:  # a (2, K/2) input has K elements too: the GEMV must not take it
+        raise ValueError(f"gemm_4bit: input of shape {tuple(A.shape)} has {A.shape[-1] if A.dim() else 0} features, "
+                         f"the {N}x{K} weight expects {K}")
     bias = None if bias is None else bias.to(A.dtype)
     M = A.numel() // K if K else 0
     if fused_supported(M, K, blocksize, A.dtype):
@@ -224,7 +227,7 @@ class Plan:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""
         stream = torch._C._cuda_getCurrentRawStream(self.device.index)
-        if self._gemv is not None and x.numel() == self.K:
+        if self._gemv is not None and x.numel() == self.K and x.shape[-1] == self.K:
             if x.stride(-1) == 1 and x.data_ptr() % 16 == 0:
                 if not self._atomic:
                     out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)

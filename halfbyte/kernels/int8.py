@@ -109,10 +109,8 @@ def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, t
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=64)
 def _thresholds(threshold: float) -> tuple[float, float]:
-    """(threshold rounded to float16, to float32) as Python floats: the two comparisons of the reference. Cached:
-    the two tiny tensors it builds cost ~10 us of host time, paid on every LLM.int8() call before."""
+    """(threshold rounded to float16, to float32) as Python floats: the two comparisons of the reference."""
     return (float(torch.tensor(threshold, dtype=torch.float16)), float(torch.tensor(threshold, dtype=torch.float32)))
 
 

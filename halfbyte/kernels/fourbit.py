@@ -121,18 +121,29 @@ def dequantize(
     out = torch.empty(n, dtype=dtype, device=data.device)
     if n == 0:
         return out
-    nested = nested_absmax is not None
-    if nested:
-        ncode = nested_code if nested_code is not None else nested_code_table(data.device)
-        args = (absmax, nested_absmax, ncode, offset)
-    else:
-        args = (absmax, absmax, absmax, absmax)  # the unused pointers are never read
-    rows = _rows(blocksize)
-    launch(
-        _dequant_kernel, (triton.cdiv(nb, rows),), data, *args, code_table(quant_type, data.device), out, n,
-        BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=USE_PTX, num_warps=4,
-    )
+    grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n,
+                                        out)
+    launch(_dequant_kernel, grid, *args, **kwargs)
     return out
+
+
+def absmax_args(absmax, nested_absmax, nested_code, offset, device) -> tuple:
+    """The four absmax pointers the kernels take: (absmax, nested_absmax, nested code, offset) with double
+    quantization (the dynamic map when ``nested_code`` is None), else absmax four times (never read)."""
+    if nested_absmax is None:
+        return (absmax, absmax, absmax, absmax)
+    ncode = nested_code if nested_code is not None else nested_code_table(device)
+    return (absmax, nested_absmax, ncode, offset)
+
+
+def dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n, out):
+    """(grid, args, kwargs) of ``_dequant_kernel`` writing the ``n`` values of ``data`` (uint8) into ``out``; the
+    one place that builds them, for ``dequantize`` and for the bound launches of ``gemm4bit.Plan``."""
+    rows = _rows(blocksize)
+    args = (data, *absmax_args(absmax, nested_absmax, nested_code, offset, data.device),
+            code_table(quant_type, data.device), out, n)
+    kwargs = dict(BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested_absmax is not None, USE_PTX=USE_PTX, num_warps=4)
+    return (triton.cdiv(fourbit.num_blocks(n, blocksize), rows),), args, kwargs
 
 
 def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):

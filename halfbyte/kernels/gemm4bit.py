@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from .common import USE_PTX, load_absmax_inbounds, round_to
-from .fourbit import _dequant_kernel, _rows, code_table, dequantize, nested_code_table
+from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import bind, launch
 
 
@@ -116,33 +116,37 @@ def fused_supported(M: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
     return M == 1 and K % blocksize == 0 and dtype in ref4.FLOAT_DTYPES
 
 
-def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
-         config: Config | None = None) -> torch.Tensor:
-    """x (1, K) fp16/bf16/fp32 (unit column stride), packed 4-bit W (N, K), bias (N,) in x's dtype or None
-    -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats."""
+def gemv_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, device: torch.device,
+                config: Config | None = None) -> tuple[tuple[int, int], int, bool, dict]:
+    """(grid, K steps per program, atomic, kwargs) of ``_gemv_kernel`` for an (N, K) weight: the one place that
+    derives them, for ``gemv`` and for the bound launches of ``Plan``. atomic: K is split across programs, which
+    add float32 partial sums into a zeroed (1, N) float32 output (the bias is then added by the caller)."""
     cfg = config or default_config(N, K)
-    data = B.reshape(-1)
-    data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    nested = nested_absmax is not None
-    if nested:
-        ncode = nested_code if nested_code is not None else nested_code_table(x.device)
-        stats = (absmax, nested_absmax, ncode, offset)
-    else:
-        stats = (absmax, absmax, absmax, absmax)  # unused pointers
     kstep = cfg.kstep
     while (K // 2) % kstep:  # K % blocksize == 0 makes a row a whole number of blocksize/2-byte groups
         kstep //= 2
     tiles = triton.cdiv(N, cfg.block_n)
     k_steps = (K // 2) // kstep
-    split = _split(tiles, k_steps, x.device)
+    split = _split(tiles, k_steps, device)
     atomic = split > 1
-    out = torch.zeros(1, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, N)
-    common = (code_table(quant_type, x.device), bias if bias is not None else out, out, N, K, k_steps // split)
-    flags = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ATOMIC=atomic,
-                 BLOCK_N=cfg.block_n, I64=N * K >= 2**31, XSPLIT=cfg.xsplit, USE_PTX=USE_PTX,
-                 num_warps=cfg.num_warps)
     gb = min(blocksize // 2, 32, kstep)
-    launch(_gemv_kernel, (tiles, split), x, data, *stats, *common, GROUPS=kstep // gb, GB=gb, **flags)
+    kwargs = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, ATOMIC=atomic, BLOCK_N=cfg.block_n,
+                  GROUPS=kstep // gb, GB=gb, I64=N * K >= 2**31, XSPLIT=cfg.xsplit, USE_PTX=USE_PTX,
+                  num_warps=cfg.num_warps)
+    return (tiles, split), k_steps // split, atomic, kwargs
+
+
+def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
+         config: Config | None = None) -> torch.Tensor:
+    """x (1, K) fp16/bf16/fp32 (unit column stride), packed 4-bit W (N, K), bias (N,) in x's dtype or None
+    -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats."""
+    data = B.reshape(-1)
+    data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+    grid, steps, atomic, kwargs = gemv_launch(N, K, blocksize, nested_absmax is not None, bias is not None,
+                                              x.device, config)
+    out = torch.zeros(1, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, N)
+    launch(_gemv_kernel, grid, x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, x.device),
+           code_table(quant_type, x.device), bias if bias is not None else out, out, N, K, steps, **kwargs)
     if atomic:
         if bias is not None:
             out += bias.to(torch.float32)
@@ -180,7 +184,7 @@ class Plan:
     Results are those of ``gemm_4bit`` (same kernels, same arguments).
     """
 
-    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_gemv_out", "_atomic")
+    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_atomic")
 
     def __init__(self, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
                  dtype: torch.dtype):
@@ -189,40 +193,21 @@ class Plan:
         self.N, self.K, self.dtype, self.device = N, K, dtype, B.device
         data = B.reshape(-1)
         data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-        n = N * K
-        nested = nested_absmax is not None
-        if nested:
-            ncode = nested_code if nested_code is not None else nested_code_table(B.device)
-            stats = (absmax, nested_absmax, ncode, offset)
-        else:
-            stats = (absmax, absmax, absmax, absmax)
-        code = code_table(quant_type, B.device)
-        rows = _rows(blocksize)
         W = torch.empty(0, dtype=dtype, device=B.device)  # the output's place: only its dtype specializes
-        self._deq = bind(_dequant_kernel, (triton.cdiv(ref4.num_blocks(n, blocksize), rows),),
-                         (data, *stats, code, W, n), dict(BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested,
-                                                          USE_PTX=USE_PTX, num_warps=4), free=(6,))
-        self._gemv = None
-        if fused_supported(1, K, blocksize, dtype):
-            x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
-            cfg = default_config(N, K)
-            kstep = cfg.kstep
-            while (K // 2) % kstep:
-                kstep //= 2
-            tiles = triton.cdiv(N, cfg.block_n)
-            k_steps = (K // 2) // kstep
-            split = _split(tiles, k_steps, B.device)
-            self._atomic = split > 1
-            out = torch.empty(1, N, dtype=torch.float32 if self._atomic else dtype, device=B.device)
-            gb = min(blocksize // 2, 32, kstep)
-            flags = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=bias is not None, ATOMIC=self._atomic,
-                         BLOCK_N=cfg.block_n, I64=n >= 2**31, XSPLIT=cfg.xsplit, USE_PTX=USE_PTX,
-                         num_warps=cfg.num_warps, GROUPS=kstep // gb, GB=gb)
-            self._gemv = bind(_gemv_kernel, (tiles, split), (x, data, *stats, code,
-                              bias if bias is not None else out, out, N, K, k_steps // split), flags, free=(0, 8))
-            self._gemv_out = torch.float32 if self._atomic else dtype
+        grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type,
+                                            N * K, W)
+        self._deq = bind(_dequant_kernel, grid, args, kwargs, free=(6,))
         if self._deq is None:
             raise RuntimeError("kernels.gemm4bit.Plan: launches cannot be bound here (interpreter or launch hooks)")
+        self._gemv, self._atomic = None, False
+        if fused_supported(1, K, blocksize, dtype):
+            grid, steps, self._atomic, kwargs = gemv_launch(N, K, blocksize, nested_absmax is not None,
+                                                            bias is not None, B.device)
+            x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
+            out = torch.empty(1, N, dtype=torch.float32 if self._atomic else dtype, device=B.device)
+            args = (x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device),
+                    code_table(quant_type, B.device), bias if bias is not None else out, out, N, K, steps)
+            self._gemv = bind(_gemv_kernel, grid, args, kwargs, free=(0, 8))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""

@@ -1,0 +1,69 @@
+"""Host cost per call of a quantized layer eager vs inside a torch.compile'd region, on one GPU.
+
+    python bench/compiled_host.py [--profile]
+
+A compiled region that calls ``halfbyte::int8_mixed_mm`` ran host-bound on a FLUX step (BENCHMARKS.md): this
+times, per call, a loop of 500 calls of a small layer the GPU outruns (M = 16, 1024 x 1024), for nn.Linear bf16,
+halfbyte's Linear4bit and Linear8bit (threshold 6), eager and compiled (fullgraph, one layer per region), and with
+``--profile`` prints a cProfile of the compiled int8 loop (where the Python time goes).
+"""
+
+import argparse
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import halfbyte  # noqa: E402
+
+DEV, DT = "cuda", torch.bfloat16
+
+
+def per_call(fn, x, n=500) -> float:
+    for _ in range(20):
+        fn(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn(x)
+    us = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return us
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1024, 1024, device=DEV, dtype=DT)
+    layers = {"bf16 nn.Linear": lin, "hb Linear4bit": halfbyte.Linear4bit.from_linear(lin),
+              "hb Linear8bit": halfbyte.Linear8bit.from_linear(lin, threshold=6.0)}
+    x = torch.randn(16, 1024, device=DEV, dtype=DT)
+    x[:, 3] = 20  # one outlier column
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("| layer | eager us | compiled us |\n|---|---|---|")
+    compiled = {}
+    with torch.inference_mode():
+        for name, layer in layers.items():
+            c = compiled[name] = torch.compile(layer, fullgraph=True)
+            print(f"| {name} | {per_call(layer, x):.1f} | {per_call(c, x):.1f} |", flush=True)
+        if a.profile:
+            for name in ("hb Linear8bit", "hb Linear4bit"):
+                c = compiled[name]
+                pr = cProfile.Profile()
+                pr.enable()
+                for _ in range(200):
+                    c(x)
+                pr.disable()
+                torch.cuda.synchronize()
+                print(f"--- cProfile, 200 compiled calls of {name}")
+                pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()

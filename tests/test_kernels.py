@@ -355,21 +355,41 @@ def test_int8_mixed_mm_matches_reference(dn, threshold):
 
 
 def test_int8_outlier_gather():
-    """The flag kernel's list (any order) and the gathered activation and weight columns."""
+    """The flag and list kernels' workspace (columns in ascending order, as the reference's ``nonzero``, and
+    each column's place) and the gathered activation and weight columns, zero-padded to OUT_PAD."""
     M, K, N = 40, 300, 24
     x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
     x[[0, 5, 39], [7, 150, 299]] = 9.0
     x[3, 8] = -6.0
+    x[7, 100] = 5.9  # below the threshold
     cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
     ca, sca, (xg, wg, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
-    n = count.item()
-    cols = xg.new_tensor([], dtype=torch.long)
-    for j in range(n):  # recover each gathered column's index from its values
-        cols = torch.cat([cols, (x == xg[:, j:j + 1]).all(0).nonzero().reshape(-1)[:1]])
-    assert sorted(cols.tolist()) == [7, 8, 150, 299]
+    ws = count._base
     want_ca, want_sca, want_cols = int8.int8_vectorwise_quant(x, 6.0)
+    assert want_cols.tolist() == [7, 8, 150, 299] and count.tolist() == [4]
+    assert ws[2 * K:2 * K + 4].tolist() == [7, 8, 150, 299]
+    place = torch.zeros(K, dtype=torch.int32, device=DEV)
+    place[want_cols] = torch.arange(1, 5, dtype=torch.int32, device=DEV)
+    assert torch.equal(ws[K:2 * K], place)
     assert torch.equal(ca, want_ca) and torch.equal(sca, want_sca)
-    assert torch.equal(wg[:, :n], int8.int8_vectorwise_dequant(cb[:, cols], scb).to(torch.bfloat16))
+    assert torch.equal(xg[:, :4], x[:, want_cols]) and not xg[:, 4:128].any()
+    assert torch.equal(wg[:, :4], int8.int8_vectorwise_dequant(cb[:, want_cols], scb).to(torch.bfloat16))
+    assert not wg[:, 4:128].any()
+
+
+@pytest.mark.parametrize("K", [1000, 2048, 3000])
+def test_int8_outlier_list_spans_blocks(K):
+    """Outlier columns in several of the list kernel's 1024-column blocks: each block's places continue the
+    previous blocks' count."""
+    x = torch.zeros(2, K, device=DEV)
+    cols = sorted({c for c in (3, 500, 1023, 1024, 2047, 2048, K // 2, K - 1) if c < K})
+    x[1, cols] = 7.0
+    cb, scb, _ = int8.int8_vectorwise_quant(torch.ones(4, K, device=DEV).half(), 0.0)
+    _, _, (_, _, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
+    ws = count._base
+    assert count.tolist() == [len(cols)] and ws[2 * K:2 * K + len(cols)].tolist() == cols
+    places = ws[K:2 * K]
+    assert places[cols].tolist() == list(range(1, len(cols) + 1)) and int(places.count_nonzero()) == len(cols)
 
 
 @gpu

@@ -115,3 +115,16 @@ def round_to(x, dtype: tl.constexpr, USE_PTX: tl.constexpr):
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded)
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _zero_kernel(ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(ptr + i, tl.zeros((BLOCK,), ptr.dtype.element_ty), mask=i < n)
+
+
+def zero_launch(t: torch.Tensor):
+    """(fn, grid, args, kwargs) of a kernel that zeroes contiguous ``t`` (for bound launches, where
+    ``torch.zero_`` would be one more dispatcher call)."""
+    n = t.numel()
+    return _zero_kernel, (triton.cdiv(n, 1024),), (t, n), dict(BLOCK=1024, num_warps=4)

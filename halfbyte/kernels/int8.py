@@ -6,8 +6,9 @@ non-outlier elements and flags outlier columns in an int32 (K,) array; the secon
 writes ``rint(a * fdividef(127, absmax))``. Only the flagged columns are then zeroed across all rows (bitsandbytes
 zeroes whole outlier columns when M > 1), which needs every row's flags and so runs after the kernel.
 
-``int8_mixed_mm``: no host sync, four launches. (1) ``_flag_kernel`` marks the outlier columns and lists them in
-a device workspace (list order arbitrary). (2) ``_quant_gather_kernel`` quantizes each row with those columns
+``int8_mixed_mm``: no host sync, five launches. (1) ``_flag_kernel`` marks the outlier columns in a device
+workspace and ``_list_kernel`` lists them in ascending order (as the reference's ``nonzero``: the same sum order on
+every run). (2) ``_quant_gather_kernel`` quantizes each row with those columns
 zeroed (as bitsandbytes does for M > 1) and gathers the activations' outlier columns into ``xg``, while its other
 programs gather the weight's outlier columns, dequantized, into ``wg``. (3) ``_int8_mm_kernel``: one Triton int8
 GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C) whose epilogue applies
@@ -114,6 +115,17 @@ def _thresholds(threshold: float) -> tuple[float, float]:
     return (float(torch.tensor(threshold, dtype=torch.float16)), float(torch.tensor(threshold, dtype=torch.float32)))
 
 
+def row_quant_launch(A2: torch.Tensor, ca: torch.Tensor, sca: torch.Tensor, flags: torch.Tensor, threshold: float):
+    """(fn, grid, args, kwargs) of ``_row_quant_kernel`` on (rows, K) A2 (unit column stride) into ca (rows, K)
+    int8, sca (rows,) float32 and, with a threshold, the zeroed int32 flags (K,) (unread without one)."""
+    rows, K = A2.shape
+    thr_h, thr_f = _thresholds(threshold)
+    qc = _quant_config(K)
+    return (_row_quant_kernel, (rows,), (A2, ca, sca, flags, rcp_table(A2.device), A2.stride(0), thr_h, thr_f),
+            dict(K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), HAS_THR=threshold > 0,
+                 USE_PTX=USE_PTX, num_warps=qc["num_warps"]))
+
+
 def _quant_rows(A2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(rows, K) float, unit column stride -> CA (rows, K) int8 with outlier *elements* zeroed, SCA (rows,)
     float32, flags (K,) int32 (1 = the column holds an outlier; None without threshold). No host sync."""
@@ -122,23 +134,17 @@ def _quant_rows(A2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     sca = torch.empty(rows, dtype=torch.float32, device=A2.device)
     has_thr = threshold > 0
     flags = torch.zeros(K if has_thr else 1, dtype=torch.int32, device=A2.device)
-    thr_h, thr_f = _thresholds(threshold)
-    qc = _quant_config(K)
-    launch(
-        _row_quant_kernel, (rows,), A2, ca, sca, flags, rcp_table(A2.device), A2.stride(0), thr_h, thr_f,
-        K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), HAS_THR=has_thr, USE_PTX=USE_PTX,
-        num_warps=qc["num_warps"],
-    )
+    fn, grid, args, kwargs = row_quant_launch(A2, ca, sca, flags, threshold)
+    launch(fn, grid, *args, **kwargs)
     return ca, sca, flags if has_thr else None
 
 
 @triton.jit
 def _flag_kernel(a_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr):
-    """Outlier columns (float16 |a| >= threshold in any row; NaN never is) into the zeroed int32 workspace ws
-    (3K + 1): ws[:K] flags, ws[K:2K] 1 + the column's place in the list, ws[2K:3K] the list, ws[3K] its length.
-    A program scans ROW_ITERS x BLOCK_M rows of BLOCK_K columns. The first program to flag a column appends it
-    (list order is arbitrary: only a float32 sum order follows it)."""
+    """Outlier columns (float16 |a| >= threshold in any row; NaN never is): ws[k] = 1 in the int32 workspace
+    (zeroed before). A program scans ROW_ITERS x BLOCK_M rows of BLOCK_K columns. Programs that flag the same
+    column store the same value: plain stores, no atomics."""
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     seen = tl.zeros((BLOCK_M, BLOCK_K), tl.int1)
     for i in range(ROW_ITERS):
@@ -147,14 +153,29 @@ def _flag_kernel(a_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr, BLOCK_M: t
         a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + k[None, :], mask=inside, other=0.0)
         seen = seen | (tl.abs(a.to(tl.float32).to(tl.float16).to(tl.float32)) >= thr_h)
     hit = (tl.max(seen.to(tl.int32), axis=0) > 0) & (k < K)
-    old = tl.atomic_xchg(ws_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=hit)
-    new = (hit & (old == 0)).to(tl.int32)
-    n_new = tl.sum(new, axis=0)
-    if n_new > 0:  # most tiles add none: an unconditional atomic on the one counter serialized ~1700 programs
-        base = tl.atomic_add(ws_ptr + 3 * K, n_new)
-        pos = base + tl.cumsum(new, axis=0) - new
-        tl.store(ws_ptr + 2 * K + pos, k, mask=new > 0)
-        tl.store(ws_ptr + K + k, pos + 1, mask=new > 0)
+    tl.store(ws_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=hit)
+
+
+@triton.jit
+def _list_kernel(ws_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
+    """The outlier columns in ascending order, from the flags ws[:K]: ws[K + k] = 1 + column k's place in the list
+    (0 if not an outlier), ws[2K:] the list, ws[3K] its length. One program per BLOCK columns; each sums the flags
+    before its block itself (no chain between programs). Ascending like the reference's ``nonzero``, so the
+    outlier products are summed in the same order on every run."""
+    pid = tl.program_id(0)
+    r = tl.arange(0, BLOCK)
+    base = 0
+    j = 0
+    while j < pid:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
+        base += tl.sum(tl.load(ws_ptr + j * BLOCK + r), axis=0)  # whole blocks: j * BLOCK + BLOCK <= K
+        j += 1
+    k = pid * BLOCK + r
+    f = tl.load(ws_ptr + k, mask=k < K, other=0)
+    place = base + tl.cumsum(f, axis=0)  # 1-based place of each flagged column
+    tl.store(ws_ptr + K + k, tl.where(f > 0, place, 0), mask=k < K)
+    tl.store(ws_ptr + 2 * K + place - 1, k, mask=f > 0)
+    if pid == tl.num_programs(0) - 1:
+        tl.store(ws_ptr + 3 * K, base + tl.sum(f, axis=0))
 
 
 @triton.jit
@@ -201,32 +222,69 @@ def _quant_gather_kernel(a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, cb_p
                    thr_h, thr_f, K, BLOCK_K, True, True, USE_PTX)
 
 
+def workspace_size(K: int) -> int:
+    """int32 elements of the outlier workspace ``_flag_kernel`` fills (zeroed before it runs)."""
+    return 3 * K + 1
+
+
+def padded_width(K: int) -> int:
+    """Columns of xg / wg: K rounded up to a multiple of OUT_PAD (room for every outlier column, zero-padded)."""
+    return triton.cdiv(K, _OUT_PAD) * _OUT_PAD
+
+
+def flag_launch(A2: torch.Tensor, ws: torch.Tensor, threshold: float):
+    """(fn, grid, args, kwargs) of ``_flag_kernel``: A2 (rows, K), unit column stride; ws the int32 workspace
+    (``workspace_size(K)``) with its first K entries zeroed."""
+    rows, K = A2.shape
+    fc = _flag_config(rows, K)
+    bm, bk, iters = fc["block_m"], min(fc["block_k"], triton.next_power_of_2(K)), fc["row_iters"]
+    return (_flag_kernel, (triton.cdiv(rows, bm * iters), triton.cdiv(K, bk)),
+            (A2, ws, rows, A2.stride(0), _thresholds(threshold)[0]),
+            dict(K=K, BLOCK_M=bm, BLOCK_K=bk, ROW_ITERS=iters, num_warps=fc["num_warps"]))
+
+
+def list_launch(ws: torch.Tensor, K: int):
+    """(fn, grid, args, kwargs) of ``_list_kernel`` on the workspace ``flag_launch`` flagged."""
+    block = min(1024, triton.next_power_of_2(K))
+    return _list_kernel, (triton.cdiv(K, block),), (ws,), dict(K=K, BLOCK=block, num_warps=4)
+
+
+#: Rows of the weight per weight-gather program of ``_quant_gather_kernel``: many small programs, spread over the SMs.
+_GATHER_ROWS = 16
+
+
+def quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold: float):
+    """(fn, grid, args, kwargs) of ``_quant_gather_kernel``: A2 (rows, K) float (unit column stride) -> ca (rows,
+    K) int8, sca (rows,) float32, xg (rows, Kp) / wg (N, Kp) in A2's dtype (``padded_width``), after
+    ``flag_launch`` filled ws. CB (N, K) int8 with unit column stride, SCB (N,) float32."""
+    rows, K = A2.shape
+    N = CB.shape[0]
+    thr_h, thr_f = _thresholds(threshold)
+    qc = _quant_config(K)
+    return (_quant_gather_kernel, (rows + triton.cdiv(N, _GATHER_ROWS),),
+            (A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0),
+             xg.stride(0), wg.stride(0), thr_h, thr_f),
+            dict(K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), BLOCK_N=_GATHER_ROWS, USE_PTX=USE_PTX,
+                 num_warps=qc["num_warps"]))
+
+
 def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float):
     """(rows, K) float, threshold > 0 -> CA (rows, K) int8 (outlier columns zeroed whole, as the reference),
     SCA (rows,) float32, and (xg, wg, count): the first ``count`` columns of xg (rows, Kp) / wg (N, Kp), A2's
     dtype, hold A2's outlier columns and the dequantized weight columns, zeros up to the next multiple of
-    OUT_PAD (Kp = K rounded up to one). Two launches, no host sync."""
+    OUT_PAD (Kp = K rounded up to one). Three launches, no host sync."""
     rows, K = A2.shape
     N = CB.shape[0]
-    thr_h, thr_f = _thresholds(threshold)
-    ws = torch.zeros(3 * K + 1, dtype=torch.int32, device=A2.device)
-    fc = _flag_config(rows, K)
-    bm, bk, iters = fc["block_m"], min(fc["block_k"], triton.next_power_of_2(K)), fc["row_iters"]
-    launch(_flag_kernel, (triton.cdiv(rows, bm * iters), triton.cdiv(K, bk)), A2, ws, rows, A2.stride(0), thr_h,
-           K=K, BLOCK_M=bm, BLOCK_K=bk, ROW_ITERS=iters, num_warps=fc["num_warps"])
+    ws = torch.zeros(workspace_size(K), dtype=torch.int32, device=A2.device)
+    for fn, grid, args, kwargs in (flag_launch(A2, ws, threshold), list_launch(ws, K)):
+        launch(fn, grid, *args, **kwargs)
     ca = torch.empty((rows, K), dtype=torch.int8, device=A2.device)
     sca = torch.empty(rows, dtype=torch.float32, device=A2.device)
-    kp = triton.cdiv(K, _OUT_PAD) * _OUT_PAD  # the outlier columns, zero-padded to a multiple of OUT_PAD, fit
+    kp = padded_width(K)
     xg = torch.empty((rows, kp), dtype=A2.dtype, device=A2.device)  # only the first columns are written
     wg = torch.empty((N, kp), dtype=A2.dtype, device=A2.device)
-    bn = 16  # rows per weight-gather program: many small programs, spread over the SMs
-    qc = _quant_config(K)
-    launch(
-        _quant_gather_kernel, (rows + triton.cdiv(N, bn),),
-        A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0), xg.stride(0),
-        wg.stride(0), thr_h, thr_f, K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), BLOCK_N=bn,
-        USE_PTX=USE_PTX, num_warps=qc["num_warps"],
-    )
+    fn, grid, args, kwargs = quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold)
+    launch(fn, grid, *args, **kwargs)
     return ca, sca, (xg, wg, ws[3 * K:])
 
 
@@ -392,6 +450,32 @@ def mm_config(M: int, N: int, K: int) -> MMConfig:
     return MMConfig(128, 128, 128, 8, 8, 3)
 
 
+def mm_launch(CA, CB, SCA, SCB, bias, out, cfg: MMConfig):
+    """(fn, grid, args, kwargs) of ``_int8_mm_kernel``: CA (M, K) int8, CB (N, K) int8 (unit column strides), SCA
+    (M,), SCB (N,) float32, bias (N,) in out's dtype or None, into out (M, N)."""
+    M, K = CA.shape
+    N = CB.shape[0]
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    return (_int8_mm_kernel, grid,
+            (CA, CB, SCA, SCB, bias if bias is not None else SCB, out, M, N, K, CA.stride(0), CB.stride(0),
+             out.stride(0)),
+            dict(HAS_BIAS=bias is not None, BIAS_FP16=bias is not None and bias.dtype == torch.float16,
+                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                 EVEN_K=K % cfg.block_k == 0, USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def outlier_launch(out, xg, wg, count, cfg: MMConfig):
+    """(fn, grid, args, kwargs) of ``_outlier_add_kernel``: out (M, N) += xg (M, Kp) @ wg (N, Kp).T over the
+    ``count`` (int32 (1,)) outlier columns."""
+    if _OUT_PAD % cfg.oc:
+        raise ValueError(f"MMConfig.oc must divide {_OUT_PAD} (the outlier columns' padding), got {cfg.oc}")
+    M, N = out.shape
+    grid = (triton.cdiv(M, cfg.out_block_m) * triton.cdiv(N, cfg.out_block_n),)
+    return (_outlier_add_kernel, grid, (out, xg, wg, count, M, N, out.stride(0), xg.stride(0), wg.stride(0)),
+            dict(X_FP32=out.dtype == torch.float32, BLOCK_M=cfg.out_block_m, BLOCK_N=cfg.out_block_n, OC=cfg.oc,
+                 USE_PTX=USE_PTX, num_warps=cfg.out_warps))
+
+
 def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
             out_dtype: torch.dtype, config: MMConfig | None = None,
             outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -404,34 +488,23 @@ def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Te
     N = CB.shape[0]
     cfg = config or mm_config(M, N, K)
     out = torch.empty((M, N), dtype=out_dtype, device=CA.device)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    launch(
-        _int8_mm_kernel, grid,
-        CA, CB, SCA, SCB, bias if bias is not None else SCB, out, M, N, K, CA.stride(0), CB.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BIAS_FP16=bias is not None and bias.dtype == torch.float16,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        EVEN_K=K % cfg.block_k == 0, USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    fn, grid, args, kwargs = mm_launch(CA, CB, SCA, SCB, bias, out, cfg)
+    launch(fn, grid, *args, **kwargs)
     if outliers is not None:
-        if _OUT_PAD % cfg.oc:
-            raise ValueError(f"MMConfig.oc must divide {_OUT_PAD} (the outlier columns' padding), got {cfg.oc}")
-        xg, wg, count = outliers
-        grid = (triton.cdiv(M, cfg.out_block_m) * triton.cdiv(N, cfg.out_block_n),)
-        launch(
-            _outlier_add_kernel, grid, out, xg, wg, count, M, N, out.stride(0), xg.stride(0), wg.stride(0),
-            X_FP32=out_dtype == torch.float32, BLOCK_M=cfg.out_block_m, BLOCK_N=cfg.out_block_n, OC=cfg.oc,
-            USE_PTX=USE_PTX, num_warps=cfg.out_warps,
-        )
+        fn, grid, args, kwargs = outlier_launch(out, *outliers, cfg)
+        launch(fn, grid, *args, **kwargs)
     return out
 
 
 def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
                   threshold: float, config: MMConfig | None = None) -> torch.Tensor:
-    """CUDA kernel of ``halfbyte::int8_mixed_mm``: A (..., K) float, CB (N, K) int8, SCB (N,) float32 ->
+    """LLM.int8() linear on CUDA, launched directly (``int8_plan.int8_mixed_mm``, the op's CUDA kernel, runs the
+    same launches through cached plans and comes here for everything else): A (..., K) float, CB (N, K) int8, SCB
+    (N,) float32 ->
     (..., N) in A's dtype: ``formats.int8.int8_linear``, bit-identical without outliers (integer GEMM is exact);
     with outlier columns the float32 sum of their products may be ordered differently (at most one rounding
-    apart). No host sync; four launches (outlier columns; row quantization + gathers; GEMM; outlier products),
-    two without a threshold."""
+    apart; the same on every run). No host sync; five launches (outlier flags; their list; row quantization +
+    gathers; GEMM; outlier products), two without a threshold."""
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     shape = A.shape

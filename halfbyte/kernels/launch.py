@@ -98,6 +98,8 @@ class Bound:
 
     def __init__(self, fn: triton.JITFunction, grid: tuple[int, ...], args: tuple, kwargs: dict,
                  free: tuple[int, ...]):
+        if not free or any(not 0 <= i < len(args) for i in free) or list(free) != sorted(set(free)):
+            raise ValueError(f"bind: free positions must be increasing argument positions, got {free}")
         kernel = fn.warmup(*args, grid=grid, **kwargs)  # compiles (or finds) this specialization; no launch
         if hasattr(kernel, "result"):
             kernel = kernel.result()
@@ -116,7 +118,7 @@ class Bound:
                 None, None, None)
         tail = tuple(kwargs[n] for n in names)
         c_launch = run.launch
-        if len(free) == 1:
+        if len(free) == 1:  # the common cases without a per-call list
             (i,) = free
             pre, post = tuple(fixed[:i]), tuple(fixed[i + 1:]) + tail
 
@@ -129,7 +131,13 @@ class Bound:
             def call(stream, p, q):
                 c_launch(g[0], g[1], g[2], stream, *head, *pre, p, *mid, q, *post)
         else:
-            raise ValueError(f"bind: 1 or 2 free positions, got {free}")
+            full = fixed + list(tail)
+
+            def call(stream, *ptrs):
+                a = full.copy()
+                for i, p in zip(free, ptrs, strict=True):
+                    a[i] = p
+                c_launch(g[0], g[1], g[2], stream, *head, *a)
         self._call = call
 
     def __call__(self, stream: int, *ptrs: int) -> None:
@@ -139,7 +147,7 @@ class Bound:
 def bind(fn: triton.JITFunction, grid: tuple[int, ...], args: tuple, kwargs: dict,
          free: tuple[int, ...]) -> Bound | None:
     """A ``Bound`` launch of ``fn[grid](*args, **kwargs)`` with the arguments at ``free`` left open (increasing
-    positions, 1 or 2 of them, pointers), or None where launches must take triton's path (interpreter, launch
+    positions, pointers), or None where launches must take triton's path (interpreter, launch
     hooks installed). ``args`` hold real tensors: they decide the specialization (dtypes, alignment), and their
     addresses are fixed."""
     if INTERPRET or _hooks_installed():

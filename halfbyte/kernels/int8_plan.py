@@ -1,0 +1,151 @@
+"""``halfbyte::int8_mixed_mm``'s CUDA kernel: LLM.int8() calls through prebuilt launches (``Plan``), cached by the
+calls' device addresses and shapes.
+
+Through ``int8.int8_mixed_mm`` an LLM.int8() call costs ~600 Python function calls on the host (five launches'
+keys, six allocations, argument checks): on an H100's host a FLUX step's 504 int8 calls outran the GPU inside
+compiled regions (host 190 ms against 136 ms of GPU work) and left gaps in eager steps; a T5-XXL encode ran
+host-bound (BENCHMARKS.md). A plan binds the launches of one call shape (``launch.Bound``): a call is then
+two allocations (the output, one scratch buffer for the workspace, codes, scales and gathered outlier columns)
+and six bound launches (two without a threshold): the same kernels with the same arguments as
+``int8.int8_mixed_mm``, hence its bits, plus the workspace's zeroing, which that path leaves to ``torch.zeros``.
+
+Plans are cached here, not in the layers, so that calls from compiled graphs (which reach this kernel through the
+op with plain tensors) use them too. A plan holds no tensor, only the addresses, shapes and dtypes it was built
+for, and the cache key is exactly those of the call: a plan found for a call is by construction the plan of that
+call, whatever tensor now sits at an address. A key gets a plan the second time it is seen (a one-off call
+shape does not pay the build), and the cache is emptied when full.
+"""
+
+import torch
+from torch import Tensor
+
+from . import int8 as k8
+from .common import INTERPRET, zero_launch
+from .launch import bind, hooks_installed
+
+#: Alignment of the scratch buffer's parts: bound launches were compiled for 16-byte aligned pointers.
+_ALIGN = 256
+#: Plans kept at most (one per layer and token count in use; a FLUX step uses 504) and keys remembered.
+MAX_PLANS = 2048
+_PLANS: dict[tuple, "Plan"] = {}
+_SEEN: set[tuple] = set()
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_A, _OUT, _SCRATCH = 0, 1, 2  # per-call base addresses
+
+
+def _aligned(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+class Plan:
+    """The launches of ``int8.int8_mixed_mm`` for one call shape, bound to the weight's addresses.
+
+    Built from a call's own tensors: A2 (M, K) contiguous float, CB (N, K) int8 and SCB (N,) float32
+    contiguous, bias (N,) in A2's dtype or None, threshold >= 0. ``plan(A2)`` runs it for an input of the same
+    shape, dtype and 16-byte alignment on the current stream and returns (M, N) in A2's dtype.
+    """
+
+    __slots__ = ("out_shape", "dtype", "device", "index", "nbytes", "_launches")
+
+    def __init__(self, A2: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float):
+        M, K = A2.shape
+        N = CB.shape[0]
+        dev = A2.device
+        self.out_shape, self.dtype, self.device, self.index = (M, N), A2.dtype, dev, dev.index
+        kp, es, thr = k8.padded_width(K), A2.element_size(), threshold > 0
+        sizes = {"ws": 4 * k8.workspace_size(K) if thr else 4, "ca": M * K, "sca": 4 * M,
+                 "xg": M * kp * es if thr else 0, "wg": N * kp * es if thr else 0}
+        offs, total = {}, 0
+        for name, size in sizes.items():
+            offs[name], total = total, total + _aligned(size)
+        self.nbytes = total
+        scratch = torch.empty(total, dtype=torch.uint8, device=dev)
+
+        def part(name, dtype, *shape):
+            n = sizes[name] // dtype.itemsize
+            return scratch[offs[name]:offs[name] + sizes[name]].view(dtype)[:n].view(shape)
+
+        out = torch.empty((M, N), dtype=A2.dtype, device=dev)
+        ws = part("ws", torch.int32, sizes["ws"] // 4)
+        ca, sca = part("ca", torch.int8, M, K), part("sca", torch.float32, M)
+        where = {id(A2): (_A, 0), id(out): (_OUT, 0), id(ws): (_SCRATCH, offs["ws"]), id(ca): (_SCRATCH, offs["ca"]),
+                 id(sca): (_SCRATCH, offs["sca"])}
+        cfg = k8.mm_config(M, N, K)
+        if thr:
+            xg, wg = part("xg", A2.dtype, M, kp), part("wg", A2.dtype, N, kp)
+            flags, count = ws[:K], ws[3 * K:]
+            where.update({id(xg): (_SCRATCH, offs["xg"]), id(wg): (_SCRATCH, offs["wg"]),
+                          id(flags): (_SCRATCH, offs["ws"]), id(count): (_SCRATCH, offs["ws"] + 4 * 3 * K)})
+            launches = [zero_launch(flags), k8.flag_launch(A2, ws, threshold), k8.list_launch(ws, K),
+                        k8.quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold),
+                        k8.mm_launch(ca, CB, sca, SCB, bias, out, cfg), k8.outlier_launch(out, xg, wg, count, cfg)]
+        else:
+            launches = [k8.row_quant_launch(A2, ca, sca, ws, threshold),
+                        k8.mm_launch(ca, CB, sca, SCB, bias, out, cfg)]
+        self._launches = []
+        for fn, grid, args, kwargs in launches:
+            free = tuple(i for i, a in enumerate(args) if id(a) in where)
+            bound = bind(fn, grid, args, kwargs, free)
+            if bound is None:
+                raise RuntimeError("kernels.int8_plan.Plan: launches cannot be bound here (interpreter, launch hooks)")
+            self._launches.append((bound, tuple(where[id(args[i])] for i in free)))
+
+    def __call__(self, A2: Tensor) -> Tensor:
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        scratch = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        bases = (A2.data_ptr(), out.data_ptr(), scratch.data_ptr())
+        stream = torch._C._cuda_getCurrentRawStream(self.index)
+        for bound, spec in self._launches:
+            bound(stream, *[bases[k] + off for k, off in spec])
+        return out  # the scratch goes back to the allocator, reusable by later work on this stream
+
+
+def plan_key(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> tuple | None:
+    """The cache key of a call that a plan can serve (the addresses, shapes and dtypes it would be bound to),
+    or None where the call must take ``int8.int8_mixed_mm`` (interpreter, profiler hooks on triton's launches,
+    strided or misaligned input, a bias in another dtype, tensors not on the current device, bad arguments,
+    which that path reports)."""
+    if INTERPRET or type(A) is not Tensor or not A.is_cuda or A.dtype not in _FLOATS or A.dim() == 0:
+        return None
+    K = A.shape[-1]
+    if (CB.dtype != torch.int8 or SCB.dtype != torch.float32 or CB.dim() != 2 or CB.shape[1] != K or K == 0
+            or A.numel() == 0 or not 0 < CB.shape[0] == SCB.numel() or threshold < 0):
+        return None
+    if not (A.is_contiguous() and CB.is_contiguous() and SCB.is_contiguous()) or A.data_ptr() % 16:
+        return None
+    dev = A.get_device()
+    if CB.get_device() != dev or SCB.get_device() != dev or dev != torch._C._cuda_getDevice():
+        return None
+    if bias is not None and (bias.dtype != A.dtype or not bias.is_contiguous() or bias.get_device() != dev
+                             or bias.numel() != CB.shape[0]):
+        return None
+    if hooks_installed():
+        return None
+    return (A.dtype, A.numel() // K, CB.shape[0], K, CB.data_ptr(), SCB.data_ptr(),
+            0 if bias is None else bias.data_ptr(), float(threshold), dev)
+
+
+def int8_mixed_mm(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+    """CUDA kernel of ``halfbyte::int8_mixed_mm`` (contract in ``int8.int8_mixed_mm``): through a cached plan
+    when the call allows one, else ``int8.int8_mixed_mm``; both give the same bits."""
+    key = plan_key(A, CB, SCB, bias, threshold)
+    if key is None:
+        return k8.int8_mixed_mm(A, CB, SCB, bias, threshold)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if key not in _SEEN:  # first sighting: remember it, no build
+            if len(_SEEN) >= 4 * MAX_PLANS:
+                _SEEN.clear()
+            _SEEN.add(key)
+            return k8.int8_mixed_mm(A, CB, SCB, bias, threshold)
+        if len(_PLANS) >= MAX_PLANS:
+            _PLANS.clear()
+        K = key[3]
+        plan = _PLANS[key] = Plan(A.view(-1, K), CB, SCB, bias, threshold)
+    return plan(A).view(*A.shape[:-1], key[2])
+
+
+def clear_plans() -> None:
+    """Forget every plan and sighting (tests)."""
+    _PLANS.clear()
+    _SEEN.clear()

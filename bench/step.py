@@ -36,6 +36,7 @@ DEV = "cuda"
 BF16 = torch.bfloat16
 TINY = False  # --tiny: a CPU smoke run of this script with tiny widths (numbers meaningless)
 PROFILE: set[str] = set()  # variants whose step is also profiled (top CUDA kernels printed)
+ROUNDS = 1  # --rounds: the variant list runs this many times in turn (ratios taken within each round)
 
 
 def sync() -> None:
@@ -146,7 +147,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
     held = sum(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * 2 if m.bias is not None else 0)
                for m in base.values())
     rows, ref = [], None
-    for kind in variants:
+    for rnd, kind in [(r, k) for r in range(ROUNDS) for k in variants]:
         if kind.startswith("bnb") and bnb is None:
             continue
         torch._dynamo.reset()
@@ -172,18 +173,21 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 sec, host, first, out = steps(call)
                 if kind in PROFILE:
                     profile(call, f"{label} {kind}")
+                through_plans = int8_plan_share(call) if kind == "hb-int8" and DEV == "cuda" else ""
             top = peak() - (held if kind != "bf16" else 0)
             out = out.float()
             if ref is None and kind == "bf16":
                 ref = out
             err = ((out - ref).norm() / ref.norm()).item() if ref is not None else float("nan")
-            rows.append(dict(model=label, variant=kind, compiled=compile_, seconds=sec, host_seconds=host,
+            rows.append(dict(model=label, variant=kind, compiled=compile_, round=rnd, seconds=sec, host_seconds=host,
                              first_call=first, weights_gb=weights / 1e9, peak_gb=top / 1e9, rel_err=err))
             print(f"  {label} {kind}{' compiled' if compile_ else ''}: {sec * 1e3:.1f} ms (host {host * 1e3:.1f} ms, "
                   f"first {first:.1f} s), "
-                  f"weights {weights / 1e9:.2f} GB, peak {top / 1e9:.2f} GB, rel err {err:.3f}", flush=True)
+                  f"weights {weights / 1e9:.2f} GB, peak {top / 1e9:.2f} GB, rel err {err:.3f} {through_plans}",
+                  flush=True)
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
-            rows.append(dict(model=label, variant=kind, compiled=compile_, error=f"{type(e).__name__}: {e}"[:300]))
+            rows.append(dict(model=label, variant=kind, compiled=compile_, round=rnd,
+                             error=f"{type(e).__name__}: {e}"[:300]))
             print(f"  {label} {kind}: error {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
             for blk in model.modules():  # undo compile_repeated_blocks
@@ -243,20 +247,56 @@ def t5(variants, compile_: bool) -> list[dict]:
                         skip=(".wo",))
 
 
+def int8_plan_share(call) -> str:
+    """How many of one step's LLM.int8() calls ran through cached plans (kernels.int8_plan), counted by wrapping
+    the plan call and the direct path for one extra step."""
+    from halfbyte.kernels import int8_plan
+
+    hits = [0, 0]
+    plan_call, direct = int8_plan.Plan.__call__, int8_plan.k8.int8_mixed_mm
+
+    def counted_plan(self, A2):
+        hits[0] += 1
+        return plan_call(self, A2)
+
+    def counted_direct(*a, **kw):
+        hits[1] += 1
+        return direct(*a, **kw)
+
+    int8_plan.Plan.__call__, int8_plan.k8.int8_mixed_mm = counted_plan, counted_direct
+    try:
+        call()
+        sync()
+    finally:
+        int8_plan.Plan.__call__, int8_plan.k8.int8_mixed_mm = plan_call, direct
+    return f"({hits[0]} of {sum(hits)} int8 calls through plans)"
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| model | variant | compiled | step ms | host ms | vs bf16 | first call s | weights GB | peak GB "
+    """One line per run, its ratio against bf16 in the same round; then, with several rounds, the median ratio
+    per variant and its range."""
+    out = ["| model | variant | compiled | round | step ms | host ms | vs bf16 | first call s | weights GB | peak GB "
            "| rel err |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    bf16 = {(r["model"], r["compiled"]): r["seconds"] for r in rows if r["variant"] == "bf16" and "seconds" in r}
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {(r["model"], r["compiled"], r["round"]): r["seconds"] for r in rows
+            if r["variant"] == "bf16" and "seconds" in r}
+    ratios: dict[tuple, list[float]] = {}
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | error: {r['error'][:80]} |||||")
+            out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | {r['round']} | "
+                       f"error: {r['error'][:80]} |||||||")
             continue
-        base = bf16.get((r["model"], r["compiled"]))
+        base = bf16.get((r["model"], r["compiled"], r["round"]))
         ratio = f"{r['seconds'] / base:.3f}" if base else "-"
-        out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | {r['seconds'] * 1e3:.1f} | "
+        if base:
+            ratios.setdefault((r["model"], r["variant"], r["compiled"]), []).append(r["seconds"] / base)
+        out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | {r['round']} | {r['seconds'] * 1e3:.1f} | "
                    f"{r['host_seconds'] * 1e3:.1f} | {ratio} | "
                    f"{r['first_call']:.1f} | {r['weights_gb']:.2f} | {r['peak_gb']:.2f} | {r['rel_err']:.3f} |")
+    if ROUNDS > 1:
+        out += ["", "| model | variant | compiled | median vs bf16 | range |", "|---|---|---|---|---|"]
+        for (m, v, c), rs in ratios.items():
+            out.append(f"| {m} | {v} | {c} | {statistics.median(rs):.3f} | {min(rs):.3f}-{max(rs):.3f} |")
     return "\n".join(out)
 
 
@@ -269,9 +309,11 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny widths")
     ap.add_argument("--profile", nargs="*", default=[], help="variants whose step is profiled")
+    ap.add_argument("--rounds", type=int, default=1, help="run the variant list this many times in turn")
     a = ap.parse_args()
     PROFILE.update(a.profile)
-    global DEV, TINY
+    global DEV, TINY, ROUNDS
+    ROUNDS = a.rounds
     if a.tiny:
         DEV, TINY = "cpu", True
     print(f"{torch.cuda.get_device_name() if DEV == 'cuda' else 'cpu'}, torch {torch.__version__}, bitsandbytes "

@@ -137,6 +137,13 @@ def test_plan_follows_moved_tensors_and_steps_aside():
     odd = torch.empty(33 * 256 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(33, 256).copy_(x)
     assert int8_plan.plan_key(odd, layer.weight, scb, layer.bias, 6.0) is None  # misaligned input
     assert int8_plan.plan_key(x.t().contiguous().t(), layer.weight, scb, layer.bias, 6.0) is None  # strided
+    wide = torch.cat([x, x], dim=1)[:, :256]  # rows of a wider tensor: unit column stride, row stride 512
+    key = int8_plan.plan_key(wide, layer.weight, scb, layer.bias, 6.0)
+    assert key is not None and key[4] == 512
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(layer(wide), k8.int8_mixed_mm(wide, layer.weight, scb, layer.bias, 6.0))
+    assert key in int8_plan._PLANS
     assert int8_plan.plan_key(x, layer.weight, scb, layer.bias.float(), 6.0) is None  # bias in another dtype
     assert int8_plan.plan_key(x.float(), layer.weight, scb, None, 6.0) is not None
     enter = lambda *a: None  # noqa: E731

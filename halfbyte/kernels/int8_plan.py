@@ -40,9 +40,9 @@ def _aligned(n: int) -> int:
 class Plan:
     """The launches of ``int8.int8_mixed_mm`` for one call shape, bound to the weight's addresses.
 
-    Built from a call's own tensors: A2 (M, K) contiguous float, CB (N, K) int8 and SCB (N,) float32
+    Built from a call's own tensors: A2 (M, K) float with unit column stride, CB (N, K) int8 and SCB (N,) float32
     contiguous, bias (N,) in A2's dtype or None, threshold >= 0. ``plan(A2)`` runs it for an input of the same
-    shape, dtype and 16-byte alignment on the current stream and returns (M, N) in A2's dtype.
+    shape, row stride, dtype and 16-byte alignment on the current stream and returns (M, N) in A2's dtype.
     """
 
     __slots__ = ("out_shape", "dtype", "device", "index", "nbytes", "_launches")
@@ -100,18 +100,32 @@ class Plan:
         return out  # the scratch goes back to the allocator, reusable by later work on this stream
 
 
+def _rows(A: Tensor, K: int) -> Tensor | None:
+    """A as (rows, K) without a copy, with unit column stride (any row stride), else None."""
+    if A.is_contiguous():
+        return A.view(-1, K)
+    try:
+        A2 = A.view(-1, K)  # e.g. a slice of a wider tensor; a view only where the leading dims merge
+    except RuntimeError:
+        return None
+    return A2 if A2.stride(1) == 1 else None
+
+
 def plan_key(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> tuple | None:
-    """The cache key of a call that a plan can serve (the addresses, shapes and dtypes it would be bound to),
-    or None where the call must take ``int8.int8_mixed_mm`` (interpreter, profiler hooks on triton's launches,
-    strided or misaligned input, a bias in another dtype, tensors not on the current device, bad arguments,
-    which that path reports)."""
+    """The cache key of a call that a plan can serve (the addresses, shapes, row stride and dtypes it would be
+    bound to), or None where the call must take ``int8.int8_mixed_mm`` (interpreter, profiler hooks on triton's
+    launches, rows without unit column stride, misaligned input, a bias in another dtype, tensors not on the
+    current device, bad arguments, which that path reports)."""
     if INTERPRET or type(A) is not Tensor or not A.is_cuda or A.dtype not in _FLOATS or A.dim() == 0:
         return None
     K = A.shape[-1]
     if (CB.dtype != torch.int8 or SCB.dtype != torch.float32 or CB.dim() != 2 or CB.shape[1] != K or K == 0
             or A.numel() == 0 or not 0 < CB.shape[0] == SCB.numel() or threshold < 0):
         return None
-    if not (A.is_contiguous() and CB.is_contiguous() and SCB.is_contiguous()) or A.data_ptr() % 16:
+    if not (CB.is_contiguous() and SCB.is_contiguous()) or A.data_ptr() % 16:
+        return None
+    A2 = _rows(A, K)
+    if A2 is None:
         return None
     dev = A.get_device()
     if CB.get_device() != dev or SCB.get_device() != dev or dev != torch._C._cuda_getDevice():
@@ -121,7 +135,7 @@ def plan_key(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold:
         return None
     if hooks_installed():
         return None
-    return (A.dtype, A.numel() // K, CB.shape[0], K, CB.data_ptr(), SCB.data_ptr(),
+    return (A.dtype, A2.shape[0], CB.shape[0], K, A2.stride(0), CB.data_ptr(), SCB.data_ptr(),
             0 if bias is None else bias.data_ptr(), float(threshold), dev)
 
 
@@ -140,8 +154,7 @@ def int8_mixed_mm(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, thres
             return k8.int8_mixed_mm(A, CB, SCB, bias, threshold)
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
-        K = key[3]
-        plan = _PLANS[key] = Plan(A.view(-1, K), CB, SCB, bias, threshold)
+        plan = _PLANS[key] = Plan(_rows(A, key[3]), CB, SCB, bias, threshold)
     return plan(A).view(*A.shape[:-1], key[2])
 
 

@@ -3,7 +3,7 @@ graph replay (ms), FLUX/T5 activation shapes with 0 and 350 outlier columns. The
 ``halfbyte/kernels/int8.py`` (``_flag_config``, ``_quant_config``; the module's ``_FLAG_CONFIG`` /
 ``_QUANT_CONFIG`` override them for this sweep).
 
-    python bench/int8_quant_sweep.py
+    python bench/int8_quant_sweep.py [--quant-only]
 """
 
 import sys
@@ -21,11 +21,13 @@ from halfbyte.kernels import int8 as k8  # noqa: E402
 DEV, DT = "cuda", torch.bfloat16
 FLAGS = [(32, 256, 1, 4), (32, 256, 4, 4), (32, 256, 8, 8), (64, 256, 4, 8), (16, 512, 8, 4), (32, 512, 4, 8),
          (8, 1024, 16, 4)]
-QUANTS = [(4096, 8), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 16)]
+QUANTS = [(1024, 4, 1), (2048, 8, 1), (4096, 8, 1), (1024, 4, 2), (1024, 8, 2), (1024, 8, 4), (512, 4, 2),
+          (512, 4, 4), (512, 8, 4), (2048, 8, 2), (256, 4, 8)]  # (block_k, warps, rows per program)
 
 
 def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    quant_only = "--quant-only" in sys.argv
     for M, K, N in ((4608, 3072, 3072), (4608, 12288, 3072), (512, 4096, 10240)):
         lin = torch.nn.Linear(K, N, device=DEV, dtype=DT)
         layer = halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
@@ -34,22 +36,23 @@ def main():
             x = outlier_activations(M, K, c, DT, DEV)
             ref = k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0)
             res = []
-            for bm, bk, it, w in FLAGS:
+            for bm, bk, it, w in ([] if quant_only else FLAGS):
                 k8._FLAG_CONFIG = dict(block_m=bm, block_k=bk, row_iters=it, num_warps=w)
                 ok = torch.allclose(k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0).float(), ref.float(), rtol=2 ** -7,
                                     atol=2 ** -7)
                 res.append((timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0)), (bm, bk, it, w), ok))
             k8._FLAG_CONFIG = None
-            print(f"{M}x{K} outliers={c} flag configs (flag+quant ms, (block_m, block_k, row_iters, warps), ok):")
+            if res:
+                print(f"{M}x{K} outliers={c} flag configs (flag+quant ms, (block_m, block_k, row_iters, warps), ok):")
             for r in sorted(res):
                 print(f"   {r[0]:.4f} {r[1]} {r[2]}")
             res = []
-            for bk, w in QUANTS:
-                k8._QUANT_CONFIG = dict(block_k=bk, num_warps=w)
-                ok = torch.equal(k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0), ref) if not c else True
-                res.append((timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0)), (bk, w), ok))
+            for bk, w, rows in QUANTS:
+                k8._QUANT_CONFIG = dict(block_k=bk, num_warps=w, rows=rows)
+                ok = torch.equal(k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0), ref)  # outlier order is deterministic
+                res.append((timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0)), (bk, w, rows), ok))
             k8._QUANT_CONFIG = None
-            print(f"{M}x{K} outliers={c} quant configs (flag+quant ms, (block_k, warps), ok):")
+            print(f"{M}x{K} outliers={c} quant configs (flag+quant ms, (block_k, warps, rows), ok):")
             for r in sorted(res):
                 print(f"   {r[0]:.4f} {r[1]} {r[2]}")
 

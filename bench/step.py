@@ -52,6 +52,14 @@ def peak() -> int:
     return torch.cuda.max_memory_allocated() if DEV == "cuda" else 0
 
 
+def alloc_stats() -> dict[str, int]:
+    """Caching-allocator events that stall the host (device allocations and frees, retries after a failed one)."""
+    if DEV != "cuda":
+        return {}
+    st = torch.cuda.memory_stats()
+    return {k: st.get(k, 0) for k in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
 def reset_peak() -> None:
     if DEV == "cuda":
         torch.cuda.empty_cache()
@@ -170,7 +178,9 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             if compile_:
                 model.compile_repeated_blocks(fullgraph=True)
             with torch.inference_mode():
+                stats0 = alloc_stats()
                 sec, host, first, out = steps(call)
+                allocs = {k: v - stats0[k] for k, v in alloc_stats().items()}
                 if kind in PROFILE:
                     profile(call, f"{label} {kind}")
                 through_plans = int8_plan_share(call) if kind == "hb-int8" and DEV == "cuda" else ""
@@ -183,7 +193,8 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                              first_call=first, weights_gb=weights / 1e9, peak_gb=top / 1e9, rel_err=err))
             print(f"  {label} {kind}{' compiled' if compile_ else ''}: {sec * 1e3:.1f} ms (host {host * 1e3:.1f} ms, "
                   f"first {first:.1f} s), "
-                  f"weights {weights / 1e9:.2f} GB, peak {top / 1e9:.2f} GB, rel err {err:.3f} {through_plans}",
+                  f"weights {weights / 1e9:.2f} GB, peak {top / 1e9:.2f} GB, rel err {err:.3f} {through_plans} "
+                  f"allocator during the steps: {allocs}",
                   flush=True)
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others' numbers
             rows.append(dict(model=label, variant=kind, compiled=compile_, round=rnd,

@@ -311,25 +311,6 @@ def test_int8_vectorwise_quant_matches_reference(dn, threshold):
             assert torch.equal(g, w)
 
 
-@pytest.mark.parametrize("rows", [2, 4])
-def test_int8_row_tiles(monkeypatch, rows):
-    """Several rows per quantize program (``_quant_config``'s ``rows``): bytes and scales unchanged, the last tile
-    partly past M, outlier columns gathered from every row of a tile, NaN and all-zero rows inside a tile."""
-    monkeypatch.setattr(k8, "_QUANT_CONFIG", dict(block_k=64, num_warps=1 if not CUDA else 4, rows=rows))
-    for M, K in ((5, 100), (9, 200)):
-        a = (torch.randn(M, K, device=DEV) * 3).to(torch.bfloat16)
-        a[0, 7] = float("nan")
-        a[2] = 0
-        a[M - 1, 11] = 9.0
-        for t in (0.0, 6.0):
-            for g, w in zip(k8.int8_vectorwise_quant(a, t), int8.int8_vectorwise_quant(a, t)):
-                assert torch.equal(g, w)
-        cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(24, K, device=DEV).half(), 0.0)
-        x = torch.nan_to_num(a)
-        for t in (0.0, 6.0):
-            assert_int8_matches(k8.int8_mixed_mm(x, cb, scb, None, t), x, cb, scb, None, t)
-
-
 def assert_int8_matches(got, x, cb, scb, bias, threshold):
     """The fused kernel against ``formats.int8.int8_linear``: bit-identical where no column holds an outlier (the
     int32 GEMM is exact and the epilogue repeats the reference's float32 operation order). With outlier columns

@@ -51,68 +51,62 @@ def _flag_config(rows: int, K: int) -> dict:
 
 def _quant_config(K: int) -> dict:
     if _QUANT_CONFIG is not None:
-        return dict(rows=1) | _QUANT_CONFIG
-    return dict(block_k=1024, num_warps=4, rows=1) if K <= 4096 else dict(block_k=2048, num_warps=8, rows=1)
+        return _QUANT_CONFIG
+    return dict(block_k=1024, num_warps=4) if K <= 4096 else dict(block_k=2048, num_warps=8)
 
 
 @triton.jit
-def _quant_rows_tile(tile, M, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_ptr, stride_am, stride_xg,
-                     thr_h, thr_f, K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, HAS_THR: tl.constexpr,
-                     GATHER: tl.constexpr, USE_PTX: tl.constexpr):
-    """Rows [tile * ROWS, tile * ROWS + ROWS) of M, each on its own: absmax over the row's non-outlier elements,
-    codes with outlier elements 0. Without GATHER, flags (K,) marks outlier columns. With GATHER the columns are
-    known (``pos[k]`` = 1 + the column's place in the outlier list, 0 if none, ``flags_ptr[3K]`` their count):
-    their codes are 0 in every row, the rows' values there go to ``xg[row, pos - 1]``, and xg's columns from the
-    count up to the next multiple of OUT_PAD are zeroed. Several rows per program share each load of ``pos``."""
-    r = (tile * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    rin = (r < M)[:, None]
-    a_rows = a_ptr + r[:, None] * stride_am
+def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_ptr, stride_am, stride_xg, thr_h,
+               thr_f, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, GATHER: tl.constexpr,
+               USE_PTX: tl.constexpr):
+    """One row: absmax over the non-outlier elements, codes with outlier elements 0. Without GATHER, flags (K,)
+    marks outlier columns. With GATHER the columns are known (``pos[k]`` = 1 + the column's place in the outlier
+    list, 0 if none, ``flags_ptr[3K]`` their count): their codes are 0 in every row, the row's values there go to
+    ``xg[row, pos - 1]``, and xg's columns from the count up to the next multiple of OUT_PAD are zeroed."""
+    row = row.to(tl.int64)
+    a_row = a_ptr + row * stride_am
     STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    run_max = tl.zeros((ROWS, BLOCK_K), tl.float32)
+    run_max = tl.zeros((BLOCK_K,), tl.float32)
     for c in range(STEPS):
         k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        inside = rin & (k < K)[None, :]
         # bitsandbytes quantizes float16: round once to half, then compare and scale in float32
-        a = tl.load(a_rows + k[None, :], mask=inside, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32)
+        a = tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32)
         mag = tl.abs(a)
         keep = mag == mag  # fmaxf ignores NaN
         if HAS_THR:
             outlier = mag >= thr_h  # the column/absmax test compares in half precision
             if not GATHER:
-                hit = tl.max((outlier & inside).to(tl.int32), axis=0) > 0
-                tl.store(flags_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=hit)
+                tl.store(flags_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=outlier & (k < K))
             keep = keep & (mag < thr_h)
         run_max = tl.maximum(run_max, tl.where(keep, mag, 0.0))
-    absmax = tl.max(run_max, axis=1)
-    scale = (127.0 * rcp_approx(absmax, delta_ptr, USE_PTX))[:, None]  # __fdividef(127, absmax)
+    absmax = tl.max(run_max, axis=0)
+    scale = 127.0 * rcp_approx(absmax, delta_ptr, USE_PTX)  # __fdividef(127, absmax)
     for c in range(STEPS):
         k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        inside = rin & (k < K)[None, :]
-        raw = tl.load(a_rows + k[None, :], mask=inside, other=0.0)
+        raw = tl.load(a_row + k, mask=k < K, other=0.0)
         a = raw.to(tl.float32).to(tl.float16).to(tl.float32)
         q = rint(a * scale, USE_PTX)
         q = tl.where(q == q, q, 0.0)  # NaN (a NaN input, or 0 * inf in an all-zero row) converts to 0 on CUDA
         if HAS_THR:
             q = tl.where(tl.abs(a) < thr_f, q, 0.0)  # outlier elements are 0 (float32 test, as the reference)
             if GATHER:
-                pos = (tl.load(pos_ptr + k, mask=k < K, other=0) - 1)[None, :]
+                pos = tl.load(pos_ptr + k, mask=k < K, other=0) - 1
                 q = tl.where(pos >= 0, 0.0, q)  # bitsandbytes zeroes outlier columns whole
-                tl.store(xg_ptr + r[:, None] * stride_xg + pos, raw, mask=rin & (pos >= 0))  # input's value, dtype
-        tl.store(ca_ptr + r[:, None] * K + k[None, :], q.to(tl.int8), mask=inside)
-    tl.store(sca_ptr + r, absmax, mask=r < M)
+                tl.store(xg_ptr + row * stride_xg + pos, raw, mask=pos >= 0)  # the input's own value and dtype
+        tl.store(ca_ptr + row * K + k, q.to(tl.int8), mask=k < K)
+    tl.store(sca_ptr + row, absmax)
     if GATHER:
         n_out = tl.load(flags_ptr + 3 * K)
         z = n_out + tl.arange(0, OUT_PAD)
-        tl.store(xg_ptr + r[:, None] * stride_xg + z[None, :], tl.zeros((ROWS, OUT_PAD), xg_ptr.dtype.element_ty),
-                 mask=rin & (z < tl.cdiv(n_out, OUT_PAD) * OUT_PAD)[None, :])
+        tl.store(xg_ptr + row * stride_xg + z, tl.zeros((OUT_PAD,), xg_ptr.dtype.element_ty),
+                 mask=z < tl.cdiv(n_out, OUT_PAD) * OUT_PAD)
 
 
 @triton.jit
-def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, M, stride_am, thr_h, thr_f,
-                      K: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr, HAS_THR: tl.constexpr,
-                      USE_PTX: tl.constexpr):
-    _quant_rows_tile(tl.program_id(0), M, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, flags_ptr, a_ptr, stride_am,
-                     0, thr_h, thr_f, K, BLOCK_K, ROWS, HAS_THR, False, USE_PTX)
+def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, thr_h, thr_f,
+                      K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
+    _quant_row(tl.program_id(0), a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, flags_ptr, a_ptr, stride_am, 0,
+               thr_h, thr_f, K, BLOCK_K, HAS_THR, False, USE_PTX)
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,9 +121,8 @@ def row_quant_launch(A2: torch.Tensor, ca: torch.Tensor, sca: torch.Tensor, flag
     rows, K = A2.shape
     thr_h, thr_f = _thresholds(threshold)
     qc = _quant_config(K)
-    return (_row_quant_kernel, (triton.cdiv(rows, qc["rows"]),),
-            (A2, ca, sca, flags, rcp_table(A2.device), rows, A2.stride(0), thr_h, thr_f),
-            dict(K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), ROWS=qc["rows"], HAS_THR=threshold > 0,
+    return (_row_quant_kernel, (rows,), (A2, ca, sca, flags, rcp_table(A2.device), A2.stride(0), thr_h, thr_f),
+            dict(K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), HAS_THR=threshold > 0,
                  USE_PTX=USE_PTX, num_warps=qc["num_warps"]))
 
 
@@ -213,19 +206,20 @@ def _gather_w(pid, cb_ptr, scb_ptr, cols_ptr, count_ptr, wg_ptr, N, stride_cb, s
 @triton.jit
 def _quant_gather_kernel(a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, cb_ptr, scb_ptr, wg_ptr, M, N,
                          stride_am, stride_cb, stride_xg, stride_wg, thr_h, thr_f, K: tl.constexpr,
-                         BLOCK_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, USE_PTX: tl.constexpr):
-    """Programs [0, G = cdiv(N, BLOCK_N)): gather the weight's outlier columns into wg. Programs [G, G +
-    cdiv(M, ROWS)): quantize ROWS rows, zero the outlier columns, gather their outlier values into xg. One launch
-    for both. The weight gathers go first: their loads are scattered and serial (latency-bound), and launched last
-    they ran as a tail on a few SMs after the row programs (up to ~25 us per FLUX layer)."""
+                         BLOCK_K: tl.constexpr,
+                         BLOCK_N: tl.constexpr, USE_PTX: tl.constexpr):
+    """Programs [0, G = cdiv(N, BLOCK_N)): gather the weight's outlier columns into wg. Programs [G, G + M):
+    quantize a row, zero the outlier columns, gather its outlier values into xg. One launch for both. The weight
+    gathers go first: their loads are scattered and serial (latency-bound), and launched last they ran as a tail
+    on a few SMs after the row programs (up to ~25 us per FLUX layer)."""
     pid = tl.program_id(0)
     G = tl.cdiv(N, BLOCK_N)
     if pid < G:
         _gather_w(pid, cb_ptr, scb_ptr, ws_ptr + 2 * K, ws_ptr + 3 * K, wg_ptr, N, stride_cb, stride_wg,
                   BLOCK_N, 32, USE_PTX)
     else:
-        _quant_rows_tile(pid - G, M, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, ws_ptr + K, xg_ptr, stride_am,
-                         stride_xg, thr_h, thr_f, K, BLOCK_K, ROWS, True, True, USE_PTX)
+        _quant_row(pid - G, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, ws_ptr + K, xg_ptr, stride_am, stride_xg,
+                   thr_h, thr_f, K, BLOCK_K, True, True, USE_PTX)
 
 
 def workspace_size(K: int) -> int:
@@ -267,11 +261,11 @@ def quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold: float):
     N = CB.shape[0]
     thr_h, thr_f = _thresholds(threshold)
     qc = _quant_config(K)
-    return (_quant_gather_kernel, (triton.cdiv(rows, qc["rows"]) + triton.cdiv(N, _GATHER_ROWS),),
+    return (_quant_gather_kernel, (rows + triton.cdiv(N, _GATHER_ROWS),),
             (A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0),
              xg.stride(0), wg.stride(0), thr_h, thr_f),
-            dict(K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), ROWS=qc["rows"], BLOCK_N=_GATHER_ROWS,
-                 USE_PTX=USE_PTX, num_warps=qc["num_warps"]))
+            dict(K=K, BLOCK_K=min(qc["block_k"], triton.next_power_of_2(K)), BLOCK_N=_GATHER_ROWS, USE_PTX=USE_PTX,
+                 num_warps=qc["num_warps"]))
 
 
 def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float):

@@ -128,8 +128,10 @@ def test_plan_follows_moved_tensors_and_steps_aside():
     with torch.no_grad():
         want = layer(x)
         assert torch.equal(layer(x), want) and len(int8_plan._PLANS) == 1
+        held = list(layer.state_dict().values())  # kept alive: the allocator cannot hand back their places
         layer.cpu().cuda()  # new addresses: a new key, the old plan is never used for them
         assert torch.equal(layer(x), want) and torch.equal(layer(x), want) and len(int8_plan._PLANS) == 2
+        del held
         layer.weight.data.copy_(torch.zeros_like(layer.weight))  # same addresses, new contents: read at call time
         assert torch.equal(layer(x), k8.int8_mixed_mm(x, layer.weight, layer.SCB.view(torch.float32), layer.bias,
                                                       6.0))

@@ -66,6 +66,7 @@ def test_plan_follows_moved_tensors():
         expected = _op(layer, x)
         assert torch.equal(layer(x), expected)
         old = layer._plans[dtype]
+        held = list(layer.state_dict().values())  # kept alive, so that the allocator cannot hand back their places
         layer.cpu().cuda()  # new addresses: the old plan must not be used
         assert torch.equal(layer(x), expected)
         assert layer._plans[dtype][1] is None and layer._plans[dtype][0] != old[0]
@@ -76,6 +77,7 @@ def test_plan_follows_moved_tensors():
         other.bias.add_(1.0)
         layer.load_state_dict(other.state_dict())
         assert torch.equal(layer(x), _op(other, x))
+    del held
 
 
 @pytest.mark.gpu
@@ -161,3 +163,50 @@ def test_plan_binds_the_launches_gemm_4bit_makes(monkeypatch, dq, N, K, bias):
                 assert x.data_ptr() == y.data_ptr() and x.dtype == y.dtype, i
             else:
                 assert x == y, i
+
+
+def test_op_plan_key_off_cuda():
+    from halfbyte.kernels import gemm4bit
+
+    layer = _layer(32, 64, torch.float32, device="cpu")
+    assert gemm4bit.plan_key(torch.randn(3, 64), layer.weight, *layer.quant_stats(), layer.bias, 32, 64, 64,
+                             "nf4") is None
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("shape", [(1, 1024), (7, 1024), (2, 3, 1024)], ids=["gemv", "m7", "3d"])
+def test_op_calls_use_cached_plans(dq, shape):
+    """Calls of the op itself (compiled graphs, direct kernel calls) look plans up by their addresses: the first
+    sighting takes the direct path, the second builds a plan, and all give the same bits."""
+    from halfbyte.kernels import gemm4bit
+
+    gemm4bit.clear_plans()
+    layer = _layer(3072, 1024, torch.bfloat16, double_quant=dq)
+    x = torch.randn(*shape, dtype=torch.bfloat16, device="cuda")
+    absmax, nested, ncode, offset = layer.quant_stats()
+    key = gemm4bit.plan_key(x, layer.weight, absmax, nested, ncode, offset, layer.bias, 3072, 1024, 64, "nf4")
+    assert key is not None
+    with torch.no_grad():
+        outs = [_op(layer, x) for _ in range(3)]
+    assert key in gemm4bit._PLANS
+    assert all(torch.equal(o, outs[0]) for o in outs) and outs[0].shape == (*shape[:-1], 3072)
+    assert gemm4bit.plan_key(x, layer.weight, absmax, nested, ncode, offset, layer.bias.float(), 3072, 1024, 64,
+                             "nf4") is None  # a bias in another dtype takes the direct path
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_layer_uses_cached_plans():
+    from halfbyte.kernels import gemm4bit
+
+    gemm4bit.clear_plans()
+    layer = _layer(512, 256, torch.bfloat16)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(5, 256, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        want = layer(x)
+        got = [compiled(x) for _ in range(3)]
+    assert len(gemm4bit._PLANS) == 1
+    assert all(torch.equal(g, want) for g in got)

@@ -29,9 +29,16 @@ import triton
 import triton.language as tl
 
 from ..formats import fourbit as ref4
-from .common import USE_PTX, load_absmax_inbounds, round_to
+from .common import INTERPRET, USE_PTX, load_absmax_inbounds, round_to
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
-from .launch import bind, launch
+from .launch import bind, hooks_installed, launch
+
+#: Plans of the op's own calls (torch.compile graphs, direct kernel calls), keyed by the call's addresses, shapes
+#: and dtypes: a key gets a plan the second time it is seen; the cache is emptied when full. ``halfbyte.nn``'s
+#: eager layers keep their own plans.
+MAX_PLANS = 2048
+_PLANS: dict[tuple, "Plan"] = {}
+_SEEN: set[tuple] = set()
 
 
 @dataclass(frozen=True)
@@ -161,6 +168,21 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
     if A.dim() == 0 or A.shape[-1] != K:  # a (2, K/2) input has K elements too: the GEMV must not take it
         raise ValueError(f"gemm_4bit: input of shape {tuple(A.shape)} has {A.shape[-1] if A.dim() else 0} features, "
                          f"the {N}x{K} weight expects {K}")
+    key = plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type)
+    if key is not None:
+        plan = _PLANS.get(key)
+        if plan is None:
+            if key in _SEEN:
+                if len(_PLANS) >= MAX_PLANS:
+                    _PLANS.clear()
+                plan = _PLANS[key] = Plan(B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
+                                          quant_type, A.dtype)
+            else:  # first sighting: remember it, no build
+                if len(_SEEN) >= 4 * MAX_PLANS:
+                    _SEEN.clear()
+                _SEEN.add(key)
+        if plan is not None:
+            return plan(A, bias)
     bias = None if bias is None else bias.to(A.dtype)
     M = A.numel() // K if K else 0
     if fused_supported(M, K, blocksize, A.dtype):
@@ -174,14 +196,15 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
 
 
 class Plan:
-    """Eager inference calls of one 4-bit weight in one activation dtype, with every launch prebuilt.
+    """Inference calls of one 4-bit weight in one activation dtype, with every launch prebuilt.
 
     A FLUX step makes ~500 4-bit calls; through ``gemm_4bit`` each pays ~35 us of Python (checks, key lookups,
     pointer queries) on top of the launch itself, and the host outran the GPU. A plan binds the dequantize launch
     (and the GEMV launch when the weight allows it) once, to device addresses (``launch.Bound``), so a call is an
     allocation, one bound launch and, for M > 1, ``F.linear``. It holds no tensor: its owner passes the bias
-    and checks that the weight tensors still sit where the plan was bound (``halfbyte.nn``).
-    Results are those of ``gemm_4bit`` (same kernels, same arguments).
+    and checks that the weight tensors still sit where the plan was bound (``halfbyte.nn``'s eager layers compare
+    addresses; ``gemm_4bit`` itself, for compiled graphs and direct calls, looks plans up by the call's addresses,
+    ``plan_key``). Results are those of ``gemm_4bit``'s direct path (same kernels, same arguments).
     """
 
     __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_atomic")
@@ -226,3 +249,31 @@ class Plan:
         W = torch.empty((self.N, self.K), dtype=self.dtype, device=self.device)
         self._deq(stream, W.data_ptr())
         return torch.nn.functional.linear(x, W, bias)
+
+
+def plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N: int, K: int, blocksize: int,
+             quant_type: str) -> tuple | None:
+    """The cache key of a ``gemm_4bit`` call that a ``Plan`` can serve (the addresses, shapes and dtypes it would
+    be bound to), or None where the call must take the direct path (interpreter, profiler hooks on triton's
+    launches, a bias in another dtype, non-contiguous or foreign-device weight tensors, not the current device)."""
+    if INTERPRET or type(A) is not torch.Tensor or not A.is_cuda or A.dtype not in ref4.FLOAT_DTYPES:
+        return None
+    if bias is not None and bias.dtype != A.dtype:
+        return None
+    dev = A.get_device()
+    if dev != torch._C._cuda_getDevice():
+        return None
+    tensors = (B, absmax, nested_absmax, nested_code, offset, bias)
+    for t in tensors:
+        if t is not None and (t.get_device() != dev or not t.is_contiguous()):
+            return None
+    if hooks_installed():
+        return None
+    return (A.dtype, dev, N, K, blocksize, quant_type, absmax.dtype,
+            *(0 if t is None else t.data_ptr() for t in tensors))
+
+
+def clear_plans() -> None:
+    """Forget the op's cached plans and sightings (tests)."""
+    _PLANS.clear()
+    _SEEN.clear()

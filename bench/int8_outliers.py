@@ -1,13 +1,13 @@
 """LLM.int8() layer time by number of outlier columns and by the outlier kernel's shape, one GPU.
 
-    python bench/int8_outliers.py [--json out.json]
+    python bench/int8_outliers.py [--no-bnb] [--json out.json]
 
 For FLUX/T5 shapes, activations N(0, 1) with ``c`` columns scaled so that every row holds a value >= 6 there
 (threshold 6: those columns go through the 16-bit path), c in {0, 8, 350} (350 of 3072: what random-weight FLUX
 blocks show after the AdaLN modulation, BENCHMARKS.md). Times are CUDA-graph replays (GPU only, ms) of
 ``halfbyte.kernels.int8.int8_mixed_mm`` under several ``MMConfig`` settings of the outlier kernel (columns per
-step ``oc``, warps ``st``; until session 5 the loop sat in the GEMM's epilogue and ``st`` counted its software-
-pipeline stages), against bf16 ``F.linear`` and bitsandbytes' ``Linear8bitLt`` (whose outlier path syncs with
+step ``oc``, warps ``w``, software-pipeline stages ``st``; until session 5 the loop sat in the GEMM's epilogue),
+against bf16 ``F.linear`` and bitsandbytes' ``Linear8bitLt`` (whose outlier path syncs with
 the host, so bitsandbytes and halfbyte's layer are also timed eagerly: ``bnb_eager``, ``hb_eager``). Each
 variant's output is checked against the first config's (only the float32 order of the outlier products differs:
 within one output rounding).
@@ -35,12 +35,14 @@ except Exception:  # noqa: BLE001
 
 DEV, DT = "cuda", torch.bfloat16
 SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (512, 10240, 4096)]
-LOOPS = [(32, 8), (64, 8), (128, 8), (64, 4)]  # (columns per step, warps) of the outlier kernel
+# (columns per step, warps, software-pipeline stages) of the outlier kernel
+LOOPS = [(64, 8, 1), (64, 8, 2), (64, 8, 3), (64, 8, 4), (32, 8, 3), (128, 8, 3), (64, 4, 3)]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--no-bnb", action="store_true", help="skip the eager bitsandbytes / halfbyte layer timings")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rows = []
@@ -59,7 +61,7 @@ def main():
             r = {"shape": f"{M}x{N}x{K}", "outlier_cols": c}
             with torch.no_grad():
                 r["bf16"] = timed_graph(lambda: lin(x))
-                if blin is not None:  # its outlier path syncs with the host: no graph capture, eager timing
+                if blin is not None and not args.no_bnb:  # its outlier path syncs with the host: eager timing
                     r["bnb_eager"] = triton.testing.do_bench(lambda: blin(x), warmup=25, rep=100,
                                                              return_mode="median")
                     r["hb_eager"] = triton.testing.do_bench(lambda: layer(x), warmup=25, rep=100,
@@ -67,8 +69,8 @@ def main():
                 base_cfg = k8.mm_config(M, N, K)
                 A2 = x
                 ref = None
-                for oc, st in LOOPS:
-                    cfg = dataclasses.replace(base_cfg, oc=oc, out_warps=st)
+                for oc, w, st in LOOPS:
+                    cfg = dataclasses.replace(base_cfg, oc=oc, out_warps=w, out_stages=st)
 
                     def call(cfg=cfg):
                         return k8.int8_mixed_mm(A2, layer.weight, layer.SCB.view(torch.float32), layer.bias, 6.0,
@@ -78,11 +80,11 @@ def main():
                         if ref is None:
                             ref = out
                         ok = torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=2 ** -7)
-                        r[f"oc{oc}/st{st}"] = timed_graph(call)
+                        r[f"oc{oc}/w{w}/st{st}"] = timed_graph(call)
                         if not ok:
-                            r[f"oc{oc}/st{st}_WRONG"] = True
+                            r[f"oc{oc}/w{w}/st{st}_WRONG"] = True
                     except Exception as e:  # noqa: BLE001
-                        print(f"  oc{oc}/st{st}: failed {type(e).__name__}: {str(e)[:120]}")
+                        print(f"  oc{oc}/w{w}/st{st}: failed {type(e).__name__}: {str(e)[:120]}")
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
             rows.append(r)
     if args.json:

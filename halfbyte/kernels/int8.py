@@ -344,7 +344,7 @@ def _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC: t
 @triton.jit
 def _outlier_add_kernel(out_ptr, xg_ptr, wg_ptr, count_ptr, M, N, stride_om, stride_xg, stride_wg,
                         X_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OC: tl.constexpr,
-                        USE_PTX: tl.constexpr):
+                        STAGES: tl.constexpr, USE_PTX: tl.constexpr):
     """out[tile] = out-dtype(float32(out[tile]) + xg[rows, :count] @ wg[cols, :count]^T), the product summed in
     float32: the reference's ``addmm`` of the outlier columns onto the rounded int8 result. Nothing is read or
     written when count == 0. A kernel of its own: fused into the int8 GEMM's epilogue, its float32 accumulator
@@ -361,10 +361,14 @@ def _outlier_add_kernel(out_ptr, xg_ptr, wg_ptr, count_ptr, M, N, stride_om, str
         am = (rm % M).to(tl.int64)  # rows past M / N read a valid row; the store drops them
         bn = (rn % N).to(tl.int64)
         acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        c0 = 0
-        while c0 < n_out:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
-            acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, X_FP32, USE_PTX)
-            c0 += OC
+        if USE_PTX:  # a pipelined loop: the next steps' column loads are in flight during this step's dot
+            for c0 in tl.range(0, n_out, OC, num_stages=STAGES):
+                acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, X_FP32, USE_PTX)
+        else:  # the interpreter's range() wants a Python int bound; the count is data
+            c0 = 0
+            while c0 < n_out:
+                acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, X_FP32, USE_PTX)
+                c0 += OC
         mask = (rm < M)[:, None] & (rn < N)[None, :]
         offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
         res = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -439,6 +443,7 @@ class MMConfig:
     out_block_n: int = 128
     oc: int = 64
     out_warps: int = 8
+    out_stages: int = 3  # software-pipelined column steps (bench/int8_outliers.py)
 
 
 def mm_config(M: int, N: int, K: int) -> MMConfig:
@@ -473,7 +478,7 @@ def outlier_launch(out, xg, wg, count, cfg: MMConfig):
     grid = (triton.cdiv(M, cfg.out_block_m) * triton.cdiv(N, cfg.out_block_n),)
     return (_outlier_add_kernel, grid, (out, xg, wg, count, M, N, out.stride(0), xg.stride(0), wg.stride(0)),
             dict(X_FP32=out.dtype == torch.float32, BLOCK_M=cfg.out_block_m, BLOCK_N=cfg.out_block_n, OC=cfg.oc,
-                 USE_PTX=USE_PTX, num_warps=cfg.out_warps))
+                 STAGES=cfg.out_stages, USE_PTX=USE_PTX, num_warps=cfg.out_warps))
 
 
 def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,

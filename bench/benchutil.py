@@ -23,3 +23,18 @@ def outlier_activations(M: int, K: int, cols: int, dtype=torch.bfloat16, device=
         c = torch.randperm(K, device=device)[:cols]
         x[:, c] = x[:, c].sign() * (6 + x[:, c].abs())
     return x
+
+
+def print_cprofile(fn, n: int, title: str, limit: int = 25) -> None:
+    """cProfile of ``n`` calls of ``fn()`` (then a CUDA sync), printed by internal time under ``title``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"\n## {title}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(limit)

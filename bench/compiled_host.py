@@ -9,8 +9,6 @@ halfbyte's Linear4bit and Linear8bit (threshold 6), eager and compiled (fullgrap
 """
 
 import argparse
-import cProfile
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -18,6 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import print_cprofile  # noqa: E402
+
 import halfbyte  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
@@ -54,15 +54,7 @@ def main() -> None:
             print(f"| {name} | {per_call(layer, x):.1f} | {per_call(c, x):.1f} |", flush=True)
         if a.profile:
             for name in ("hb Linear8bit", "hb Linear4bit"):
-                c = compiled[name]
-                pr = cProfile.Profile()
-                pr.enable()
-                for _ in range(200):
-                    c(x)
-                pr.disable()
-                torch.cuda.synchronize()
-                print(f"--- cProfile, 200 compiled calls of {name}")
-                pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+                print_cprofile(lambda c=compiled[name]: c(x), 200, f"cProfile, 200 compiled calls of {name}")
 
 
 if __name__ == "__main__":

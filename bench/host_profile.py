@@ -6,8 +6,6 @@ Each line is the wall time per call of a loop of 2000 calls that the GPU outruns
 the host. Then a cProfile of halfbyte.Linear4bit forwards, with and without autograd recording.
 """
 
-import cProfile
-import pstats
 import sys
 import time
 from pathlib import Path
@@ -16,6 +14,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchutil import print_cprofile  # noqa: E402
+
 import halfbyte  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
 from halfbyte.kernels import launch as hl  # noqa: E402
@@ -99,16 +99,9 @@ def main():
     row("Linear4bit M=16, forward + backward", lambda: L(xg).sum().backward())
     row("nn.Linear bf16 module, M=16, forward + backward", lambda: lins[0](xg).sum().backward())
     for name, ctx in (("no_grad", torch.no_grad), ("autograd", torch.enable_grad)):
-        prof = cProfile.Profile()
         with ctx():
             inp = x if name == "no_grad" else xg
-            prof.enable()
-            for _ in range(2000):
-                L(inp)
-            prof.disable()
-        torch.cuda.synchronize()
-        print(f"\n## cProfile, Linear4bit M=16, {name}")
-        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+            print_cprofile(lambda: L(inp), 2000, f"cProfile, Linear4bit M=16, {name}", limit=15)  # noqa: B023
 
 
 if __name__ == "__main__":

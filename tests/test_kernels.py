@@ -81,6 +81,15 @@ def test_fastmath_matches_emulation():
     assert torch.equal(q.nan_to_num(), torch.round(x).nan_to_num())
 
 
+@pytest.mark.parametrize("n", [1, 1000, 3073])
+def test_zero_launch_zeroes_exactly_its_tensor(n):
+    """The workspace zeroing of the int8 plans: every element of the view, nothing past it."""
+    buf = torch.full((n + 8,), 7, dtype=torch.int32, device=DEV)
+    fn, grid, args, kwargs = common.zero_launch(buf[:n])
+    fn[grid](*args, **kwargs)
+    assert not buf[:n].any() and (buf[n:] == 7).all()
+
+
 @gpu
 def test_rcp_table_is_this_gpus_rcp_approx():
     """All 2**23 mantissas: the stored table (measured once on an H100) is what this GPU's MUFU.RCP returns."""

@@ -5,7 +5,7 @@
 For FLUX/T5 shapes, activations N(0, 1) with ``c`` columns scaled so that every row holds a value >= 6 there
 (threshold 6: those columns go through the 16-bit path), c in {0, 8, 350} (350 of 3072: what random-weight FLUX
 blocks show after the AdaLN modulation, BENCHMARKS.md). Times are CUDA-graph replays (GPU only, ms) of
-``halfbyte.kernels.int8.int8_mixed_mm`` under several ``MMConfig`` settings of the outlier kernel (columns per
+``halfbyte.kernels.int8_mm.int8_mixed_mm`` under several ``MMConfig`` settings of the outlier kernel (columns per
 step ``oc``, warps ``w``, software-pipeline stages ``st``; until session 5 the loop sat in the GEMM's epilogue),
 against bf16 ``F.linear`` and bitsandbytes' ``Linear8bitLt`` (whose outlier path syncs with
 the host, so bitsandbytes and halfbyte's layer are also timed eagerly: ``bnb_eager``, ``hb_eager``). Each
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchutil import outlier_activations, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402
-from halfbyte.kernels import int8 as k8  # noqa: E402
+from halfbyte.kernels import int8_mm as km  # noqa: E402
 
 try:
     import bitsandbytes as bnb
@@ -66,14 +66,14 @@ def main():
                                                              return_mode="median")
                     r["hb_eager"] = triton.testing.do_bench(lambda: layer(x), warmup=25, rep=100,
                                                             return_mode="median")
-                base_cfg = k8.mm_config(M, N, K)
+                base_cfg = km.mm_config(M, N, K)
                 A2 = x
                 ref = None
                 for oc, w, st in LOOPS:
                     cfg = dataclasses.replace(base_cfg, oc=oc, out_warps=w, out_stages=st)
 
                     def call(cfg=cfg):
-                        return k8.int8_mixed_mm(A2, layer.weight, layer.SCB.view(torch.float32), layer.bias, 6.0,
+                        return km.int8_mixed_mm(A2, layer.weight, layer.SCB.view(torch.float32), layer.bias, 6.0,
                                                 cfg)
                     try:
                         out = call()

@@ -15,6 +15,7 @@ from benchutil import outlier_activations, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
+from halfbyte.kernels import int8_mm as km  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 
@@ -44,13 +45,13 @@ def main():
             ca, sca, outl = k8._quant_with_outliers(x, CB, SCB, 6.0)
             r["flag+quant_gather(+allocs)"] = timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0))
             r["quant_rows(no outliers)"] = timed_graph(lambda: k8._quant_rows(x, 0.0))
-            r["int8_mm(no outlier loop)"] = timed_graph(lambda: k8.int8_mm(ca, CB, sca, SCB, lin.bias, DT))
-            r["int8_mm(+outliers)"] = timed_graph(lambda: k8.int8_mm(ca, CB, sca, SCB, lin.bias, DT, outliers=outl))
-            r["whole"] = timed_graph(lambda: k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
+            r["int8_mm(no outlier loop)"] = timed_graph(lambda: km.int8_mm(ca, CB, sca, SCB, lin.bias, DT))
+            r["int8_mm(+outliers)"] = timed_graph(lambda: km.int8_mm(ca, CB, sca, SCB, lin.bias, DT, outliers=outl))
+            r["whole"] = timed_graph(lambda: km.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
             # the launch shapes before bench/int8_quant_sweep.py (session 5), same run
             k8._FLAG_CONFIG = dict(block_m=32, block_k=256, row_iters=1, num_warps=4)
             k8._QUANT_CONFIG = dict(block_k=4096, num_warps=8)
-            r["whole(old quant shapes)"] = timed_graph(lambda: k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
+            r["whole(old quant shapes)"] = timed_graph(lambda: km.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
             k8._FLAG_CONFIG = k8._QUANT_CONFIG = None
             print(f"{M}x{N}x{K} outliers={c}: " + " ".join(f"{k}={v:.4f}" for k, v in r.items()), flush=True)
 

@@ -17,6 +17,7 @@ from benchutil import outlier_activations, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
+from halfbyte.kernels import int8_mm as km  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
 FLAGS = [(32, 256, 1, 4), (32, 256, 4, 4), (32, 256, 8, 8), (64, 256, 4, 8), (16, 512, 8, 4), (32, 512, 4, 8),
@@ -33,11 +34,11 @@ def main():
         CB, SCB = layer.weight, layer.SCB.view(torch.float32)
         for c in (0, 350):
             x = outlier_activations(M, K, c, DT, DEV)
-            ref = k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0)
+            ref = km.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0)
             res = []
             for bm, bk, it, w in ([] if quant_only else FLAGS):
                 k8._FLAG_CONFIG = dict(block_m=bm, block_k=bk, row_iters=it, num_warps=w)
-                ok = torch.allclose(k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0).float(), ref.float(), rtol=2 ** -7,
+                ok = torch.allclose(km.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0).float(), ref.float(), rtol=2 ** -7,
                                     atol=2 ** -7)
                 res.append((timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0)), (bm, bk, it, w), ok))
             k8._FLAG_CONFIG = None
@@ -48,7 +49,7 @@ def main():
             res = []
             for bk, w in QUANTS:
                 k8._QUANT_CONFIG = dict(block_k=bk, num_warps=w)
-                ok = torch.equal(k8.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0), ref)  # outlier order is deterministic
+                ok = torch.equal(km.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0), ref)  # outlier order is deterministic
                 res.append((timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0)), (bk, w), ok))
             k8._QUANT_CONFIG = None
             print(f"{M}x{K} outliers={c} quant configs (flag+quant ms, (block_k, warps), ok):")

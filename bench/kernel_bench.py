@@ -190,10 +190,10 @@ def bench_sweep(out):
 
 def bench_int8_sweep(out):
     """Launch shapes of the fused int8 GEMM (quantized activations given), against cuBLAS ``_int_mm`` alone."""
-    from halfbyte.kernels import int8 as k8
+    from halfbyte.kernels import int8_mm as km
 
     print("\n## int8 GEMM + fused epilogue, launch-config sweep (ms)")
-    cands = [k8.MMConfig(*c) for c in ((128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
+    cands = [km.MMConfig(*c) for c in ((128, 128, 128, 8, 8, 4), (128, 128, 128, 8, 8, 3), (128, 128, 64, 8, 4, 4),
                                        (128, 256, 128, 8, 8, 3), (256, 128, 128, 8, 8, 3), (128, 128, 128, 8, 4, 4),
                                        (64, 128, 128, 8, 4, 4), (128, 64, 128, 8, 4, 4), (64, 64, 128, 8, 4, 4),
                                        (128, 192, 128, 8, 8, 3), (128, 128, 256, 8, 8, 3))]
@@ -214,12 +214,12 @@ def bench_int8_sweep(out):
         res = []
         for cfg in cands:
             try:
-                res.append((timed(lambda cfg=cfg: k8.int8_mm(CA, CB, SCA, SCB, bias, DT, cfg)), cfg))
+                res.append((timed(lambda cfg=cfg: km.int8_mm(CA, CB, SCA, SCB, bias, DT, cfg)), cfg))
             except Exception as e:  # noqa: BLE001 - over the shared-memory or register limit
                 print(f"  {cfg}: failed {type(e).__name__}")
         res.sort(key=lambda t: t[0])
         r["best"] = [(ms, vars(c)) for ms, c in res]
-        r["default"] = timed(lambda: k8.int8_mm(CA, CB, SCA, SCB, bias, DT))
+        r["default"] = timed(lambda: km.int8_mm(CA, CB, SCA, SCB, bias, DT))
         print(f"M={M} N={N} K={K}: bf16 {r['bf16']:.4f}  _int_mm {r['int_mm']:.4f}  default {r['default']:.4f} "
               f"({2 * M * N * K / r['default'] / 1e9:.0f} TOP/s)")
         for ms, cfg in res[:4]:

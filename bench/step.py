@@ -264,7 +264,7 @@ def int8_plan_share(call) -> str:
     from halfbyte.kernels import int8_plan
 
     hits = [0, 0]
-    plan_call, direct = int8_plan.Plan.__call__, int8_plan.k8.int8_mixed_mm
+    plan_call, direct = int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm
 
     def counted_plan(self, A2):
         hits[0] += 1
@@ -274,12 +274,12 @@ def int8_plan_share(call) -> str:
         hits[1] += 1
         return direct(*a, **kw)
 
-    int8_plan.Plan.__call__, int8_plan.k8.int8_mixed_mm = counted_plan, counted_direct
+    int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm = counted_plan, counted_direct
     try:
         call()
         sync()
     finally:
-        int8_plan.Plan.__call__, int8_plan.k8.int8_mixed_mm = plan_call, direct
+        int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm = plan_call, direct
     return f"({hits[0]} of {sum(hits)} int8 calls through plans)"
 
 

@@ -220,7 +220,7 @@ CUDA_KERNELS = {
     "dequantize_4bit": ("fourbit", "dequantize_4bit"),
     "gemm_4bit": ("gemm4bit", "gemm_4bit"),
     "int8_vectorwise_quant": ("int8", "int8_vectorwise_quant"),
-    "int8_mixed_mm": ("int8_plan", "int8_mixed_mm"),  # cached prebuilt launches, else int8.int8_mixed_mm
+    "int8_mixed_mm": ("int8_plan", "int8_mixed_mm"),  # cached prebuilt launches, else int8_mm.int8_mixed_mm
 }
 
 

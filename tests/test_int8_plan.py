@@ -1,5 +1,5 @@
 """LLM.int8() through cached plans (``halfbyte.kernels.int8_plan``, the CUDA kernel of ``halfbyte::int8_mixed_mm``):
-a plan binds the very launches ``kernels.int8.int8_mixed_mm`` makes (checked everywhere with recorded launches),
+a plan binds the very launches ``kernels.int8_mm.int8_mixed_mm`` makes (checked everywhere with recorded launches),
 gives its bits on the GPU, is built on a key's second sighting only, follows moved tensors by key and steps aside
 for calls it cannot serve."""
 
@@ -20,6 +20,7 @@ import halfbyte  # noqa: E402
 from halfbyte.formats import int8  # noqa: E402
 from halfbyte.kernels import common, int8_plan  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
+from halfbyte.kernels import int8_mm as km  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -51,16 +52,17 @@ def _input(M, K, dtype, device, outliers=True, seed=1):
 @pytest.mark.parametrize("M,K,N,bias", [(7, 96, 40, True), (300, 200, 24, False), (1, 4096, 16, True)])
 def test_plan_binds_the_launches_int8_mixed_mm_makes(monkeypatch, threshold, M, K, N, bias):
     """Runs everywhere: with the launcher and bind replaced by recorders, a Plan binds the same kernels, grids,
-    fixed arguments and constexprs as ``int8.int8_mixed_mm``'s launches (plus the workspace's zeroing, which the
+    fixed arguments and constexprs as ``int8_mm.int8_mixed_mm``'s launches (plus the workspace's zeroing, which the
     direct path leaves to torch.zeros), with exactly the per-call tensors left free, at scratch offsets that do
     not overlap."""
     cb, scb = _weights(N, K, "cpu")
     b = torch.randn(N, dtype=torch.bfloat16) if bias else None
     x = _input(M, K, torch.bfloat16, "cpu")
     launched, bound = [], []
-    monkeypatch.setattr(k8, "launch", lambda fn, grid, *a, **kw: launched.append((fn, grid, a, kw)))
+    for module in (k8, km):  # the activation kernels, then the GEMM and outlier products
+        monkeypatch.setattr(module, "launch", lambda fn, grid, *a, **kw: launched.append((fn, grid, a, kw)))
     monkeypatch.setattr(int8_plan, "bind", lambda fn, grid, a, kw, free: bound.append((fn, grid, a, kw, free)) or 1)
-    k8.int8_mixed_mm(x, cb, scb, b, threshold)
+    km.int8_mixed_mm(x, cb, scb, b, threshold)
     plan = int8_plan.Plan(x, cb, scb, b, threshold)
     if threshold:
         assert bound[0][0] is common._zero_kernel and bound[0][4] == (0,)
@@ -96,7 +98,7 @@ def test_no_plan_off_cuda():
     assert int8_plan.plan_key(x, cb, scb, None, 6.0) is None
     plans = len(int8_plan._PLANS)
     for _ in range(2):  # a second sighting builds nothing either
-        assert torch.equal(bits(int8_plan.int8_mixed_mm(x, cb, scb, None, 6.0)), bits(k8.int8_mixed_mm(x, cb, scb,
+        assert torch.equal(bits(int8_plan.int8_mixed_mm(x, cb, scb, None, 6.0)), bits(km.int8_mixed_mm(x, cb, scb,
                                                                                                         None, 6.0)))
     assert len(int8_plan._PLANS) == plans
 
@@ -112,7 +114,7 @@ def test_plan_gives_the_direct_paths_bits(dn, threshold, outliers, shape, K, N, 
     cb, scb = _weights(N, K, "cuda")
     b = torch.randn(N, device="cuda").to(dtype) if bias else None
     x = _input(shape[0] * (shape[1] if len(shape) == 3 else 1), K, dtype, "cuda", outliers).view(*shape[:-1], K)
-    want = k8.int8_mixed_mm(x, cb, scb, b, threshold)
+    want = km.int8_mixed_mm(x, cb, scb, b, threshold)
     key = int8_plan.plan_key(x, cb, scb, b, threshold)
     assert key is not None
     first = torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, b, threshold)  # seen once: direct path
@@ -139,7 +141,7 @@ def test_plan_follows_moved_tensors_and_steps_aside():
         assert torch.equal(layer(x), want) and torch.equal(layer(x), want) and len(int8_plan._PLANS) == 2
         del held
         layer.weight.data.copy_(torch.zeros_like(layer.weight))  # same addresses, new contents: read at call time
-        assert torch.equal(layer(x), k8.int8_mixed_mm(x, layer.weight, layer.SCB.view(torch.float32), layer.bias,
+        assert torch.equal(layer(x), km.int8_mixed_mm(x, layer.weight, layer.SCB.view(torch.float32), layer.bias,
                                                       6.0))
     scb = layer.SCB.view(torch.float32)
     odd = torch.empty(33 * 256 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(33, 256).copy_(x)
@@ -150,7 +152,7 @@ def test_plan_follows_moved_tensors_and_steps_aside():
     assert key is not None and key[4] == 512
     with torch.no_grad():
         for _ in range(3):
-            assert torch.equal(layer(wide), k8.int8_mixed_mm(wide, layer.weight, scb, layer.bias, 6.0))
+            assert torch.equal(layer(wide), km.int8_mixed_mm(wide, layer.weight, scb, layer.bias, 6.0))
     assert key in int8_plan._PLANS
     assert int8_plan.plan_key(x, layer.weight, scb, layer.bias.float(), 6.0) is None  # bias in another dtype
     assert int8_plan.plan_key(x.float(), layer.weight, scb, None, 6.0) is not None
@@ -171,5 +173,5 @@ def test_plan_cache_is_bounded(monkeypatch):
         x = _input(M, 64, torch.float16, "cuda")
         for _ in range(2):
             assert torch.equal(torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, None, 6.0),
-                               k8.int8_mixed_mm(x, cb, scb, None, 6.0))
+                               km.int8_mixed_mm(x, cb, scb, None, 6.0))
         assert 1 <= len(int8_plan._PLANS) <= 2

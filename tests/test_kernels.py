@@ -24,6 +24,7 @@ from halfbyte.formats.fastmath import rcp_approx  # noqa: E402
 from halfbyte.kernels import common, gemm4bit  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
+from halfbyte.kernels import int8_mm as km  # noqa: E402
 
 DEV = "cuda" if CUDA else "cpu"
 # The interpreter evaluates 0 * inf and 1 / 0 in numpy, which warns; those values are what the tests check.
@@ -357,10 +358,10 @@ def test_int8_mixed_mm_matches_reference(dn, threshold):
         cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
         x = (torch.randn(M, K, device=DEV) * 3).to(dtype)
         for bias in (None, torch.randn(N, device=DEV).to(dtype), torch.randn(N, device=DEV).half()):
-            assert_int8_matches(k8.int8_mixed_mm(x, cb, scb, bias, threshold), x, cb, scb, bias, threshold)
+            assert_int8_matches(km.int8_mixed_mm(x, cb, scb, bias, threshold), x, cb, scb, bias, threshold)
     x = torch.randn(5, 64, device=DEV).to(dtype)  # threshold set, no outlier in the data: bit-identical
     cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(8, 64, device=DEV).half(), 0.0)
-    assert torch.equal(bits(k8.int8_mixed_mm(x, cb, scb, None, 50.0)), bits(int8.int8_linear(x, cb, scb, None, 50.0)))
+    assert torch.equal(bits(km.int8_mixed_mm(x, cb, scb, None, 50.0)), bits(int8.int8_linear(x, cb, scb, None, 50.0)))
 
 
 def test_int8_outlier_gather():

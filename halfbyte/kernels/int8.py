@@ -1,33 +1,27 @@
-"""Triton LLM.int8() kernels: row-wise activation quantization with outlier detection in one pass over the input,
-and the int8 matmul's dequantization epilogue; bit-exact with ``formats.int8`` (bitsandbytes' CUDA bytes, §5).
+"""Triton LLM.int8() activation kernels: row-wise quantization with outlier detection, the outlier columns' list
+and the gathers of the 16-bit outlier path; bit-exact with ``formats.int8`` (bitsandbytes' CUDA bytes, §5). The
+int8 GEMM and the outlier products are in ``int8_mm``.
 
 ``int8_vectorwise_quant``: one program per row. The first sweep over the row takes the absmax over the
 non-outlier elements and flags outlier columns in an int32 (K,) array; the second sweep (the row is still in L1/L2)
 writes ``rint(a * fdividef(127, absmax))``. Only the flagged columns are then zeroed across all rows (bitsandbytes
 zeroes whole outlier columns when M > 1), which needs every row's flags and so runs after the kernel.
 
-``int8_mixed_mm``: no host sync, five launches. (1) ``_flag_kernel`` marks the outlier columns in a device
+The LLM.int8() matmul's activation side, no host sync: ``_flag_kernel`` marks the outlier columns in a device
 workspace and ``_list_kernel`` lists them in ascending order (as the reference's ``nonzero``: the same sum order on
-every run). (2) ``_quant_gather_kernel`` quantizes each row with those columns
-zeroed (as bitsandbytes does for M > 1) and gathers the activations' outlier columns into ``xg``, while its other
-programs gather the weight's outlier columns, dequantized, into ``wg``. (3) ``_int8_mm_kernel``: one Triton int8
-GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C) whose epilogue applies
-``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order to the tile in registers (the
-int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB) and rounds to the activation dtype.
-(4) ``_outlier_add_kernel`` adds ``xg @ wg.T`` over the ``count`` outlier columns (tensor cores, float32) to that
-result and rounds once more, as the reference's ``addmm`` does; only that float32 sum's order differs from the
-reference. It exits at once when no column is an outlier.
+every run); ``_quant_gather_kernel`` then quantizes each row with those columns zeroed (as bitsandbytes does for
+M > 1) and gathers the activations' outlier columns into ``xg``, while its other programs gather the weight's
+outlier columns, dequantized, into ``wg``.
 """
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from ..formats import int8 as ref8
-from .common import INTERPRET, USE_PTX, mul_rn, rcp_approx, rcp_table, rint, round_to
+from .common import USE_PTX, rcp_approx, rcp_table, rint, round_to
 from .launch import launch
 
 #: The gathered outlier columns (xg, wg) are zero-padded to a multiple of this, so that the outlier kernel reads
@@ -312,218 +306,3 @@ def int8_vectorwise_quant(A: torch.Tensor, threshold: float) -> tuple[torch.Tens
     else:
         cols = torch.empty(0, dtype=torch.int64, device=A.device)
     return ca.view(shape), sca, cols
-
-
-@triton.jit
-def _dequant_epilogue(c, sa, sb, b, HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr, USE_PTX: tl.constexpr):
-    """float32 C (exact int32 values converted), SCA column, SCB row, float32 bias row -> float16
-    ``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order (``formats.int8``)."""
-    v = mul_rn(c * sa * sb, 6.200012e-05, USE_PTX)  # ((C * SCA) * SCB) * 1/127^2, each product rounded
-    if HAS_BIAS:
-        if BIAS_FP16:
-            v = (v + b).to(tl.float16)  # bitsandbytes fuses a float16 bias before its float16 rounding
-        else:
-            v = (v.to(tl.float16).to(tl.float32) + b).to(tl.float16)  # any other bias is added afterwards
-    else:
-        v = v.to(tl.float16)
-    return v
-
-
-@triton.jit
-def _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC: tl.constexpr,
-                  X_FP32: tl.constexpr, USE_PTX: tl.constexpr):
-    """acc_x += xg[rows, c0:c0+OC] @ wg[cols, c0:c0+OC]^T in float32 (columns past the count hold zeros)."""
-    oc = tl.multiple_of(c0, OC) + tl.arange(0, OC)
-    xs = tl.load(xg_ptr + am[:, None] * stride_xg + oc[None, :])
-    ws = tl.load(wg_ptr + bn[:, None] * stride_wg + oc[None, :])
-    if X_FP32 or not USE_PTX:  # float32 inputs must not drop to tf32; the interpreter has no bf16 dot
-        return tl.dot(xs.to(tl.float32), tl.trans(ws.to(tl.float32)), acc_x, input_precision="ieee")
-    return tl.dot(xs, tl.trans(ws), acc_x)
-
-
-@triton.jit
-def _outlier_add_kernel(out_ptr, xg_ptr, wg_ptr, count_ptr, M, N, stride_om, stride_xg, stride_wg,
-                        X_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, OC: tl.constexpr,
-                        STAGES: tl.constexpr, USE_PTX: tl.constexpr):
-    """out[tile] = out-dtype(float32(out[tile]) + xg[rows, :count] @ wg[cols, :count]^T), the product summed in
-    float32: the reference's ``addmm`` of the outlier columns onto the rounded int8 result. Nothing is read or
-    written when count == 0. A kernel of its own: fused into the int8 GEMM's epilogue, its float32 accumulator
-    tile raised the GEMM's register pressure so much that the GEMM took 1.43x as long even without outliers
-    (bench/int8_parts.py, BENCHMARKS.md)."""
-    n_out = tl.load(count_ptr)
-    if n_out > 0:
-        pid = tl.program_id(0)
-        grid_n = tl.cdiv(N, BLOCK_N)
-        pid_m = pid // grid_n
-        pid_n = pid % grid_n
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        am = (rm % M).to(tl.int64)  # rows past M / N read a valid row; the store drops them
-        bn = (rn % N).to(tl.int64)
-        acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if USE_PTX:  # a pipelined loop: the next steps' column loads are in flight during this step's dot
-            for c0 in tl.range(0, n_out, OC, num_stages=STAGES):
-                acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, X_FP32, USE_PTX)
-        else:  # the interpreter's range() wants a Python int bound; the count is data
-            c0 = 0
-            while c0 < n_out:
-                acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, X_FP32, USE_PTX)
-                c0 += OC
-        mask = (rm < M)[:, None] & (rn < N)[None, :]
-        offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-        res = tl.load(out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, round_to(res + acc_x, out_ptr.dtype.element_ty, USE_PTX), mask=mask)
-
-
-@triton.jit
-def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, M, N,
-                    K: tl.constexpr, stride_am, stride_bn, stride_om,
-                    HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    EVEN_K: tl.constexpr, USE_PTX: tl.constexpr):
-    """out (M, N) = epilogue(CA (M, K) int8 @ CB (N, K) int8 ^T): int32 accumulation on the tensor cores (exact,
-    so any order gives the reference's C), the float16 dequantization applied to the tile in registers. The
-    outlier columns' products are added afterwards by ``_outlier_add_kernel``."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    # Programs walk GROUP_M row tiles per column tile, so neighbours share B tiles in L2.
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # Rows past M / N read a valid row (results dropped by the store mask): no mask on the hot loads.
-    am = tl.max_contiguous(tl.multiple_of(rm % M, BLOCK_M), BLOCK_M).to(tl.int64)
-    bn = tl.max_contiguous(tl.multiple_of(rn % N, BLOCK_N), BLOCK_N).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + am[:, None] * stride_am + rk[None, :]
-    b_ptrs = b_ptr + bn[:, None] * stride_bn + rk[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
-        else:
-            kin = rk[None, :] < K - k0
-            a = tl.load(a_ptrs, mask=kin, other=0)
-            b = tl.load(b_ptrs, mask=kin, other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    sa = tl.load(sca_ptr + rm, mask=rm < M, other=0.0)[:, None]
-    sb = tl.load(scb_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    if HAS_BIAS:
-        b = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    else:
-        b = sb
-    v = _dequant_epilogue(acc.to(tl.float32), sa, sb, b, HAS_BIAS, BIAS_FP16, USE_PTX)
-    odt = out_ptr.dtype.element_ty
-    res = round_to(v.to(tl.float32), odt, USE_PTX)
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
-    offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
-    tl.store(out_ptr + offs, res, mask=mask)
-
-
-@dataclass(frozen=True)
-class MMConfig:
-    """Launch shape of ``_int8_mm_kernel``."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 8
-    num_warps: int = 8
-    num_stages: int = 4
-    # The outlier kernel's tile and columns per step. 64 columns per step: with the loop fused in the GEMM's
-    # epilogue, 64 took 0.83-0.87x the time of 32 and of 128 at 350 outlier columns (bench/int8_outliers.py, H200).
-    out_block_m: int = 128
-    out_block_n: int = 128
-    oc: int = 64
-    out_warps: int = 8
-    out_stages: int = 3  # software-pipelined column steps (bench/int8_outliers.py)
-
-
-def mm_config(M: int, N: int, K: int) -> MMConfig:
-    """Launch shape by token count: the fastest of the bench/kernel_bench.py int8 sweep on an H100 (BENCHMARKS.md)."""
-    if INTERPRET:
-        return MMConfig(16, 16, 32, 2, 1, 1, out_block_m=16, out_block_n=16, oc=32, out_warps=1)
-    if M <= 1024:
-        return MMConfig(64, 128, 128, 8, 4, 4)
-    return MMConfig(128, 128, 128, 8, 8, 3)
-
-
-def mm_launch(CA, CB, SCA, SCB, bias, out, cfg: MMConfig):
-    """(fn, grid, args, kwargs) of ``_int8_mm_kernel``: CA (M, K) int8, CB (N, K) int8 (unit column strides), SCA
-    (M,), SCB (N,) float32, bias (N,) in out's dtype or None, into out (M, N)."""
-    M, K = CA.shape
-    N = CB.shape[0]
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    return (_int8_mm_kernel, grid,
-            (CA, CB, SCA, SCB, bias if bias is not None else SCB, out, M, N, K, CA.stride(0), CB.stride(0),
-             out.stride(0)),
-            dict(HAS_BIAS=bias is not None, BIAS_FP16=bias is not None and bias.dtype == torch.float16,
-                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                 EVEN_K=K % cfg.block_k == 0, USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-
-
-def outlier_launch(out, xg, wg, count, cfg: MMConfig):
-    """(fn, grid, args, kwargs) of ``_outlier_add_kernel``: out (M, N) += xg (M, Kp) @ wg (N, Kp).T over the
-    ``count`` (int32 (1,)) outlier columns."""
-    if _OUT_PAD % cfg.oc:
-        raise ValueError(f"MMConfig.oc must divide {_OUT_PAD} (the outlier columns' padding), got {cfg.oc}")
-    M, N = out.shape
-    grid = (triton.cdiv(M, cfg.out_block_m) * triton.cdiv(N, cfg.out_block_n),)
-    return (_outlier_add_kernel, grid, (out, xg, wg, count, M, N, out.stride(0), xg.stride(0), wg.stride(0)),
-            dict(X_FP32=out.dtype == torch.float32, BLOCK_M=cfg.out_block_m, BLOCK_N=cfg.out_block_n, OC=cfg.oc,
-                 STAGES=cfg.out_stages, USE_PTX=USE_PTX, num_warps=cfg.out_warps))
-
-
-def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
-            out_dtype: torch.dtype, config: MMConfig | None = None,
-            outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """CA (M, K) int8, CB (N, K) int8, SCA (M,), SCB (N,) float32, bias (N,) or None -> (M, N) ``out_dtype``:
-    ``out_dtype(fp16(CA @ CB.T * SCA * SCB * 6.200012e-05 + bias))``, bit-identical to ``formats.int8``.
-
-    ``outliers = (xg (M, Kp), wg (N, Kp), count (1,) int32)`` from ``_quant_with_outliers`` (CA's outlier columns
-    already zero): adds ``X[:, cols] @ dequant(CB[:, cols]).T`` in out_dtype (module doc)."""
-    M, K = CA.shape
-    N = CB.shape[0]
-    cfg = config or mm_config(M, N, K)
-    out = torch.empty((M, N), dtype=out_dtype, device=CA.device)
-    fn, grid, args, kwargs = mm_launch(CA, CB, SCA, SCB, bias, out, cfg)
-    launch(fn, grid, *args, **kwargs)
-    if outliers is not None:
-        fn, grid, args, kwargs = outlier_launch(out, *outliers, cfg)
-        launch(fn, grid, *args, **kwargs)
-    return out
-
-
-def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
-                  threshold: float, config: MMConfig | None = None) -> torch.Tensor:
-    """LLM.int8() linear on CUDA, launched directly (``int8_plan.int8_mixed_mm``, the op's CUDA kernel, runs the
-    same launches through cached plans and comes here for everything else): A (..., K) float, CB (N, K) int8, SCB
-    (N,) float32 ->
-    (..., N) in A's dtype: ``formats.int8.int8_linear``, bit-identical without outliers (integer GEMM is exact);
-    with outlier columns the float32 sum of their products may be ordered differently (at most one rounding
-    apart; the same on every run). No host sync; five launches (outlier flags; their list; row quantization +
-    gathers; GEMM; outlier products), two without a threshold."""
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
-    shape = A.shape
-    N, K = CB.shape
-    M = A.numel() // K if K else 0
-    if M == 0 or K == 0 or N == 0:
-        return ref8.int8_linear(A, CB, SCB, bias, threshold)
-    if CB.stride(1) != 1:
-        CB = CB.contiguous()
-    bias = None if bias is None else bias.to(A.dtype)
-    A2 = _rows_of(A)
-    if threshold > 0:
-        CA, SCA, outliers = _quant_with_outliers(A2, CB, SCB, threshold)
-    else:
-        (CA, SCA, _), outliers = _quant_rows(A2, threshold), None
-    out = int8_mm(CA, CB, SCA, SCB, bias, A.dtype, config, outliers)
-    return out.view(*shape[:-1], N)

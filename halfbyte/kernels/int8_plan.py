@@ -1,13 +1,13 @@
 """``halfbyte::int8_mixed_mm``'s CUDA kernel: LLM.int8() calls through prebuilt launches (``Plan``), cached by the
 calls' device addresses and shapes.
 
-Through ``int8.int8_mixed_mm`` an LLM.int8() call costs ~600 Python function calls on the host (five launches'
+Through ``int8_mm.int8_mixed_mm`` an LLM.int8() call costs ~600 Python function calls on the host (five launches'
 keys, six allocations, argument checks): on an H100's host a FLUX step's 504 int8 calls outran the GPU inside
 compiled regions (host 190 ms against 136 ms of GPU work) and left gaps in eager steps; a T5-XXL encode ran
 host-bound (BENCHMARKS.md). A plan binds the launches of one call shape (``launch.Bound``): a call is then
 two allocations (the output, one scratch buffer for the workspace, codes, scales and gathered outlier columns)
 and six bound launches (two without a threshold): the same kernels with the same arguments as
-``int8.int8_mixed_mm``, hence its bits, plus the workspace's zeroing, which that path leaves to ``torch.zeros``.
+``int8_mm.int8_mixed_mm``, hence its bits, plus the workspace's zeroing, which that path leaves to ``torch.zeros``.
 
 Plans are cached here, not in the layers, so that calls from compiled graphs (which reach this kernel through the
 op with plain tensors) use them too. A plan holds no tensor, only the addresses, shapes and dtypes it was built
@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import int8 as k8
+from . import int8_mm as km
 from .common import INTERPRET, zero_launch
 from .launch import bind, hooks_installed
 
@@ -38,7 +39,7 @@ def _aligned(n: int) -> int:
 
 
 class Plan:
-    """The launches of ``int8.int8_mixed_mm`` for one call shape, bound to the weight's addresses.
+    """The launches of ``int8_mm.int8_mixed_mm`` for one call shape, bound to the weight's addresses.
 
     Built from a call's own tensors: A2 (M, K) float with unit column stride, CB (N, K) int8 and SCB (N,) float32
     contiguous, bias (N,) in A2's dtype or None, threshold >= 0. ``plan(A2)`` runs it for an input of the same
@@ -70,7 +71,7 @@ class Plan:
         ca, sca = part("ca", torch.int8, M, K), part("sca", torch.float32, M)
         where = {id(A2): (_A, 0), id(out): (_OUT, 0), id(ws): (_SCRATCH, offs["ws"]), id(ca): (_SCRATCH, offs["ca"]),
                  id(sca): (_SCRATCH, offs["sca"])}
-        cfg = k8.mm_config(M, N, K)
+        cfg = km.mm_config(M, N, K)
         if thr:
             xg, wg = part("xg", A2.dtype, M, kp), part("wg", A2.dtype, N, kp)
             flags, count = ws[:K], ws[3 * K:]
@@ -78,10 +79,10 @@ class Plan:
                           id(flags): (_SCRATCH, offs["ws"]), id(count): (_SCRATCH, offs["ws"] + 4 * 3 * K)})
             launches = [zero_launch(flags), k8.flag_launch(A2, ws, threshold), k8.list_launch(ws, K),
                         k8.quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold),
-                        k8.mm_launch(ca, CB, sca, SCB, bias, out, cfg), k8.outlier_launch(out, xg, wg, count, cfg)]
+                        km.mm_launch(ca, CB, sca, SCB, bias, out, cfg), km.outlier_launch(out, xg, wg, count, cfg)]
         else:
             launches = [k8.row_quant_launch(A2, ca, sca, ws, threshold),
-                        k8.mm_launch(ca, CB, sca, SCB, bias, out, cfg)]
+                        km.mm_launch(ca, CB, sca, SCB, bias, out, cfg)]
         self._launches = []
         for fn, grid, args, kwargs in launches:
             free = tuple(i for i, a in enumerate(args) if id(a) in where)
@@ -113,7 +114,7 @@ def _rows(A: Tensor, K: int) -> Tensor | None:
 
 def plan_key(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> tuple | None:
     """The cache key of a call that a plan can serve (the addresses, shapes, row stride and dtypes it would be
-    bound to), or None where the call must take ``int8.int8_mixed_mm`` (interpreter, profiler hooks on triton's
+    bound to), or None where the call must take ``int8_mm.int8_mixed_mm`` (interpreter, profiler hooks on triton's
     launches, rows without unit column stride, misaligned input, a bias in another dtype, tensors not on the
     current device, bad arguments, which that path reports)."""
     if INTERPRET or type(A) is not Tensor or not A.is_cuda or A.dtype not in _FLOATS or A.dim() == 0:
@@ -140,18 +141,18 @@ def plan_key(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold:
 
 
 def int8_mixed_mm(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
-    """CUDA kernel of ``halfbyte::int8_mixed_mm`` (contract in ``int8.int8_mixed_mm``): through a cached plan
-    when the call allows one, else ``int8.int8_mixed_mm``; both give the same bits."""
+    """CUDA kernel of ``halfbyte::int8_mixed_mm`` (contract in ``int8_mm.int8_mixed_mm``): through a cached plan
+    when the call allows one, else ``int8_mm.int8_mixed_mm``; both give the same bits."""
     key = plan_key(A, CB, SCB, bias, threshold)
     if key is None:
-        return k8.int8_mixed_mm(A, CB, SCB, bias, threshold)
+        return km.int8_mixed_mm(A, CB, SCB, bias, threshold)
     plan = _PLANS.get(key)
     if plan is None:
         if key not in _SEEN:  # first sighting: remember it, no build
             if len(_SEEN) >= 4 * MAX_PLANS:
                 _SEEN.clear()
             _SEEN.add(key)
-            return k8.int8_mixed_mm(A, CB, SCB, bias, threshold)
+            return km.int8_mixed_mm(A, CB, SCB, bias, threshold)
         if len(_PLANS) >= MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = Plan(_rows(A, key[3]), CB, SCB, bias, threshold)

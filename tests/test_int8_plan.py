@@ -96,11 +96,11 @@ def test_no_plan_off_cuda():
     cb, scb = _weights(16, 64, "cpu")
     x = _input(4, 64, torch.float32, "cpu")
     assert int8_plan.plan_key(x, cb, scb, None, 6.0) is None
-    plans = len(int8_plan._PLANS)
+    plans = len(int8_plan.PLANS.plans)
     for _ in range(2):  # a second sighting builds nothing either
         assert torch.equal(bits(int8_plan.int8_mixed_mm(x, cb, scb, None, 6.0)), bits(km.int8_mixed_mm(x, cb, scb,
                                                                                                         None, 6.0)))
-    assert len(int8_plan._PLANS) == plans
+    assert len(int8_plan.PLANS.plans) == plans
 
 
 @gpu
@@ -110,7 +110,7 @@ def test_no_plan_off_cuda():
                                             ((4608, 3072), 3072, 3072, True), ((512, 4096), 4096, 10240, True)])
 def test_plan_gives_the_direct_paths_bits(dn, threshold, outliers, shape, K, N, bias):
     dtype = DTYPES[dn]
-    int8_plan.clear_plans()
+    int8_plan.PLANS.clear()
     cb, scb = _weights(N, K, "cuda")
     b = torch.randn(N, device="cuda").to(dtype) if bias else None
     x = _input(shape[0] * (shape[1] if len(shape) == 3 else 1), K, dtype, "cuda", outliers).view(*shape[:-1], K)
@@ -118,10 +118,10 @@ def test_plan_gives_the_direct_paths_bits(dn, threshold, outliers, shape, K, N, 
     key = int8_plan.plan_key(x, cb, scb, b, threshold)
     assert key is not None
     first = torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, b, threshold)  # seen once: direct path
-    assert key in int8_plan._SEEN and key not in int8_plan._PLANS
+    assert key in int8_plan.PLANS.seen and key not in int8_plan.PLANS.plans
     second = torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, b, threshold)  # builds and runs the plan
     third = torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, b, threshold)
-    assert key in int8_plan._PLANS
+    assert key in int8_plan.PLANS.plans
     for got in (first, second, third):
         assert got.shape == (*shape[:-1], N) and got.dtype == dtype
         assert torch.equal(bits(got), bits(want))
@@ -129,16 +129,16 @@ def test_plan_gives_the_direct_paths_bits(dn, threshold, outliers, shape, K, N, 
 
 @gpu
 def test_plan_follows_moved_tensors_and_steps_aside():
-    int8_plan.clear_plans()
+    int8_plan.PLANS.clear()
     lin = torch.nn.Linear(256, 96, dtype=torch.bfloat16, device="cuda")
     layer = halfbyte.Linear8bit.from_linear(lin, threshold=6.0).requires_grad_(False)
     x = _input(33, 256, torch.bfloat16, "cuda")
     with torch.no_grad():
         want = layer(x)
-        assert torch.equal(layer(x), want) and len(int8_plan._PLANS) == 1
+        assert torch.equal(layer(x), want) and len(int8_plan.PLANS.plans) == 1
         held = list(layer.state_dict().values())  # kept alive: the allocator cannot hand back their places
         layer.cpu().cuda()  # new addresses: a new key, the old plan is never used for them
-        assert torch.equal(layer(x), want) and torch.equal(layer(x), want) and len(int8_plan._PLANS) == 2
+        assert torch.equal(layer(x), want) and torch.equal(layer(x), want) and len(int8_plan.PLANS.plans) == 2
         del held
         layer.weight.data.copy_(torch.zeros_like(layer.weight))  # same addresses, new contents: read at call time
         assert torch.equal(layer(x), km.int8_mixed_mm(x, layer.weight, layer.SCB.view(torch.float32), layer.bias,
@@ -153,7 +153,7 @@ def test_plan_follows_moved_tensors_and_steps_aside():
     with torch.no_grad():
         for _ in range(3):
             assert torch.equal(layer(wide), km.int8_mixed_mm(wide, layer.weight, scb, layer.bias, 6.0))
-    assert key in int8_plan._PLANS
+    assert key in int8_plan.PLANS.plans
     assert int8_plan.plan_key(x, layer.weight, scb, layer.bias.float(), 6.0) is None  # bias in another dtype
     assert int8_plan.plan_key(x.float(), layer.weight, scb, None, 6.0) is not None
     enter = lambda *a: None  # noqa: E731
@@ -166,12 +166,12 @@ def test_plan_follows_moved_tensors_and_steps_aside():
 
 @gpu
 def test_plan_cache_is_bounded(monkeypatch):
-    int8_plan.clear_plans()
-    monkeypatch.setattr(int8_plan, "MAX_PLANS", 2)
+    int8_plan.PLANS.clear()
+    monkeypatch.setattr(int8_plan.PLANS, "max_plans", 2)
     cb, scb = _weights(32, 64, "cuda")
     for M in (1, 2, 3, 4, 5):
         x = _input(M, 64, torch.float16, "cuda")
         for _ in range(2):
             assert torch.equal(torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, None, 6.0),
                                km.int8_mixed_mm(x, cb, scb, None, 6.0))
-        assert 1 <= len(int8_plan._PLANS) <= 2
+        assert 1 <= len(int8_plan.PLANS.plans) <= 2

@@ -59,3 +59,26 @@ def test_launch_keys_constexprs_passed_by_position_by_value():
     same_class[n] = 8192
     assert cache_key(fn, 0, tuple(bigger_n), {}) == cache_key(fn, 0, tuple(same_class), {})
     assert cache_key(fn, 0, tuple(args), {"BLOCK_N": 16}) != cache_key(fn, 0, tuple(args), {"BLOCK_N": 32})
+
+
+def test_plan_cache_builds_on_the_second_sighting_and_empties_when_full():
+    pytest.importorskip("triton")
+    from halfbyte.kernels.launch import PlanCache
+
+    cache, built = PlanCache(max_plans=2), []
+
+    def build(k):
+        return lambda: built.append(k) or f"plan {k}"
+
+    assert cache.get(("a",), build("a")) is None and built == []  # first sighting: nothing built
+    assert cache.get(("a",), build("a")) == "plan a" and built == ["a"]
+    assert cache.get(("a",), build("a")) == "plan a" and built == ["a"]  # a hit builds nothing
+    for k in ("b", "c"):
+        cache.get((k,), build(k))
+        cache.get((k,), build(k))
+    assert len(cache.plans) <= 2 and ("c",) in cache.plans  # full: emptied before the newest was added
+    for i in range(8):  # sightings are bounded too
+        cache.get((i,), build(i))
+    assert len(cache.seen) <= 4 * 2
+    cache.clear()
+    assert not cache.plans and not cache.seen

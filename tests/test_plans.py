@@ -182,7 +182,7 @@ def test_op_calls_use_cached_plans(dq, shape):
     sighting takes the direct path, the second builds a plan, and all give the same bits."""
     from halfbyte.kernels import gemm4bit
 
-    gemm4bit.clear_plans()
+    gemm4bit.PLANS.clear()
     layer = _layer(3072, 1024, torch.bfloat16, double_quant=dq)
     x = torch.randn(*shape, dtype=torch.bfloat16, device="cuda")
     absmax, nested, ncode, offset = layer.quant_stats()
@@ -190,7 +190,7 @@ def test_op_calls_use_cached_plans(dq, shape):
     assert key is not None
     with torch.no_grad():
         outs = [_op(layer, x) for _ in range(3)]
-    assert key in gemm4bit._PLANS
+    assert key in gemm4bit.PLANS.plans
     assert all(torch.equal(o, outs[0]) for o in outs) and outs[0].shape == (*shape[:-1], 3072)
     assert gemm4bit.plan_key(x, layer.weight, absmax, nested, ncode, offset, layer.bias.float(), 3072, 1024, 64,
                              "nf4") is None  # a bias in another dtype takes the direct path
@@ -201,12 +201,12 @@ def test_op_calls_use_cached_plans(dq, shape):
 def test_compiled_layer_uses_cached_plans():
     from halfbyte.kernels import gemm4bit
 
-    gemm4bit.clear_plans()
+    gemm4bit.PLANS.clear()
     layer = _layer(512, 256, torch.bfloat16)
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(5, 256, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
         want = layer(x)
         got = [compiled(x) for _ in range(3)]
-    assert len(gemm4bit._PLANS) == 1
+    assert len(gemm4bit.PLANS.plans) == 1
     assert all(torch.equal(g, want) for g in got)

@@ -31,14 +31,11 @@ import triton.language as tl
 from ..formats import fourbit as ref4
 from .common import INTERPRET, USE_PTX, load_absmax_inbounds, round_to
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
-from .launch import bind, hooks_installed, launch
+from .launch import PlanCache, bind, hooks_installed, launch
 
-#: Plans of the op's own calls (torch.compile graphs, direct kernel calls), keyed by the call's addresses, shapes
-#: and dtypes: a key gets a plan the second time it is seen; the cache is emptied when full. ``halfbyte.nn``'s
+#: Plans of the op's own calls (torch.compile graphs, direct kernel calls), keyed by ``plan_key``. ``halfbyte.nn``'s
 #: eager layers keep their own plans.
-MAX_PLANS = 2048
-_PLANS: dict[tuple, "Plan"] = {}
-_SEEN: set[tuple] = set()
+PLANS = PlanCache()
 
 
 @dataclass(frozen=True)
@@ -170,17 +167,8 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
                          f"the {N}x{K} weight expects {K}")
     key = plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type)
     if key is not None:
-        plan = _PLANS.get(key)
-        if plan is None:
-            if key in _SEEN:
-                if len(_PLANS) >= MAX_PLANS:
-                    _PLANS.clear()
-                plan = _PLANS[key] = Plan(B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
-                                          quant_type, A.dtype)
-            else:  # first sighting: remember it, no build
-                if len(_SEEN) >= 4 * MAX_PLANS:
-                    _SEEN.clear()
-                _SEEN.add(key)
+        plan = PLANS.get(key, lambda: Plan(B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
+                                           quant_type, A.dtype))
         if plan is not None:
             return plan(A, bias)
     bias = None if bias is None else bias.to(A.dtype)
@@ -271,9 +259,3 @@ def plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N: int, K: 
         return None
     return (A.dtype, dev, N, K, blocksize, quant_type, absmax.dtype,
             *(0 if t is None else t.data_ptr() for t in tensors))
-
-
-def clear_plans() -> None:
-    """Forget the op's cached plans and sightings (tests)."""
-    _PLANS.clear()
-    _SEEN.clear()

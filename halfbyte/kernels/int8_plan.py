@@ -22,14 +22,12 @@ from torch import Tensor
 from . import int8 as k8
 from . import int8_mm as km
 from .common import INTERPRET, zero_launch
-from .launch import bind, hooks_installed
+from .launch import PlanCache, bind, hooks_installed
 
 #: Alignment of the scratch buffer's parts: bound launches were compiled for 16-byte aligned pointers.
 _ALIGN = 256
-#: Plans kept at most (one per layer and token count in use; a FLUX step uses 504) and keys remembered.
-MAX_PLANS = 2048
-_PLANS: dict[tuple, "Plan"] = {}
-_SEEN: set[tuple] = set()
+#: The cached plans (one per layer and token count in use; a FLUX step uses 504), keyed by ``plan_key``.
+PLANS = PlanCache()
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _A, _OUT, _SCRATCH = 0, 1, 2  # per-call base addresses
 
@@ -146,20 +144,8 @@ def int8_mixed_mm(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, thres
     key = plan_key(A, CB, SCB, bias, threshold)
     if key is None:
         return km.int8_mixed_mm(A, CB, SCB, bias, threshold)
-    plan = _PLANS.get(key)
-    if plan is None:
-        if key not in _SEEN:  # first sighting: remember it, no build
-            if len(_SEEN) >= 4 * MAX_PLANS:
-                _SEEN.clear()
-            _SEEN.add(key)
-            return km.int8_mixed_mm(A, CB, SCB, bias, threshold)
-        if len(_PLANS) >= MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = Plan(_rows(A, key[3]), CB, SCB, bias, threshold)
+    plan = PLANS.get(key, lambda: Plan(_rows(A, key[3]), CB, SCB, bias, threshold))
+    if plan is None:  # first sighting
+        return km.int8_mixed_mm(A, CB, SCB, bias, threshold)
     return plan(A).view(*A.shape[:-1], key[2])
 
-
-def clear_plans() -> None:
-    """Forget every plan and sighting (tests)."""
-    _PLANS.clear()
-    _SEEN.clear()

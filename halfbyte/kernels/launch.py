@@ -163,3 +163,33 @@ def hooks_installed() -> bool:
 def clear_cache() -> None:
     """Forget the cached launchers (tests; a process that reloads kernels)."""
     _CACHE.clear()
+
+
+class PlanCache:
+    """Prebuilt-launch plans keyed by the calls they serve (addresses, shapes, dtypes: a key names exactly the
+    call a plan was built for, so a hit is always right). A key gets a plan the second time it is seen, so that a
+    one-off call shape does not pay the build; both the plans and the sightings are forgotten when full."""
+
+    def __init__(self, max_plans: int = 2048):
+        self.max_plans = max_plans
+        self.plans: dict[tuple, object] = {}
+        self.seen: set[tuple] = set()
+
+    def get(self, key: tuple, build):
+        """The plan for ``key``, built now by ``build()`` if this is its second sighting; None on the first."""
+        plan = self.plans.get(key)
+        if plan is not None:
+            return plan
+        if key not in self.seen:
+            if len(self.seen) >= 4 * self.max_plans:
+                self.seen.clear()
+            self.seen.add(key)
+            return None
+        if len(self.plans) >= self.max_plans:
+            self.plans.clear()
+        plan = self.plans[key] = build()
+        return plan
+
+    def clear(self) -> None:
+        self.plans.clear()
+        self.seen.clear()

@@ -85,6 +85,30 @@ def _fix_kernel(a_ptr, ca_ptr, ws_ptr, xg_ptr, cb_ptr, scb_ptr, wg_ptr, M, N, st
 
 
 @triton.jit
+def _fix_rows(prog, a_ptr, ca_ptr, ws_ptr, xg_ptr, M, stride_am, stride_xg, n_out, K: tl.constexpr,
+              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows [prog * BLOCK_R, +BLOCK_R) swept whole and in order (coalesced loads of A): xg and CA written where
+    ``pos`` (ws[K:2K]) marks an outlier column, column blocks without any skipped, xg's padding zeroed."""
+    if n_out > 0:
+        r = prog * BLOCK_R + tl.arange(0, BLOCK_R)
+        rin = (r < M)[:, None]
+        r64 = r.to(tl.int64)[:, None]
+        STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        for c in range(STEPS):
+            k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+            pos = tl.load(ws_ptr + K + k, mask=k < K, other=0) - 1
+            if tl.max(pos, axis=0) >= 0:
+                m = rin & (pos >= 0)[None, :]
+                v = tl.load(a_ptr + r64 * stride_am + k[None, :], mask=m, other=0.0)
+                tl.store(xg_ptr + r64 * stride_xg + pos[None, :], v, mask=m)
+                tl.store(ca_ptr + r64 * K + k[None, :], tl.zeros((BLOCK_R, BLOCK_K), tl.int8), mask=m)
+        z = n_out + tl.arange(0, k8.OUT_PAD)
+        zm = rin & (z < tl.cdiv(n_out, k8.OUT_PAD) * k8.OUT_PAD)[None, :]
+        tl.store(xg_ptr + r64 * stride_xg + z[None, :], tl.zeros((BLOCK_R, k8.OUT_PAD), xg_ptr.dtype.element_ty),
+                 mask=zm)
+
+
+@triton.jit
 def _fix2_kernel(a_ptr, ca_ptr, ws_ptr, xg_ptr, cb_ptr, scb_ptr, wg_ptr, M, N, stride_am, stride_cb, stride_xg,
                  stride_wg, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                  USE_PTX: tl.constexpr):
@@ -96,24 +120,8 @@ def _fix2_kernel(a_ptr, ca_ptr, ws_ptr, xg_ptr, cb_ptr, scb_ptr, wg_ptr, M, N, s
         k8._gather_w(pid, cb_ptr, scb_ptr, ws_ptr + 2 * K, ws_ptr + 3 * K, wg_ptr, N, stride_cb, stride_wg,
                      BLOCK_N, 32, USE_PTX)
     else:
-        n_out = tl.load(ws_ptr + 3 * K)
-        if n_out > 0:
-            r = (pid - G) * BLOCK_R + tl.arange(0, BLOCK_R)
-            rin = (r < M)[:, None]
-            r64 = r.to(tl.int64)[:, None]
-            STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-            for c in range(STEPS):
-                k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-                pos = tl.load(ws_ptr + K + k, mask=k < K, other=0) - 1
-                if tl.max(pos, axis=0) >= 0:
-                    m = rin & (pos >= 0)[None, :]
-                    v = tl.load(a_ptr + r64 * stride_am + k[None, :], mask=m, other=0.0)
-                    tl.store(xg_ptr + r64 * stride_xg + pos[None, :], v, mask=m)
-                    tl.store(ca_ptr + r64 * K + k[None, :], tl.zeros((BLOCK_R, BLOCK_K), tl.int8), mask=m)
-            z = n_out + tl.arange(0, k8.OUT_PAD)
-            zm = rin & (z < tl.cdiv(n_out, k8.OUT_PAD) * k8.OUT_PAD)[None, :]
-            tl.store(xg_ptr + r64 * stride_xg + z[None, :], tl.zeros((BLOCK_R, k8.OUT_PAD), xg_ptr.dtype.element_ty),
-                     mask=zm)
+        _fix_rows(pid - G, a_ptr, ca_ptr, ws_ptr, xg_ptr, M, stride_am, stride_xg, tl.load(ws_ptr + 3 * K), K,
+                  BLOCK_R, BLOCK_K)
 
 
 @triton.jit
@@ -143,23 +151,7 @@ def _fix3_kernel(a_ptr, ca_ptr, ws_ptr, xg_ptr, cb_ptr, scb_ptr, wg_ptr, M, N, s
                 tl.store(wg_ptr + n64 * stride_wg + ci[None, :], tl.where(cin, w, 0.0), mask=nin)
     else:
         if PART != 1:
-            if n_out > 0:
-                r = (pid - G) * BLOCK_R + tl.arange(0, BLOCK_R)
-                rin = (r < M)[:, None]
-                r64 = r.to(tl.int64)[:, None]
-                STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-                for c in range(STEPS):
-                    k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-                    pos = tl.load(ws_ptr + K + k, mask=k < K, other=0) - 1
-                    if tl.max(pos, axis=0) >= 0:
-                        m = rin & (pos >= 0)[None, :]
-                        v = tl.load(a_ptr + r64 * stride_am + k[None, :], mask=m, other=0.0)
-                        tl.store(xg_ptr + r64 * stride_xg + pos[None, :], v, mask=m)
-                        tl.store(ca_ptr + r64 * K + k[None, :], tl.zeros((BLOCK_R, BLOCK_K), tl.int8), mask=m)
-                z = n_out + tl.arange(0, k8.OUT_PAD)
-                zm = rin & (z < tl.cdiv(n_out, k8.OUT_PAD) * k8.OUT_PAD)[None, :]
-                tl.store(xg_ptr + r64 * stride_xg + z[None, :],
-                         tl.zeros((BLOCK_R, k8.OUT_PAD), xg_ptr.dtype.element_ty), mask=zm)
+            _fix_rows(pid - G, a_ptr, ca_ptr, ws_ptr, xg_ptr, M, stride_am, stride_xg, n_out, K, BLOCK_R, BLOCK_K)
 
 
 def _zero(t):

@@ -184,7 +184,10 @@ def assert_within_fp32_sum_bound(out: torch.Tensor, x: torch.Tensor, W: torch.Te
     ``unrounded_weights`` (the GEMV): the kernel computes with code * absmax unrounded, forming
     (sum_group code_k x_k) * absmax: one more rounding per term (hence K+3), and each weight differs from the
     reference's rounded W by at most u_x |W_exact| <= u_x / (1 - u_x) |W| (u_x: x's dtype's unit roundoff, the
-    same 2^-8 / 2^-11 / 2^-24), which adds u_x / (1 - u_x) * |x| @ |W|^T.
+    same 2^-8 / 2^-11 / 2^-24), which adds u_x / (1 - u_x) * |x| @ |W|^T. For bf16 activations the GEMV's
+    register tables hold the codes rounded to bf16 (kernels.lut, as bitsandbytes' GEMV rounds its table to the
+    activation dtype): code_bf16 * absmax differs from code * absmax by another u_x |W_exact|, so the weight term
+    doubles.
     """
     K = x.shape[-1]
     y = x.double() @ W.double().T
@@ -196,7 +199,8 @@ def assert_within_fp32_sum_bound(out: torch.Tensor, x: torch.Tensor, W: torch.Te
     tol = 2 * (K + 3) * 2.0**-24 * s * (1 + u_out) + u_out * y.abs() + tiny
     if unrounded_weights:
         u_x = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[x.dtype]
-        tol = tol + u_x / (1 - u_x) * (x.double().abs() @ W.double().abs().T) * (1 + u_out)
+        weight_terms = 2 if x.dtype == torch.bfloat16 else 1
+        tol = tol + weight_terms * u_x / (1 - u_x) * (x.double().abs() @ W.double().abs().T) * (1 + u_out)
     err = (out.double() - y).abs()
     assert torch.isfinite(out).all()
     assert (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
@@ -234,6 +238,28 @@ def test_gemm_4bit_tiny(dn, nested):
                     assert_within_fp32_sum_bound(other, x, W, bias, unrounded_weights=True)
             else:
                 assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W, bias)))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+def test_gemv_register_tables_tiny(nested):
+    """bf16 GEMV through the register-table kernel (kernels.lut) at blocksizes whose absmax groups are 4 and 8
+    words, with a K step that does not divide K's words evenly at first (the launch halves it), and the table-load
+    kernel it falls back to when x is not 4-byte aligned; both within the bound."""
+    for N, K, bs, qt in ((24, 1536, 32, "nf4"), (40, 640, 64, "fp4"), (9, 1024, 128, "nf4")):
+        packed, stats, am = _quantized_linear(N, K, bs, qt, nested, torch.bfloat16)
+        W = fourbit.dequantize_4bit(packed, am, bs, qt, (N, K), torch.bfloat16)
+        bias = torch.randn(N, device=DEV).to(torch.bfloat16)
+        x = torch.randn(1, K, device=DEV).to(torch.bfloat16)
+        assert gemm4bit.lut_supported(x.dtype, x, packed)
+        out = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt)
+        assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
+        grid, steps, _, kw = gemm4bit.gemv_lut_launch(N, K, bs, nested, True, x.device)
+        assert kw["G"] == min(bs // 8, 8) and kw["NG"] * kw["G"] * steps * grid[1] == K // 8
+        shifted = torch.empty(1, K + 1, device=DEV, dtype=torch.bfloat16)[:, 1:]  # 2 bytes past alignment
+        shifted.copy_(x)
+        assert not gemm4bit.lut_supported(x.dtype, shifted, packed)
+        other = gemm4bit.gemv(shifted, packed, *stats, bias, N, K, bs, qt)
+        assert_within_fp32_sum_bound(other, x, W, bias, unrounded_weights=True)
 
 
 def test_gemm_4bit_rejects_a_wrong_feature_count():

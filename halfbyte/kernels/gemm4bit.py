@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fourbit as ref4
+from . import lut
 from .common import INTERPRET, USE_PTX, load_absmax_inbounds, round_to
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
@@ -89,6 +90,91 @@ def _gemv_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, co
         tl.store(out_ptr + rows, round_to(res, out_ptr.dtype.element_ty, USE_PTX), mask=mask)
 
 
+@triton.jit
+def _lut_words(q, tab_ptr, code_ptr, ASM: tl.constexpr, USE_PTX: tl.constexpr):
+    """q: int32 words of 8 packed codes -> 8 float32 tensors shaped like q, weights 0..7 of each word (byte i holds
+    weights 2i, high nibble, and 2i+1), the codes rounded to bfloat16 (``lut.effective_codes(code, 2)``). GPU: the
+    ``prmt`` register-table decode of ``lut.decode_asm`` with the table words ``tab_ptr[0:8]`` as operands;
+    interpreter: loads from the (16,) float32 table ``code_ptr`` of the same values."""
+    if USE_PTX:
+        z = tl.zeros_like(q)
+        w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+            ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+            [q, z + tl.load(tab_ptr), z + tl.load(tab_ptr + 1), z + tl.load(tab_ptr + 2), z + tl.load(tab_ptr + 3),
+             z + tl.load(tab_ptr + 4), z + tl.load(tab_ptr + 5), z + tl.load(tab_ptr + 6), z + tl.load(tab_ptr + 7)],
+            dtype=(tl.int32,) * 8, is_pure=True, pack=1)
+        return (w0.to(tl.float32, bitcast=True), w1.to(tl.float32, bitcast=True), w2.to(tl.float32, bitcast=True),
+                w3.to(tl.float32, bitcast=True), w4.to(tl.float32, bitcast=True), w5.to(tl.float32, bitcast=True),
+                w6.to(tl.float32, bitcast=True), w7.to(tl.float32, bitcast=True))
+    else:
+        return (tl.load(code_ptr + ((q >> 4) & 15)), tl.load(code_ptr + (q & 15)),
+                tl.load(code_ptr + ((q >> 12) & 15)), tl.load(code_ptr + ((q >> 8) & 15)),
+                tl.load(code_ptr + ((q >> 20) & 15)), tl.load(code_ptr + ((q >> 16) & 15)),
+                tl.load(code_ptr + ((q >> 28) & 15)), tl.load(code_ptr + ((q >> 24) & 15)))
+
+
+@triton.jit
+def _gemv_lut_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, tab_ptr, code_ptr, bias_ptr, out_ptr,
+                     N, K: tl.constexpr, STEPS: tl.constexpr,
+                     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+                     BLOCK_N: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, I64: tl.constexpr, ASM: tl.constexpr,
+                     USE_PTX: tl.constexpr):
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.where(rows < N, rows, 0)  # clamped rows load valid data; their results are dropped
+    if I64:
+        rows_c = rows_c.to(tl.int64)
+    KW: tl.constexpr = K // 8
+    gi = tl.arange(0, NG)
+    woff = gi[:, None] * G + tl.arange(0, G)[None, :]  # (NG, G) word offsets inside one K step
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + rows_c[:, None, None] * KW
+    x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)  # x as (even, odd) bf16 pairs
+    blk_rows = rows_c[:, None] * (K // BLOCKSIZE)
+    acc = tl.zeros((BLOCK_N, NG), tl.float32)
+    kw_start = tl.program_id(1) * (STEPS * NG * G)
+    for i in range(STEPS):  # constexpr trip count: also runs under the interpreter
+        kw0 = kw_start + i * (NG * G)
+        q = tl.load(w_rows + (kw0 + woff)[None, :, :], eviction_policy="evict_first")  # (BLOCK_N, NG, G)
+        blk = blk_rows + ((kw0 + gi * G) * 8 // BLOCKSIZE)[None, :]  # (BLOCK_N, NG): G words share one absmax
+        am = load_absmax_inbounds(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, NESTED, USE_PTX)
+        # one 16-byte load of x per word, split in registers into its 8 values (bf16 -> float32 is a shift)
+        xq = tl.load(x32 + 4 * (kw0 + woff)[:, :, None] + tl.arange(0, 4)[None, None, :])
+        xa, xb = tl.split(tl.reshape(xq, (NG, G, 2, 2)))
+        p0, p2 = tl.split(xa)
+        p1, p3 = tl.split(xb)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _lut_words(q, tab_ptr, code_ptr, ASM, USE_PTX)
+        lo0, hi0 = (p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True)
+        lo1, hi1 = (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True)
+        lo2, hi2 = (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True)
+        lo3, hi3 = (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True)
+        p = (w0 * lo0[None] + w1 * hi0[None] + w2 * lo1[None] + w3 * hi1[None]
+             + w4 * lo2[None] + w5 * hi2[None] + w6 * lo3[None] + w7 * hi3[None])
+        acc += tl.sum(p, axis=2) * am
+    res = tl.sum(acc, axis=1)  # (BLOCK_N,)
+    mask = rows < N
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rows, res, mask=mask)
+    else:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, round_to(res, out_ptr.dtype.element_ty, USE_PTX), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def lut_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(8,) int32 ``prmt`` table words and (16,) float32 bf16-rounded codes of ``quant_type`` on ``device``: what
+    ``_lut_words`` reads on the GPU and under the interpreter. Cached: a call does no host-to-device copy."""
+    code = tuple(ref4.code_4bit(quant_type, torch.device("cpu")).tolist())
+    return (torch.tensor(lut.table_words(code, 2), dtype=torch.int32, device=device),
+            torch.tensor(lut.effective_codes(code, 2), dtype=torch.float32, device=device))
+
+
+@functools.lru_cache(maxsize=None)
+def _lut_asm() -> str:
+    # The tables come in as operands, so one assembly (and one compiled kernel) serves NF4 and FP4.
+    return lut.decode_asm(tuple(ref4.code_4bit("nf4", torch.device("cpu")).tolist()), 2, True)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
@@ -115,9 +201,39 @@ def _split(tiles: int, k_steps: int, device: torch.device) -> int:
     return split
 
 
+def lut_supported(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """Whether the register-table GEMV (``_gemv_lut_kernel``) serves a bf16 call: it reads the weight and x as
+    32-bit words, so both must start on a 4-byte boundary. Other dtypes keep the table-load kernel: the bf16-rounded
+    codes are exact only within bf16 activations' tolerance."""
+    return dtype == torch.bfloat16 and all(t.data_ptr() % 4 == 0 for t in tensors)
+
+
 def fused_supported(M: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
     """Whether ``gemv`` serves this call: one token, whole blocks per weight row, a float activation."""
     return M == 1 and K % blocksize == 0 and dtype in ref4.FLOAT_DTYPES
+
+
+def default_lut_config(N: int, K: int) -> Config:
+    """Register-table GEMV launch shape, from bench/gemv_lut.py's sweep on an H100 (BENCHMARKS.md, "GEMV with
+    register tables"): 8 rows x 512 bytes per step, 4 warps, fastest at every FLUX/T5 shape measured."""
+    return Config(block_n=8, kstep=512, num_warps=4)
+
+
+def gemv_lut_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, device: torch.device,
+                    config: Config | None = None) -> tuple[tuple[int, int], int, bool, dict]:
+    """``gemv_launch`` for ``_gemv_lut_kernel``: a K step is NG groups of G 32-bit words, G = the words sharing
+    one absmax (at most 8)."""
+    cfg = config or default_lut_config(N, K)
+    g = min(blocksize // 8, 8)
+    words = max(cfg.kstep // 4, g)
+    while (K // 8) % words:  # K % blocksize == 0 makes a row a whole number of G-word groups
+        words //= 2
+    tiles = triton.cdiv(N, cfg.block_n)
+    k_steps = (K // 8) // words
+    split = _split(tiles, k_steps, device)
+    kwargs = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, ATOMIC=split > 1, BLOCK_N=cfg.block_n,
+                  NG=words // g, G=g, I64=N * K >= 2**31, ASM=_lut_asm(), USE_PTX=USE_PTX, num_warps=cfg.num_warps)
+    return (tiles, split), k_steps // split, split > 1, kwargs
 
 
 def gemv_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, device: torch.device,
@@ -146,11 +262,14 @@ def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize
     -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats."""
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    grid, steps, atomic, kwargs = gemv_launch(N, K, blocksize, nested_absmax is not None, bias is not None,
-                                              x.device, config)
+    fn, launcher = ((_gemv_lut_kernel, gemv_lut_launch) if lut_supported(x.dtype, x, data)
+                    else (_gemv_kernel, gemv_launch))
+    grid, steps, atomic, kwargs = launcher(N, K, blocksize, nested_absmax is not None, bias is not None,
+                                           x.device, config)
     out = torch.zeros(1, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, N)
-    launch(_gemv_kernel, grid, x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, x.device),
-           code_table(quant_type, x.device), bias if bias is not None else out, out, N, K, steps, **kwargs)
+    tables = lut_tables(quant_type, x.device) if fn is _gemv_lut_kernel else (code_table(quant_type, x.device),)
+    launch(fn, grid, x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, x.device),
+           *tables, bias if bias is not None else out, out, N, K, steps, **kwargs)
     if atomic:
         if bias is not None:
             out += bias.to(torch.float32)
@@ -212,13 +331,16 @@ class Plan:
             raise RuntimeError("kernels.gemm4bit.Plan: launches cannot be bound here (interpreter or launch hooks)")
         self._gemv, self._atomic = None, False
         if fused_supported(1, K, blocksize, dtype):
-            grid, steps, self._atomic, kwargs = gemv_launch(N, K, blocksize, nested_absmax is not None,
-                                                            bias is not None, B.device)
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
+            use_lut = lut_supported(dtype, x, data)
+            fn, launcher = (_gemv_lut_kernel, gemv_lut_launch) if use_lut else (_gemv_kernel, gemv_launch)
+            grid, steps, self._atomic, kwargs = launcher(N, K, blocksize, nested_absmax is not None,
+                                                         bias is not None, B.device)
             out = torch.empty(1, N, dtype=torch.float32 if self._atomic else dtype, device=B.device)
-            args = (x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device),
-                    code_table(quant_type, B.device), bias if bias is not None else out, out, N, K, steps)
-            self._gemv = bind(_gemv_kernel, grid, args, kwargs, free=(0, 8))
+            tables = lut_tables(quant_type, B.device) if use_lut else (code_table(quant_type, B.device),)
+            args = (x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device), *tables,
+                    bias if bias is not None else out, out, N, K, steps)
+            self._gemv = bind(fn, grid, args, kwargs, free=(0, 7 + len(tables)))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""

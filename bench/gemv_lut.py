@@ -376,9 +376,95 @@ def _gemv_mma(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, ST
         tl.store(out_ptr + rows + HALF, res_b.to(out_ptr.dtype.element_ty), mask=rows + HALF < N)
 
 
+def mma2_asm(dtype: torch.dtype, code_values: tuple | None = None) -> str:
+    """``mma_asm`` with x read inside the block and the tables as operands: $0,$1 / $2,$3 rows a / b (f32);
+    $4,$5 two consecutive words of row a; $6,$7 the same words of row b; $8,$9 their x addresses (16 bytes each);
+    $10 + 2i the table word i (``lut.pair_tables``)."""
+    tables = (tuple(f"${10 + 2 * i}" for i in range(8)) if code_values is None
+              else lut.pair_tables(code_values, dtype))  # immediates: the operands $10.. are then unused
+    ty = "bf16" if dtype == torch.bfloat16 else "f16"
+    L = ["{", ".reg .f32 %d<4>, %ra, %rb;", ".reg .b32 %ln, %g, %c, %gh, %go;", ".reg .pred %ph, %po;",
+         ".reg .b32 %x0_<4>, %x1_<4>;"]
+    for w in range(2):
+        L.append(f"ld.global.nc.v4.b32 {{%x{w}_0, %x{w}_1, %x{w}_2, %x{w}_3}}, [${8 + w}];")
+    for name, words in (("a", ("$4", "$5")), ("b", ("$6", "$7"))):
+        for w, reg in enumerate(words):
+            outs = tuple(f"%{name}{w}_{k}" for k in range(4))
+            L.append(".reg .b32 " + ", ".join(outs) + ";")
+            L += lut.pair_decode_lines(tables, reg, outs, f"%u{name}{w}")
+    L += [f"mov.f32 %d{i}, 0f00000000;" for i in range(4)]
+    d = "{%d0, %d1, %d2, %d3}"
+    for w in range(2):
+        for half in range(2):
+            m0, m1 = 2 * half, 2 * half + 1
+            L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {d}, "
+                     f"{{%a{w}_{m0}, %b{w}_{m0}, %a{w}_{m1}, %b{w}_{m1}}}, {{%x{w}_{m0}, %x{w}_{m1}}}, {d};")
+    L += ["mov.u32 %ln, %laneid;", "shr.u32 %g, %ln, 2;", "and.b32 %c, %ln, 3;", "shr.u32 %gh, %g, 1;",
+          "setp.eq.u32 %ph, %c, %gh;", "and.b32 %go, %g, 1;", "setp.ne.u32 %po, %go, 0;",
+          "selp.f32 %ra, %d1, %d0, %po;", "selp.f32 %rb, %d3, %d2, %po;",
+          "selp.f32 $0, %ra, 0f00000000, %ph;", "selp.f32 $2, %rb, 0f00000000, %ph;",
+          "mov.f32 $1, 0f00000000;", "mov.f32 $3, 0f00000000;", "}"]
+    return "\n".join(L)
+
+
+@triton.jit
+def _gemv_mma2(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, STEPS: tl.constexpr,
+               BLOCK_N: tl.constexpr, NG: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr,
+               NS: tl.constexpr = 1):
+    """Tiles (4, HALF, NG, 2): dim 0 (the lane of an mma lane group) comes first so that triton's layout puts it
+    on lane bits 0-1 (ties in contiguity keep dimension order), i.e. the 4 lanes of a group share row and
+    absmax group."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, HALF)
+    rows_a = tl.where(rows < N, rows, 0)
+    rows_b = tl.where(rows + HALF < N, rows + HALF, 0)
+    KW: tl.constexpr = K // 8
+    gi = tl.arange(0, NG)
+    woff = ((gi * 8)[None, None, :, None] + (tl.arange(0, 4) * 2)[:, None, None, None]
+            + tl.arange(0, 2)[None, None, None, :])  # (4, 1, NG, 2)
+    w32 = w_ptr
+    wa = w32 + rows_a[None, :, None, None] * KW
+    wb = w32 + rows_b[None, :, None, None] * KW
+    z = tl.zeros((4, HALF, NG, 2), tl.int32)
+    t0 = z + tl.load(tab_ptr)
+    t1 = z + tl.load(tab_ptr + 1)
+    t2 = z + tl.load(tab_ptr + 2)
+    t3 = z + tl.load(tab_ptr + 3)
+    t4 = z + tl.load(tab_ptr + 4)
+    t5 = z + tl.load(tab_ptr + 5)
+    t6 = z + tl.load(tab_ptr + 6)
+    t7 = z + tl.load(tab_ptr + 7)
+    xbase = x_ptr.to(tl.int64, bitcast=True) + 16 * woff.to(tl.int64) + z.to(tl.int64)
+    acc_a = tl.zeros((4, HALF, NG, 2), tl.float32)
+    acc_b = tl.zeros((4, HALF, NG, 2), tl.float32)
+    kw_start = tl.program_id(1) * (STEPS * NG * 8)
+    for i in tl.range(STEPS, num_stages=NS):
+        kw0 = kw_start + i * (NG * 8)
+        qa = tl.load(wa + kw0 + woff, eviction_policy="evict_first")
+        qb = tl.load(wb + kw0 + woff, eviction_policy="evict_first")
+        am_a = tl.load(absmax_ptr + rows_a[:, None] * (KW // 8) + (kw0 // 8 + gi)[None, :])
+        am_b = tl.load(absmax_ptr + rows_b[:, None] * (KW // 8) + (kw0 // 8 + gi)[None, :])
+        ya, yb = tl.inline_asm_elementwise(
+            ASM, "=f,=f,=f,=f" + ",r" * 4 + ",l,l" + ",r" * 16,
+            [qa, qb, xbase + 16 * kw0, t0, t1, t2, t3, t4, t5, t6, t7],
+            dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
+        acc_a += ya * am_a[None, :, :, None]
+        acc_b += yb * am_b[None, :, :, None]
+    res_a = tl.sum(tl.sum(tl.sum(acc_a, axis=3), axis=2), axis=0)
+    res_b = tl.sum(tl.sum(tl.sum(acc_b, axis=3), axis=2), axis=0)
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rows, res_a, mask=rows < N)
+        tl.atomic_add(out_ptr + rows + HALF, res_b, mask=rows + HALF < N)
+    else:
+        tl.store(out_ptr + rows, res_a.to(out_ptr.dtype.element_ty), mask=rows < N)
+        tl.store(out_ptr + rows + HALF, res_b.to(out_ptr.dtype.element_ty), mask=rows + HALF < N)
+
+
 # (BLOCK_N, words per step, warps)
 CONFIGS = [(16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 128, 4), (64, 64, 8), (32, 128, 8), (8, 128, 4),
            (128, 16, 4), (64, 16, 4)]
+MMA2_CONFIGS = [(8, 128, 4), (16, 64, 4), (8, 64, 2), (16, 128, 4), (4, 128, 2), (8, 256, 8), (16, 128, 8),
+                (32, 64, 8), (4, 256, 4), (32, 32, 4), (64, 32, 8)]
 PP_CONFIGS = [(8, 128, 4), (16, 64, 4), (8, 64, 2), (16, 128, 4), (4, 128, 2), (32, 64, 8)]
 MMA_CONFIGS = [(8, 128, 4), (16, 128, 4), (16, 64, 4), (32, 64, 4), (4, 256, 4), (8, 256, 8), (16, 256, 8),
                (32, 128, 8), (8, 64, 2), (64, 32, 4), (4, 128, 2)]
@@ -513,6 +599,47 @@ def main():
             if best:
                 row["lutx"] = best[0]
                 row["lutx_cfg"] = best[1]
+        m2variants = {"mma2": (None, 1), "mma2imm": (tuple(code.tolist()), 1), "mma2s2": (None, 2),
+                      "mma2s3": (None, 3)}
+        for m2name, (m2code, ns) in (m2variants.items() if dt != torch.float32 else ()):
+            if args.only and m2name not in args.only:
+                continue
+            best = None
+            m2asm = mma2_asm(dt, m2code)
+            for bn, wps, warps in MMA2_CONFIGS if not args.quick else [(16, 128, 4), (4, 256, 4), (8, 256, 8),
+                                                                       (4, 128, 2), (8, 128, 4)]:
+                if (K // 8) % wps:
+                    continue
+                tiles = triton.cdiv(N, bn)
+                steps = (K // 8) // wps
+                split = 1
+                if tiles < sms:
+                    split = max(1, min(triton.cdiv(2 * sms, tiles), steps // 2 if steps >= 4 else 1))
+                    while steps % split:
+                        split -= 1
+                atomic = split > 1
+                out = torch.zeros(1, N, dtype=torch.float32 if atomic else dt, device=DEV)
+
+                def call(pa, bn=bn, wps=wps, warps=warps, out=out, split=split, atomic=atomic, steps=steps,
+                         tiles=tiles, m2asm=m2asm, ns=ns):
+                    if atomic:
+                        out.zero_()
+                    _gemv_mma2[(tiles, split)](x, pa[0].view(torch.int32), pa[1], ptab, out, N, K, steps // split,
+                                               BLOCK_N=bn, NG=wps // 8, ASM=m2asm, ATOMIC=atomic, NS=ns,
+                                               num_warps=warps)
+                    return out
+                try:
+                    check(m2name, call(ws[0]))
+                    ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies
+                except Exception as e:  # noqa: BLE001
+                    print(f"  {m2name} {bn},{wps},{warps}: failed {type(e).__name__}: {str(e)[:300]}")
+                    continue
+                row[f"{m2name}/{bn},{wps},{warps}"] = ms
+                if best is None or ms < best[0]:
+                    best = (ms, (bn, wps, warps, split))
+            if best:
+                row[m2name] = best[0]
+                row[m2name + "_cfg"] = best[1]
         for name, prefetch in ({"pp": True, "ppnof": False} if dt == torch.bfloat16 else {}).items():
             if args.only and name not in args.only:
                 continue

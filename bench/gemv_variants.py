@@ -6,7 +6,8 @@ moves into ``halfbyte/kernels/gemm4bit.py`` with its tests.
 
 Variants (NF4, blocksize 64, plain float32 absmax, bf16 activations):
   lib     halfbyte's ``gemm4bit.gemv`` (until session 5: code * absmax rounded to bf16 per element, as the
-          reference; since then the "fact" variant below, with "fact+xs" for N <= 4096)
+          reference; sessions 5-7 the "fact" variant below, with "fact+xs" for N <= 4096; since session 8 the
+          register-table kernel of bench/gemv_lut.py, "lutp")
   am      no per-element rounding: (code[hi] * x_even + code[lo] * x_odd) * absmax, float32
   fact    absmax factored out of each 64-element block: sum over the block first, one multiply per block
   fact+xs fact, x loaded as contiguous (even, odd) pairs and split in registers

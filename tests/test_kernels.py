@@ -184,10 +184,10 @@ def assert_within_fp32_sum_bound(out: torch.Tensor, x: torch.Tensor, W: torch.Te
     ``unrounded_weights`` (the GEMV): the kernel computes with code * absmax unrounded, forming
     (sum_group code_k x_k) * absmax: one more rounding per term (hence K+3), and each weight differs from the
     reference's rounded W by at most u_x |W_exact| <= u_x / (1 - u_x) |W| (u_x: x's dtype's unit roundoff, the
-    same 2^-8 / 2^-11 / 2^-24), which adds u_x / (1 - u_x) * |x| @ |W|^T. For bf16 activations the GEMV's
-    register tables hold the codes rounded to bf16 (kernels.lut, as bitsandbytes' GEMV rounds its table to the
-    activation dtype): code_bf16 * absmax differs from code * absmax by another u_x |W_exact|, so the weight term
-    doubles.
+    same 2^-8 / 2^-11 / 2^-24), which adds u_x / (1 - u_x) * |x| @ |W|^T. For 16-bit activations the GEMV's
+    register tables hold the codes rounded to x's dtype (kernels.lut, kernels.gemv_mma; bitsandbytes' GEMV rounds
+    its table to the activation dtype too): code_x * absmax differs from code * absmax by another u_x |W_exact|,
+    so the weight term doubles.
     """
     K = x.shape[-1]
     y = x.double() @ W.double().T
@@ -199,7 +199,7 @@ def assert_within_fp32_sum_bound(out: torch.Tensor, x: torch.Tensor, W: torch.Te
     tol = 2 * (K + 3) * 2.0**-24 * s * (1 + u_out) + u_out * y.abs() + tiny
     if unrounded_weights:
         u_x = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}[x.dtype]
-        weight_terms = 2 if x.dtype == torch.bfloat16 else 1
+        weight_terms = 2 if x.dtype in (torch.bfloat16, torch.float16) else 1
         tol = tol + weight_terms * u_x / (1 - u_x) * (x.double().abs() @ W.double().abs().T) * (1 + u_out)
     err = (out.double() - y).abs()
     assert torch.isfinite(out).all()
@@ -260,6 +260,30 @@ def test_gemv_register_tables_tiny(nested):
         assert not gemm4bit.lut_supported(x.dtype, shifted, packed)
         other = gemm4bit.gemv(shifted, packed, *stats, bias, N, K, bs, qt)
         assert_within_fp32_sum_bound(other, x, W, bias, unrounded_weights=True)
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+def test_gemv_tensor_core_tiny(nested):
+    """fp16 GEMV through the tensor-core kernel (kernels.gemv_mma): odd N (clamped rows), a K step that must halve,
+    blocksizes 64 and 128, split K; within the bound. Blocksize 32 (an mma lane group would span two absmax
+    blocks), K % 512 != 0 and bf16 do not take it."""
+    from halfbyte.kernels import gemv_mma
+
+    for N, K, bs, qt in ((9, 1536, 64, "nf4"), (24, 4096, 128, "fp4"), (5, 2048, 64, "nf4")):
+        packed, stats, am = _quantized_linear(N, K, bs, qt, nested, torch.float16)
+        W = fourbit.dequantize_4bit(packed, am, bs, qt, (N, K), torch.float16)
+        bias = torch.randn(N, device=DEV).to(torch.float16)
+        x = torch.randn(1, K, device=DEV).to(torch.float16)
+        assert gemv_mma.mma_supported(x.dtype, K, bs, x, packed)
+        out = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt)
+        assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
+        grid, steps, _, kw = gemv_mma.mma_launch(N, K, bs, nested, True, x.device)
+        assert kw["NG"] * 8 * steps * grid[1] == K // 8
+    assert not gemv_mma.mma_supported(torch.float16, 2048, 32, x, packed)
+    assert not gemv_mma.mma_supported(torch.float16, 640, 64, x, packed)
+    assert not gemv_mma.mma_supported(torch.bfloat16, 2048, 64, x, packed)
+    with pytest.raises(ValueError, match="smaller than 4 warps"):
+        gemv_mma.mma_launch(64, 1024, 64, False, False, x.device, (2, 64, 4))
 
 
 def test_gemm_4bit_rejects_a_wrong_feature_count():

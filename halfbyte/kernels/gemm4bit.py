@@ -1,23 +1,26 @@
 """Triton 4-bit matmul ``out = x @ W.T + bias`` for ``halfbyte::gemm_4bit`` (x (M, K), W the 4-bit (N, K) weight).
 
-* M == 1 (bandwidth-bound: the weight stream is the cost): ``_gemv_kernel`` decodes weight tiles in registers and
-  never writes the weight out.
+* M == 1 (bandwidth-bound: the weight stream is the cost): a GEMV that decodes weight tiles in registers and never
+  writes the weight out. Three kernels, by activation dtype (BENCHMARKS.md, "GEMV with register tables"):
+  - bf16: ``_gemv_lut_kernel`` reads the weight as 32-bit words of 8 codes and decodes each with ``prmt``
+    register tables (``kernels.lut``, ~30 integer instructions per word instead of two table loads per byte);
+  - fp16: ``kernels.gemv_mma`` decodes the same way into float16 pairs and sums code * x on the tensor cores;
+  - fp32, and where those do not apply (alignment, K): ``_gemv_kernel``, two loads from the code table per byte.
 * M > 1: dequantize the whole weight with the nested absmax fused (``fourbit.dequantize``) into x's dtype, then
   cuBLAS. On an H100 this beat this module's fused Triton tensor-core kernels at every M from 8 to 128 that
   bench/kernel_bench.py measured (BENCHMARKS.md, "Triton kernels"), so those kernels were dropped.
   Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
   holds every SM, so the two kernels do not run concurrently; BENCHMARKS.md, "Side-stream dequantize").
 The M > 1 path uses the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's
-dtype). The GEMV never rounds a weight: it sums ``code[q] * x`` over each group of bytes sharing an absmax in
-float32 and multiplies the group's sum by the absmax once (bitsandbytes' GEMV rounds every weight to x's dtype
-first). Per weight that is ~2 fewer instructions than ``round(code * absmax) * x``, on a kernel bound by
-instruction issue rather than memory: 1.2-1.4x faster (BENCHMARKS.md, "GEMV"). Its result differs from the
-reference by the weights' rounding to x's dtype plus float32 sum order (tests/test_kernels.py derives the bound).
+dtype). The GEMVs never round a weight: they sum ``code * x`` over each group sharing an absmax in float32 and
+multiply the group's sum by the absmax once (bitsandbytes' GEMV rounds every weight to x's dtype first). The
+register-table kernels use the codes rounded to x's dtype (as bitsandbytes' table is); fp32 uses them exactly.
+The result differs from the reference by those roundings plus float32 sum order (tests/test_kernels.py derives
+the bound).
 
-GEMV layout: a program owns BLOCK_N weight rows and walks K in steps of GROUPS x GB bytes (GB = bytes sharing one
-absmax, at most 32), accumulating products in float32 registers; K is split across programs (float32 atomics into
-a workspace) when the N tiles alone cannot fill the GPU. Byte j of a row holds elements 2j (high nibble) and 2j+1
-(low), so the kernel multiplies the high nibbles by x's even columns and the low ones by its odd columns.
+GEMV layout (``_gemv_kernel``, ``_gemv_lut_kernel``): a program owns BLOCK_N weight rows and walks K in steps,
+accumulating products in float32 registers; K is split across programs (float32 atomics into a workspace) when
+the N tiles alone cannot fill the GPU. Byte j of a row holds elements 2j (high nibble) and 2j+1 (low).
 Precondition: K % blocksize == 0 (no block straddles two rows); otherwise the dequantize path runs.
 """
 
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fourbit as ref4
-from . import lut
+from . import gemv_mma, lut
 from .common import INTERPRET, USE_PTX, load_absmax_inbounds, round_to
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
@@ -257,11 +260,16 @@ def gemv_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, de
 
 
 def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
-         config: Config | None = None) -> torch.Tensor:
+         config: Config | None = None, use_mma: bool = True) -> torch.Tensor:
     """x (1, K) fp16/bf16/fp32 (unit column stride), packed 4-bit W (N, K), bias (N,) in x's dtype or None
-    -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats."""
+    -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats. Kernel: the
+    register-table one for bf16, the tensor-core one (``gemv_mma``) for fp16 where it applies (``use_mma``), else
+    the table-load one; ``config`` shapes the first and the last."""
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+    if use_mma and gemv_mma.mma_supported(x.dtype, K, blocksize, x, data):
+        return gemv_mma.gemv_mma(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
+                                 quant_type)
     fn, launcher = ((_gemv_lut_kernel, gemv_lut_launch) if lut_supported(x.dtype, x, data)
                     else (_gemv_kernel, gemv_launch))
     grid, steps, atomic, kwargs = launcher(N, K, blocksize, nested_absmax is not None, bias is not None,
@@ -332,12 +340,16 @@ class Plan:
         self._gemv, self._atomic = None, False
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
-            use_lut = lut_supported(dtype, x, data)
-            fn, launcher = (_gemv_lut_kernel, gemv_lut_launch) if use_lut else (_gemv_kernel, gemv_launch)
+            if gemv_mma.mma_supported(dtype, K, blocksize, x, data):
+                fn, launcher = gemv_mma._gemv_mma_kernel, gemv_mma.mma_launch
+                tables = gemv_mma.mma_tables(quant_type, B.device)
+            elif lut_supported(dtype, x, data):
+                fn, launcher, tables = _gemv_lut_kernel, gemv_lut_launch, lut_tables(quant_type, B.device)
+            else:
+                fn, launcher, tables = _gemv_kernel, gemv_launch, (code_table(quant_type, B.device),)
             grid, steps, self._atomic, kwargs = launcher(N, K, blocksize, nested_absmax is not None,
                                                          bias is not None, B.device)
             out = torch.empty(1, N, dtype=torch.float32 if self._atomic else dtype, device=B.device)
-            tables = lut_tables(quant_type, B.device) if use_lut else (code_table(quant_type, B.device),)
             args = (x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device), *tables,
                     bias if bias is not None else out, out, N, K, steps)
             self._gemv = bind(fn, grid, args, kwargs, free=(0, 7 + len(tables)))

@@ -38,3 +38,41 @@ def print_cprofile(fn, n: int, title: str, limit: int = 25) -> None:
     torch.cuda.synchronize()
     print(f"\n## {title}")
     pstats.Stats(prof).sort_stats("tottime").print_stats(limit)
+
+
+L2_BYTES = 50 * 2**20  # an H100/H200's L2: weight copies are cycled past it
+
+
+def gemv_case(N: int, K: int, dtype: torch.dtype, device: str = "cuda"):
+    """The GEMV benches' test case: (ws, x, check, row, nbytes, copies). ``ws``: enough (packed, absmax, weight)
+    NF4 copies (blocksize 64, float32 absmax) of random (N, K) weights to exceed the L2 three times; ``x`` one
+    (1, K) token; ``check(name, out)`` records in ``row`` whether ``out`` is within 2x the bf16-input bound of
+    float64 ``x @ W.T`` for the first copy (and prints when not); ``nbytes`` the weight and absmax bytes."""
+    from halfbyte.formats import fourbit as ref4
+
+    copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
+    ws = []
+    for _ in range(copies):
+        w = (torch.randn(N, K, device=device) / K ** 0.5).to(dtype)
+        p, a = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
+        ws.append((p, a, w))
+    x = torch.randn(1, K, device=device, dtype=dtype)
+    deq = ref4.dequantize_4bit(ws[0][0], ws[0][1], 64, "nf4", (N, K), torch.float32).double()
+    exact = (x.double() @ deq.T).reshape(-1)
+    bound = (x.double().abs() @ deq.abs().T).reshape(-1) * 2 ** -8 + 1e-6
+    row = {"N": N, "K": K, "copies": copies}
+
+    def check(name, out):
+        err = (out.double().reshape(-1) - exact).abs()
+        row[name + "_ok"] = ok = bool((err <= bound * 2).all())
+        if not ok:
+            print(f"  {name}: WRONG, max err / bound {float((err / bound).max()):.2f}")
+
+    return ws, x, check, row, N * K // 2 + N * K // 64 * 4, copies
+
+
+def bnb_gemv_ms(bnb, ws, x: torch.Tensor) -> float:
+    """Milliseconds per call of bitsandbytes' ``matmul_4bit`` on x (1, K) over ``gemv_case``'s weight copies (NF4,
+    blocksize 64, no double quant), graph replay."""
+    bq = [bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4") for _, _, w in ws]
+    return timed_graph(lambda: [bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in bq]) / len(ws)

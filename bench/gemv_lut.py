@@ -13,7 +13,6 @@ Each result is checked against float64 ``x @ (code * absmax)`` within the bf16-i
 """
 
 import argparse
-import itertools
 import json
 import re
 import sys
@@ -24,12 +23,11 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import timed_graph  # noqa: E402
+from benchutil import bnb_gemv_ms, gemv_case, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402, F401  (registers the halfbyte:: ops)
-from halfbyte.formats import fourbit as ref4  # noqa: E402
 from halfbyte.formats.codebooks import code_4bit  # noqa: E402
-from halfbyte.kernels import gemm4bit, lut  # noqa: E402
+from halfbyte.kernels import gemm4bit, gemv_mma, lut  # noqa: E402
 
 try:
     import bitsandbytes as bnb
@@ -37,7 +35,6 @@ except Exception:  # noqa: BLE001
     bnb = None
 
 DEV = "cuda"
-L2_BYTES = 50 * 2**20
 
 
 def dot_asm(decode: str) -> str:
@@ -82,6 +79,19 @@ def _decode(q, tab_ptr, ASM: tl.constexpr, PLANES: tl.constexpr, TIN: tl.constex
 
 
 @triton.jit
+def _x_pairs(x32, woff, NG: tl.constexpr, G: tl.constexpr):
+    """x's 8 values of each word at ``woff`` (NG, G) as float32, from one 16-byte load of bf16 pairs per word."""
+    xq = tl.load(x32 + 4 * woff[:, :, None] + tl.arange(0, 4)[None, None, :])
+    xa, xb = tl.split(tl.reshape(xq, (NG, G, 2, 2)))
+    p0, p2 = tl.split(xa)
+    p1, p3 = tl.split(xb)
+    return ((p0 << 16).to(tl.float32, bitcast=True), (p0 & -65536).to(tl.float32, bitcast=True),
+            (p1 << 16).to(tl.float32, bitcast=True), (p1 & -65536).to(tl.float32, bitcast=True),
+            (p2 << 16).to(tl.float32, bitcast=True), (p2 & -65536).to(tl.float32, bitcast=True),
+            (p3 << 16).to(tl.float32, bitcast=True), (p3 & -65536).to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _gemv_lut(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, STEPS: tl.constexpr,
               BLOCK_N: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, MODE: tl.constexpr,
               XP: tl.constexpr, ATOMIC: tl.constexpr, PLANES: tl.constexpr = 2, TIN: tl.constexpr = False):
@@ -101,18 +111,8 @@ def _gemv_lut(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, ST
         am = tl.load(am_rows + (kw0 // G + gi)[None, :])
         xw = x_ptr + 8 * (kw0 + woff)
         if XP:
-            xq = tl.load(xw.to(tl.pointer_type(tl.int32), bitcast=True)[:, :, None] + tl.arange(0, 4)[None, None, :])
-            xa, xb = tl.split(tl.reshape(xq, (NG, G, 2, 2)))
-            p0, p2 = tl.split(xa)
-            p1, p3 = tl.split(xb)
-            x0 = (p0 << 16).to(tl.float32, bitcast=True)
-            x1 = (p0 & -65536).to(tl.float32, bitcast=True)
-            x2 = (p1 << 16).to(tl.float32, bitcast=True)
-            x3 = (p1 & -65536).to(tl.float32, bitcast=True)
-            x4 = (p2 << 16).to(tl.float32, bitcast=True)
-            x5 = (p2 & -65536).to(tl.float32, bitcast=True)
-            x6 = (p3 << 16).to(tl.float32, bitcast=True)
-            x7 = (p3 & -65536).to(tl.float32, bitcast=True)
+            x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True),
+                                                      kw0 + woff, NG, G)
         else:
             x0 = tl.load(xw + 0).to(tl.float32)
             x1 = tl.load(xw + 1).to(tl.float32)
@@ -254,18 +254,7 @@ def _gemv_pp(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, STE
         else:
             q = tl.load(w_ptr + rows_c[:, None, None] * KW + (kw0 + woff)[None, :, :], eviction_policy="evict_first")
         am = tl.load(absmax_ptr + rows_c[:, None] * (KW // G) + (kw0 // G + gi)[None, :])
-        xq = tl.load(x32 + 4 * (kw0 + woff)[:, :, None] + tl.arange(0, 4)[None, None, :])
-        xa, xb = tl.split(tl.reshape(xq, (NG, G, 2, 2)))
-        p0, p2 = tl.split(xa)
-        p1, p3 = tl.split(xb)
-        x0 = (p0 << 16).to(tl.float32, bitcast=True)
-        x1 = (p0 & -65536).to(tl.float32, bitcast=True)
-        x2 = (p1 << 16).to(tl.float32, bitcast=True)
-        x3 = (p1 & -65536).to(tl.float32, bitcast=True)
-        x4 = (p2 << 16).to(tl.float32, bitcast=True)
-        x5 = (p2 & -65536).to(tl.float32, bitcast=True)
-        x6 = (p3 << 16).to(tl.float32, bitcast=True)
-        x7 = (p3 & -65536).to(tl.float32, bitcast=True)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x32, kw0 + woff, NG, G)
         w0, w1, w2, w3, w4, w5, w6, w7 = _decode(q, tab_ptr, ASM, PLANES, TIN)
         p = (w0 * x0[None, :, :] + w1 * x1[None, :, :] + w2 * x2[None, :, :] + w3 * x3[None, :, :]
              + w4 * x4[None, :, :] + w5 * x5[None, :, :] + w6 * x6[None, :, :] + w7 * x7[None, :, :])
@@ -277,198 +266,45 @@ def _gemv_pp(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, STE
             q = q_next
 
 
-def mma_asm(code_values: tuple, dtype: torch.dtype, tables_in: bool = False) -> str:
-    """One ``mma.sync`` per word: $0,$1 / $2,$3 the outputs of rows a / b (f32), $4,$5 two words of row a,
-    $6,$7 the same words of row b, $8.. the x pairs X_m of word w at $(8 + 2m + w). The four lanes of an mma
-    lane group hold the 8 words of one absmax group; the group's sum of code * x lands on the diagonal of the
-    accumulator, in lane 4g + g/2, which returns it (others return 0)."""
-    tables = tuple(f"${16 + 2 * i}" for i in range(8)) if tables_in else lut.pair_tables(code_values, dtype)
-    ty = "bf16" if dtype == torch.bfloat16 else "f16"
-    L = ["{", ".reg .f32 %d<4>, %ra, %rb;", ".reg .b32 %ln, %g, %c, %gh, %go;", ".reg .pred %ph, %po;"]
-    for name, words in (("a", ("$4", "$5")), ("b", ("$6", "$7"))):
-        for w, reg in enumerate(words):
-            outs = tuple(f"%{name}{w}_{k}" for k in range(4))
-            L.append(".reg .b32 " + ", ".join(outs) + ";")
-            L += lut.pair_decode_lines(tables, reg, outs, f"%u{name}{w}")
-    L += [f"mov.f32 %d{i}, 0f00000000;" for i in range(4)]
-    d = "{%d0, %d1, %d2, %d3}"
-    for w in range(2):
-        for half in range(2):
-            m0, m1 = 2 * half, 2 * half + 1
-            L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {d}, "
-                     f"{{%a{w}_{m0}, %b{w}_{m0}, %a{w}_{m1}, %b{w}_{m1}}}, "
-                     f"{{${8 + 2 * m0 + w}, ${8 + 2 * m1 + w}}}, {d};")
-    L += ["mov.u32 %ln, %laneid;", "shr.u32 %g, %ln, 2;", "and.b32 %c, %ln, 3;", "shr.u32 %gh, %g, 1;",
-          "setp.eq.u32 %ph, %c, %gh;", "and.b32 %go, %g, 1;", "setp.ne.u32 %po, %go, 0;",
-          "selp.f32 %ra, %d1, %d0, %po;", "selp.f32 %rb, %d3, %d2, %po;",
-          "selp.f32 $0, %ra, 0f00000000, %ph;", "selp.f32 $2, %rb, 0f00000000, %ph;",
-          "mov.f32 $1, 0f00000000;", "mov.f32 $3, 0f00000000;", "}"]
-    return "\n".join(L)
-
-
-@triton.jit
-def _gemv_mma(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, STEPS: tl.constexpr,
-              BLOCK_N: tl.constexpr, NG: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr, TIN: tl.constexpr,
-              XL: tl.constexpr):
-    HALF: tl.constexpr = BLOCK_N // 2
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, HALF)
-    rows_a = tl.where(rows < N, rows, 0)
-    rows_b = tl.where(rows + HALF < N, rows + HALF, 0)
-    KW: tl.constexpr = K // 8
-    gi = tl.arange(0, NG)
-    # (NG, 4, 2) word offsets in a step: group, lane of the mma lane group, word of the lane
-    woff = (gi * 8)[:, None, None] + (tl.arange(0, 4) * 2)[:, None][None, :, :] + tl.arange(0, 2)[None, None, :]
-    wa = w_ptr + rows_a[:, None, None, None] * KW
-    wb = w_ptr + rows_b[:, None, None, None] * KW
-    x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    t0 = tl.load(tab_ptr)
-    t1 = tl.load(tab_ptr + 1)
-    t2 = tl.load(tab_ptr + 2)
-    t3 = tl.load(tab_ptr + 3)
-    t4 = tl.load(tab_ptr + 4)
-    t5 = tl.load(tab_ptr + 5)
-    t6 = tl.load(tab_ptr + 6)
-    t7 = tl.load(tab_ptr + 7)
-    acc_a = tl.zeros((HALF, NG, 4, 2), tl.float32)
-    acc_b = tl.zeros((HALF, NG, 4, 2), tl.float32)
-    kw_start = tl.program_id(1) * (STEPS * NG * 8)
-    for i in range(STEPS):
-        kw0 = kw_start + i * (NG * 8)
-        qa = tl.load(wa + (kw0 + woff)[None], eviction_policy="evict_first")
-        qb = tl.load(wb + (kw0 + woff)[None], eviction_policy="evict_first")
-        am_a = tl.load(absmax_ptr + rows_a[:, None] * (KW // 8) + (kw0 // 8 + gi)[None, :])
-        am_b = tl.load(absmax_ptr + rows_b[:, None] * (KW // 8) + (kw0 // 8 + gi)[None, :])
-        if XL:  # four 4-byte loads per word, straight into the words' layout
-            xw = x32 + 4 * (kw0 + woff)
-            x0 = tl.load(xw)
-            x1 = tl.load(xw + 1)
-            x2 = tl.load(xw + 2)
-            x3 = tl.load(xw + 3)
-        else:  # one 16-byte load per word, split in registers
-            xq = tl.load(x32 + 4 * (kw0 + woff)[:, :, :, None] + tl.arange(0, 4)[None, None, None, :])
-            xe, xo = tl.split(tl.reshape(xq, (NG, 4, 2, 2, 2)))
-            x0, x2 = tl.split(xe)
-            x1, x3 = tl.split(xo)
-        shape: tl.constexpr = (HALF, NG, 4, 2)
-        if TIN:
-            z = tl.zeros(shape, tl.int32)
-            ya, yb = tl.inline_asm_elementwise(
-                ASM, "=f,=f,=f,=f" + ",r" * 28,
-                [qa, qb, tl.broadcast_to(x0[None], shape), tl.broadcast_to(x1[None], shape),
-                 tl.broadcast_to(x2[None], shape), tl.broadcast_to(x3[None], shape),
-                 z + t0, z + t1, z + t2, z + t3, z + t4, z + t5, z + t6, z + t7],
-                dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
-        else:
-            ya, yb = tl.inline_asm_elementwise(
-                ASM, "=f,=f,=f,=f" + ",r" * 12,
-                [qa, qb, tl.broadcast_to(x0[None], shape), tl.broadcast_to(x1[None], shape),
-                 tl.broadcast_to(x2[None], shape), tl.broadcast_to(x3[None], shape)],
-                dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
-        acc_a += ya * am_a[:, :, None, None]
-        acc_b += yb * am_b[:, :, None, None]
-    res_a = tl.sum(tl.sum(tl.sum(acc_a, axis=3), axis=2), axis=1)
-    res_b = tl.sum(tl.sum(tl.sum(acc_b, axis=3), axis=2), axis=1)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, res_a, mask=rows < N)
-        tl.atomic_add(out_ptr + rows + HALF, res_b, mask=rows + HALF < N)
-    else:
-        tl.store(out_ptr + rows, res_a.to(out_ptr.dtype.element_ty), mask=rows < N)
-        tl.store(out_ptr + rows + HALF, res_b.to(out_ptr.dtype.element_ty), mask=rows + HALF < N)
-
-
-def mma2_asm(dtype: torch.dtype, code_values: tuple | None = None) -> str:
-    """``mma_asm`` with x read inside the block and the tables as operands: $0,$1 / $2,$3 rows a / b (f32);
-    $4,$5 two consecutive words of row a; $6,$7 the same words of row b; $8,$9 their x addresses (16 bytes each);
-    $10 + 2i the table word i (``lut.pair_tables``)."""
-    tables = (tuple(f"${10 + 2 * i}" for i in range(8)) if code_values is None
-              else lut.pair_tables(code_values, dtype))  # immediates: the operands $10.. are then unused
-    ty = "bf16" if dtype == torch.bfloat16 else "f16"
-    L = ["{", ".reg .f32 %d<4>, %ra, %rb;", ".reg .b32 %ln, %g, %c, %gh, %go;", ".reg .pred %ph, %po;",
-         ".reg .b32 %x0_<4>, %x1_<4>;"]
-    for w in range(2):
-        L.append(f"ld.global.nc.v4.b32 {{%x{w}_0, %x{w}_1, %x{w}_2, %x{w}_3}}, [${8 + w}];")
-    for name, words in (("a", ("$4", "$5")), ("b", ("$6", "$7"))):
-        for w, reg in enumerate(words):
-            outs = tuple(f"%{name}{w}_{k}" for k in range(4))
-            L.append(".reg .b32 " + ", ".join(outs) + ";")
-            L += lut.pair_decode_lines(tables, reg, outs, f"%u{name}{w}")
-    L += [f"mov.f32 %d{i}, 0f00000000;" for i in range(4)]
-    d = "{%d0, %d1, %d2, %d3}"
-    for w in range(2):
-        for half in range(2):
-            m0, m1 = 2 * half, 2 * half + 1
-            L.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {d}, "
-                     f"{{%a{w}_{m0}, %b{w}_{m0}, %a{w}_{m1}, %b{w}_{m1}}}, {{%x{w}_{m0}, %x{w}_{m1}}}, {d};")
-    L += ["mov.u32 %ln, %laneid;", "shr.u32 %g, %ln, 2;", "and.b32 %c, %ln, 3;", "shr.u32 %gh, %g, 1;",
-          "setp.eq.u32 %ph, %c, %gh;", "and.b32 %go, %g, 1;", "setp.ne.u32 %po, %go, 0;",
-          "selp.f32 %ra, %d1, %d0, %po;", "selp.f32 %rb, %d3, %d2, %po;",
-          "selp.f32 $0, %ra, 0f00000000, %ph;", "selp.f32 $2, %rb, 0f00000000, %ph;",
-          "mov.f32 $1, 0f00000000;", "mov.f32 $3, 0f00000000;", "}"]
-    return "\n".join(L)
-
-
-@triton.jit
-def _gemv_mma2(x_ptr, w_ptr, absmax_ptr, tab_ptr, out_ptr, N, K: tl.constexpr, STEPS: tl.constexpr,
-               BLOCK_N: tl.constexpr, NG: tl.constexpr, ASM: tl.constexpr, ATOMIC: tl.constexpr,
-               NS: tl.constexpr = 1):
-    """Tiles (4, HALF, NG, 2): dim 0 (the lane of an mma lane group) comes first so that triton's layout puts it
-    on lane bits 0-1 (ties in contiguity keep dimension order), i.e. the 4 lanes of a group share row and
-    absmax group."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, HALF)
-    rows_a = tl.where(rows < N, rows, 0)
-    rows_b = tl.where(rows + HALF < N, rows + HALF, 0)
-    KW: tl.constexpr = K // 8
-    gi = tl.arange(0, NG)
-    woff = ((gi * 8)[None, None, :, None] + (tl.arange(0, 4) * 2)[:, None, None, None]
-            + tl.arange(0, 2)[None, None, None, :])  # (4, 1, NG, 2)
-    w32 = w_ptr
-    wa = w32 + rows_a[None, :, None, None] * KW
-    wb = w32 + rows_b[None, :, None, None] * KW
-    z = tl.zeros((4, HALF, NG, 2), tl.int32)
-    t0 = z + tl.load(tab_ptr)
-    t1 = z + tl.load(tab_ptr + 1)
-    t2 = z + tl.load(tab_ptr + 2)
-    t3 = z + tl.load(tab_ptr + 3)
-    t4 = z + tl.load(tab_ptr + 4)
-    t5 = z + tl.load(tab_ptr + 5)
-    t6 = z + tl.load(tab_ptr + 6)
-    t7 = z + tl.load(tab_ptr + 7)
-    xbase = x_ptr.to(tl.int64, bitcast=True) + 16 * woff.to(tl.int64) + z.to(tl.int64)
-    acc_a = tl.zeros((4, HALF, NG, 2), tl.float32)
-    acc_b = tl.zeros((4, HALF, NG, 2), tl.float32)
-    kw_start = tl.program_id(1) * (STEPS * NG * 8)
-    for i in tl.range(STEPS, num_stages=NS):
-        kw0 = kw_start + i * (NG * 8)
-        qa = tl.load(wa + kw0 + woff, eviction_policy="evict_first")
-        qb = tl.load(wb + kw0 + woff, eviction_policy="evict_first")
-        am_a = tl.load(absmax_ptr + rows_a[:, None] * (KW // 8) + (kw0 // 8 + gi)[None, :])
-        am_b = tl.load(absmax_ptr + rows_b[:, None] * (KW // 8) + (kw0 // 8 + gi)[None, :])
-        ya, yb = tl.inline_asm_elementwise(
-            ASM, "=f,=f,=f,=f" + ",r" * 4 + ",l,l" + ",r" * 16,
-            [qa, qb, xbase + 16 * kw0, t0, t1, t2, t3, t4, t5, t6, t7],
-            dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
-        acc_a += ya * am_a[None, :, :, None]
-        acc_b += yb * am_b[None, :, :, None]
-    res_a = tl.sum(tl.sum(tl.sum(acc_a, axis=3), axis=2), axis=0)
-    res_b = tl.sum(tl.sum(tl.sum(acc_b, axis=3), axis=2), axis=0)
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, res_a, mask=rows < N)
-        tl.atomic_add(out_ptr + rows + HALF, res_b, mask=rows + HALF < N)
-    else:
-        tl.store(out_ptr + rows, res_a.to(out_ptr.dtype.element_ty), mask=rows < N)
-        tl.store(out_ptr + rows + HALF, res_b.to(out_ptr.dtype.element_ty), mask=rows + HALF < N)
-
-
 # (BLOCK_N, words per step, warps)
 CONFIGS = [(16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 32, 4), (16, 128, 4), (64, 64, 8), (32, 128, 8), (8, 128, 4),
            (128, 16, 4), (64, 16, 4)]
-MMA2_CONFIGS = [(8, 128, 4), (16, 64, 4), (8, 64, 2), (16, 128, 4), (4, 128, 2), (8, 256, 8), (16, 128, 8),
+MMA_CONFIGS = [(8, 128, 4), (16, 64, 4), (8, 64, 2), (16, 128, 4), (4, 128, 2), (8, 256, 8), (16, 128, 8),
                 (32, 64, 8), (4, 256, 4), (32, 32, 4), (64, 32, 8)]
 PP_CONFIGS = [(8, 128, 4), (16, 64, 4), (8, 64, 2), (16, 128, 4), (4, 128, 2), (32, 64, 8)]
-MMA_CONFIGS = [(8, 128, 4), (16, 128, 4), (16, 64, 4), (32, 64, 4), (4, 256, 4), (8, 256, 8), (16, 256, 8),
-               (32, 128, 8), (8, 64, 2), (64, 32, 4), (4, 128, 2)]
 QUICK = [(16, 64, 4), (32, 64, 4), (64, 32, 4), (32, 128, 8)]
+
+
+def _split(N: int, K: int, bn: int, wps: int, sms: int) -> tuple[int, int, int]:
+    """(tiles, K splits, K steps) as the library's launches choose them."""
+    tiles, steps = triton.cdiv(N, bn), (K // 8) // wps
+    split = 1
+    if tiles < sms:
+        split = max(1, min(triton.cdiv(2 * sms, tiles), steps // 2 if steps >= 4 else 1))
+        while steps % split:
+            split -= 1
+    return tiles, split, steps
+
+
+def sweep(row: dict, name: str, configs, make, check, ws, copies: int) -> None:
+    """Times ``make(cfg)`` (a call on one weight copy, or None where cfg does not apply) over ``configs``, records
+    each in ``row`` and the best under ``name``."""
+    best = None
+    for cfg in configs:
+        call = make(cfg)
+        if call is None:
+            continue
+        try:
+            check(name, call(ws[0]))
+            ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies  # noqa: B023
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name} {cfg}: failed {type(e).__name__}: {str(e)[:300]}")
+            continue
+        row[f"{name}/{','.join(map(str, cfg))}"] = ms
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    if best:
+        row[name], row[name + "_cfg"] = best
 
 
 def main():
@@ -476,232 +312,83 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--only", nargs="*", help="variant names to run (default: all)")
-    ap.add_argument("--shapes", default="all", choices=["all", "big"])
+    ap.add_argument("--only", nargs="*", help="variant names to run (default: all; 'none': the library and bnb)")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dt}")
     code = code_4bit("nf4", torch.device(DEV))
+    ctup = tuple(code.tolist())
     planes = lut.planes_for(dt)
-    dec = lut.decode_asm(tuple(code.tolist()), planes)
-    asms = {(0, False): dec, (1, False): dot_asm(dec), (0, True): lut.decode_asm(tuple(code.tolist()), planes, True)}
-    tab = torch.tensor(lut.table_words(tuple(code.tolist()), planes), dtype=torch.int32, device=DEV)
-    variants = {"lut": (0, False, True), "lutimm": (0, False, False), "lutdot": (1, False, False)}
+    dec = lut.decode_asm(ctup, planes)
+    asms = {(0, False): dec, (1, False): dot_asm(dec), (0, True): lut.decode_asm(ctup, planes, True)}
+    tab = torch.tensor(lut.table_words(ctup, planes), dtype=torch.int32, device=DEV)
+    lut_variants = {"lut": (0, False, True), "lutimm": (0, False, False), "lutdot": (1, False, False)}
     if dt == torch.bfloat16:
-        variants.update({"lutp": (0, True, True), "lutdotp": (1, True, False)})
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only}
-    mma_variants = {"mma": (True, False), "mmaimm": (False, False), "mmaxl": (True, True)}
-    if args.only:
-        mma_variants = {k: v for k, v in mma_variants.items() if k in args.only}
-    mma_asms = {tin: mma_asm(tuple(code.tolist()), dt, tin) for tin in (False, True)} if dt != torch.float32 else {}
-    ptab = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in lut.pair_tables(tuple(code.tolist()), dt)],
-                        dtype=torch.int32, device=DEV) if dt != torch.float32 else None
+        lut_variants.update({"lutp": (0, True, True), "lutdotp": (1, True, False)})
+    wanted = (lambda name: not args.only or name in args.only)  # noqa: E731
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = []
     for N, K in ((18432, 3072), (14336, 4096), (3072, 3072), (12288, 3072), (10240, 4096), (3072, 12288)):
-        copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
-        ws = []
-        for _ in range(copies):
-            w = (torch.randn(N, K, device=DEV) / K ** 0.5).to(dt)
-            p, a = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
-            ws.append((p, a, w))
-        x = torch.randn(1, K, device=DEV, dtype=dt)
-        p0, a0, _ = ws[0]
-        deq = ref4.dequantize_4bit(p0, a0, 64, "nf4", (N, K), torch.float32).double()
-        exact = (x.double() @ deq.T).reshape(-1)
-        bound = (x.double().abs() @ deq.abs().T).reshape(-1) * 2 ** -8 + 1e-6
-        nbytes = N * K // 2 + N * K // 64 * 4
-        row = {"N": N, "K": K, "copies": copies}
-
-        def check(name, out):
-            err = (out.double().reshape(-1) - exact).abs()
-            ok = bool((err <= bound * 2).all())
-            row[name + "_ok"] = ok
-            if not ok:
-                print(f"  {name}: WRONG, max err / bound {float((err / bound).max()):.2f}")
-
+        ws, x, check, row, nbytes, copies = gemv_case(N, K, dt)
         lib = lambda pa: gemm4bit.gemv(x, pa[0], pa[1], None, None, None, None, N, K, 64, "nf4")  # noqa: E731
         check("lib", lib(ws[0]))
         row["lib"] = timed_graph(lambda: [lib(pa) for pa in ws]) / copies
         if bnb is not None:
-            bq = [bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
-                  for _, _, w in ws]
-            row["bnb"] = timed_graph(lambda: [bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in bq]) / copies
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for name, (mode, xp, tin) in variants.items():
-            best = None
-            for bn, wps, warps in (QUICK if args.quick else CONFIGS):
-                if (K // 8) % wps:
-                    continue
-                tiles = triton.cdiv(N, bn)
-                steps = (K // 8) // wps
-                split = 1
-                if tiles < sms:
-                    split = max(1, min(triton.cdiv(2 * sms, tiles), steps // 2 if steps >= 4 else 1))
-                    while steps % split:
-                        split -= 1
-                atomic = split > 1
-                out = torch.zeros(1, N, dtype=torch.float32 if atomic else dt, device=DEV)
+            row["bnb"] = bnb_gemv_ms(bnb, ws, x)
 
-                def call(pa, bn=bn, wps=wps, warps=warps, out=out, split=split, atomic=atomic, steps=steps,
-                         mode=mode, xp=xp, tin=tin):
-                    if atomic:
-                        out.zero_()
-                    _gemv_lut[(tiles, split)](x, pa[0].view(torch.int32), pa[1], tab, out, N, K, steps // split,
-                                              BLOCK_N=bn, NG=wps // 8, G=8, ASM=asms[mode, tin], MODE=mode, XP=xp,
-                                              ATOMIC=atomic, PLANES=planes, TIN=tin, num_warps=warps)
-                    return out
-                try:
-                    check(f"{name}", call(ws[0]))
-                    ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {name} {bn},{wps},{warps}: failed {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                row[f"{name}/{bn},{wps},{warps}"] = ms
-                if best is None or ms < best[0]:
-                    best = (ms, (bn, wps, warps, split))
-            if best:
-                row[name] = best[0]
-                row[name + "_cfg"] = best[1]
-        if dt != torch.float32 and (not args.only or "lutx" in args.only):
-            best = None
-            xasm = dotx_asm(tuple(code.tolist()), dt)
-            for bn, wps, warps in CONFIGS + [(8, 64, 2), (4, 128, 2), (8, 256, 8), (4, 256, 4)]:
-                if (K // 8) % wps:
-                    continue
-                tiles = triton.cdiv(N, bn)
-                steps = (K // 8) // wps
-                split = 1
-                if tiles < sms:
-                    split = max(1, min(triton.cdiv(2 * sms, tiles), steps // 2 if steps >= 4 else 1))
-                    while steps % split:
-                        split -= 1
-                atomic = split > 1
-                out = torch.zeros(1, N, dtype=torch.float32 if atomic else dt, device=DEV)
+        def grid_call(kernel, cfg, **kw):
+            """A call of a (rows, K split)-grid bench kernel at cfg = (BLOCK_N, words per step, warps)."""
+            bn, wps, warps = cfg
+            if (K // 8) % wps:
+                return None
+            tiles, split, steps = _split(N, K, bn, wps, sms)
+            out = torch.zeros(1, N, dtype=torch.float32 if split > 1 else dt, device=DEV)
 
-                def call(pa, bn=bn, wps=wps, warps=warps, out=out, split=split, atomic=atomic, steps=steps,
-                         tiles=tiles):
-                    if atomic:
-                        out.zero_()
-                    _gemv_x[(tiles, split)](x, pa[0].view(torch.int32), pa[1], tab, out, N, K, steps // split,
-                                            BLOCK_N=bn, NG=wps // 8, G=8, ASM=xasm, PLANES=planes, ATOMIC=atomic,
-                                            num_warps=warps)
-                    return out
-                try:
-                    check("lutx", call(ws[0]))
-                    ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies
-                except Exception as e:  # noqa: BLE001
-                    print(f"  lutx {bn},{wps},{warps}: failed {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                row[f"lutx/{bn},{wps},{warps}"] = ms
-                if best is None or ms < best[0]:
-                    best = (ms, (bn, wps, warps, split))
-            if best:
-                row["lutx"] = best[0]
-                row["lutx_cfg"] = best[1]
-        m2variants = {"mma2": (None, 1), "mma2imm": (tuple(code.tolist()), 1), "mma2s2": (None, 2),
-                      "mma2s3": (None, 3)}
-        for m2name, (m2code, ns) in (m2variants.items() if dt != torch.float32 else ()):
-            if args.only and m2name not in args.only:
-                continue
-            best = None
-            m2asm = mma2_asm(dt, m2code)
-            for bn, wps, warps in MMA2_CONFIGS if not args.quick else [(16, 128, 4), (4, 256, 4), (8, 256, 8),
-                                                                       (4, 128, 2), (8, 128, 4)]:
-                if (K // 8) % wps:
-                    continue
-                tiles = triton.cdiv(N, bn)
-                steps = (K // 8) // wps
-                split = 1
-                if tiles < sms:
-                    split = max(1, min(triton.cdiv(2 * sms, tiles), steps // 2 if steps >= 4 else 1))
-                    while steps % split:
-                        split -= 1
-                atomic = split > 1
-                out = torch.zeros(1, N, dtype=torch.float32 if atomic else dt, device=DEV)
+            def call(pa):
+                if split > 1:
+                    out.zero_()
+                kernel[(tiles, split)](x, pa[0].view(torch.int32), pa[1], tab, out, N, K, steps // split,
+                                       BLOCK_N=bn, NG=wps // 8, G=8, ATOMIC=split > 1, num_warps=warps, **kw)
+                return out
+            return call
 
-                def call(pa, bn=bn, wps=wps, warps=warps, out=out, split=split, atomic=atomic, steps=steps,
-                         tiles=tiles, m2asm=m2asm, ns=ns):
-                    if atomic:
-                        out.zero_()
-                    _gemv_mma2[(tiles, split)](x, pa[0].view(torch.int32), pa[1], ptab, out, N, K, steps // split,
-                                               BLOCK_N=bn, NG=wps // 8, ASM=m2asm, ATOMIC=atomic, NS=ns,
-                                               num_warps=warps)
-                    return out
-                try:
-                    check(m2name, call(ws[0]))
-                    ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {m2name} {bn},{wps},{warps}: failed {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                row[f"{m2name}/{bn},{wps},{warps}"] = ms
-                if best is None or ms < best[0]:
-                    best = (ms, (bn, wps, warps, split))
-            if best:
-                row[m2name] = best[0]
-                row[m2name + "_cfg"] = best[1]
+        for name, (mode, xp, tin) in lut_variants.items():
+            if wanted(name):
+                sweep(row, name, QUICK if args.quick else CONFIGS,
+                      lambda cfg, mode=mode, xp=xp, tin=tin: grid_call(
+                          _gemv_lut, cfg, ASM=asms[mode, tin], MODE=mode, XP=xp, PLANES=planes, TIN=tin),
+                      check, ws, copies)
+        if dt != torch.float32 and wanted("lutx"):
+            xasm = dotx_asm(ctup, dt)
+            sweep(row, "lutx", CONFIGS + [(8, 64, 2), (4, 128, 2), (8, 256, 8), (4, 256, 4)],
+                  lambda cfg: grid_call(_gemv_x, cfg, ASM=xasm, PLANES=planes), check, ws, copies)
         for name, prefetch in ({"pp": True, "ppnof": False} if dt == torch.bfloat16 else {}).items():
-            if args.only and name not in args.only:
+            if not wanted(name):
                 continue
-            best = None
-            for (bn, wps, warps), per_sm in itertools.product(PP_CONFIGS, (4, 8, 16)):
+
+            def make_pp(cfg, prefetch=prefetch):
+                bn, wps, warps, per_sm = cfg
                 if (K // 8) % wps:
-                    continue
+                    return None
                 nprog = min(triton.cdiv(N, bn), per_sm * sms)
                 out = torch.empty(1, N, dtype=dt, device=DEV)
 
-                def call(pa, bn=bn, wps=wps, warps=warps, out=out, nprog=nprog, prefetch=prefetch):
+                def call(pa):
                     _gemv_pp[(nprog,)](x, pa[0].view(torch.int32), pa[1], tab, out, N, K, (K // 8) // wps,
                                        BLOCK_N=bn, NG=wps // 8, G=8, ASM=asms[0, True], PLANES=planes, TIN=True,
                                        PREFETCH=prefetch, num_warps=warps)
                     return out
-                try:
-                    check(f"{name}", call(ws[0]))
-                    ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {name} {bn},{wps},{warps}: failed {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                row[f"{name}/{bn},{wps},{warps},{per_sm}"] = ms
-                if best is None or ms < best[0]:
-                    best = (ms, (bn, wps, warps, per_sm))
-            if best:
-                row[name] = best[0]
-                row[name + "_cfg"] = best[1]
-        for name, (tin, xl) in (mma_variants if mma_asms else {}).items():
-            best = None
-            for bn, wps, warps in MMA_CONFIGS:
-                if (K // 8) % wps:
-                    continue
-                tiles = triton.cdiv(N, bn)
-                steps = (K // 8) // wps
-                split = 1
-                if tiles < sms:
-                    split = max(1, min(triton.cdiv(2 * sms, tiles), steps // 2 if steps >= 4 else 1))
-                    while steps % split:
-                        split -= 1
-                atomic = split > 1
-                out = torch.zeros(1, N, dtype=torch.float32 if atomic else dt, device=DEV)
+                return call
+            sweep(row, name, [c + (s,) for c in PP_CONFIGS for s in (4, 8, 16)], make_pp, check, ws, copies)
+        if dt != torch.float32 and wanted("mma"):  # the library's tensor-core GEMV at other launch shapes
 
-                def call(pa, bn=bn, wps=wps, warps=warps, out=out, split=split, atomic=atomic, steps=steps,
-                         tin=tin, xl=xl, tiles=tiles):
-                    if atomic:
-                        out.zero_()
-                    _gemv_mma[(tiles, split)](x, pa[0].view(torch.int32), pa[1], ptab, out, N, K, steps // split,
-                                              BLOCK_N=bn, NG=wps // 8, ASM=mma_asms[tin], ATOMIC=atomic, TIN=tin,
-                                              XL=xl, num_warps=warps)
-                    return out
-                try:
-                    check(f"{name}", call(ws[0]))
-                    ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies
-                except Exception as e:  # noqa: BLE001
-                    print(f"  {name} {bn},{wps},{warps}: failed {type(e).__name__}: {str(e)[:300]}")
-                    continue
-                row[f"{name}/{bn},{wps},{warps}"] = ms
-                if best is None or ms < best[0]:
-                    best = (ms, (bn, wps, warps, split))
-            if best:
-                row[name] = best[0]
-                row[name + "_cfg"] = best[1]
+            def make_mma(cfg):
+                bn, wps, warps = cfg
+                if (K // 8) % wps or bn // 2 * wps < 64 * warps:
+                    return None
+                return lambda pa: gemv_mma.gemv_mma(x, pa[0].view(torch.uint8).reshape(-1), pa[1], None, None, None,
+                                                    None, N, K, 64, "nf4", cfg)
+            sweep(row, "mma", MMA_CONFIGS, make_mma, check, ws, copies)
         cells = " ".join(f"{k}={v:.4f}ms({nbytes / v / 1e9:.2f}TB/s)" for k, v in row.items()
                          if isinstance(v, float) and "/" not in k)
         print(f"{N}x{K}: {cells}")

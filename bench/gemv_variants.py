@@ -25,10 +25,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import timed_graph  # noqa: E402
+from benchutil import bnb_gemv_ms, gemv_case, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402, F401  (registers the halfbyte:: ops)
-from halfbyte.formats import fourbit as ref4  # noqa: E402
 from halfbyte.formats.codebooks import code_4bit  # noqa: E402
 from halfbyte.kernels import gemm4bit  # noqa: E402
 
@@ -38,7 +37,6 @@ except Exception:  # noqa: BLE001
     bnb = None
 
 DEV, DT = "cuda", torch.bfloat16
-L2_BYTES = 50 * 2**20
 
 
 @triton.jit
@@ -108,34 +106,12 @@ def main():
     pairs = pair_table(DEV)
     results = []
     for N, K in ((18432, 3072), (14336, 4096), (3072, 3072), (12288, 3072), (10240, 4096)):
-        copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
-        ws = []
-        for _ in range(copies):
-            w = (torch.randn(N, K, device=DEV) / K ** 0.5).to(DT)
-            p, a = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
-            ws.append((p, a, w))
-        x = torch.randn(1, K, device=DEV, dtype=DT)
-        p0, a0, _ = ws[0]
-        deq = ref4.dequantize_4bit(p0, a0, 64, "nf4", (N, K), torch.float32).double()
-        exact = (x.double() @ deq.T).reshape(-1)
-        bound = (x.double().abs() @ deq.abs().T).reshape(-1) * 2 ** -8 + 1e-6  # bf16 rounding of the output
-        nbytes = N * K // 2 + N * K // 64 * 4
-        row = {"N": N, "K": K, "copies": copies}
-
-        def check(name, out):
-            err = (out.double().reshape(-1) - exact).abs()
-            ok = bool((err <= bound * 2).all())
-            row[name + "_ok"] = ok
-            if not ok:
-                print(f"  {name}: WRONG, max err / bound {float((err / bound).max()):.2f}")
-
+        ws, x, check, row, nbytes, copies = gemv_case(N, K, DT)
         lib = lambda pa: gemm4bit.gemv(x, pa[0], pa[1], None, None, None, None, N, K, 64, "nf4")  # noqa: E731
         check("lib", lib(ws[0]))
         row["lib"] = timed_graph(lambda: [lib(pa) for pa in ws]) / copies
         if bnb is not None:
-            bq = [bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
-                  for _, _, w in ws]
-            row["bnb"] = timed_graph(lambda: [bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in bq]) / copies
+            row["bnb"] = bnb_gemv_ms(bnb, ws, x)
         for name, (variant, xsplit) in ({} if args.lib_only else VARIANTS).items():
             best = None
             for bn, kstep, warps in CONFIGS:

@@ -1,4 +1,5 @@
-"""CUDA fast-math building blocks shared by the kernels, and their bit-exact emulation for the interpreter.
+"""CUDA fast-math building blocks shared by the kernels, and their bit-exact emulation for the interpreter (plus
+the row bookkeeping the GEMV kernels share).
 
 bitsandbytes' kernels round with ``rcp.approx.ftz.f32`` (``1.0f / a`` and ``__fdividef`` under fast math) and
 ``cvt.rni`` (``__float2int_rn``). On the GPU the kernels run those very instructions (inline PTX, libdevice). Under
@@ -115,6 +116,31 @@ def round_to(x, dtype: tl.constexpr, USE_PTX: tl.constexpr):
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(x != x, 0x7FC0, rounded)
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def gemv_rows(BLOCK_N: tl.constexpr, N, I64: tl.constexpr):
+    """(rows, clamped rows) of a GEMV program's BLOCK_N output rows: rows past N are clamped to row 0, so that
+    they load valid data; their results are dropped by ``gemv_store``."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows_c = tl.where(rows < N, rows, 0)
+    if I64:
+        rows_c = rows_c.to(tl.int64)
+    return rows, rows_c
+
+
+@triton.jit
+def gemv_store(res, rows, N, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
+               USE_PTX: tl.constexpr):
+    """A GEMV program's float32 row sums ``res``: added atomically into a float32 workspace when K is split
+    (the caller adds the bias), else bias added and rounded to the output's dtype."""
+    mask = rows < N
+    if ATOMIC:
+        tl.atomic_add(out_ptr + rows, res, mask=mask)
+    else:
+        if HAS_BIAS:
+            res += tl.load(bias_ptr + rows, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, round_to(res, out_ptr.dtype.element_ty, USE_PTX), mask=mask)
 
 
 @triton.jit

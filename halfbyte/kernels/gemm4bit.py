@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from . import gemv_mma, lut
-from .common import INTERPRET, USE_PTX, load_absmax_inbounds, round_to
+from .common import INTERPRET, USE_PTX, gemv_rows, gemv_store, load_absmax_inbounds
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
 
@@ -58,11 +58,7 @@ def _gemv_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, co
                  BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                  BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GB: tl.constexpr, I64: tl.constexpr,
                  XSPLIT: tl.constexpr, USE_PTX: tl.constexpr):
-    pid_n = tl.program_id(0)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.where(rows < N, rows, 0)  # clamped rows load valid data; their results are dropped
-    if I64:
-        rows_c = rows_c.to(tl.int64)
+    rows, rows_c = gemv_rows(BLOCK_N, N, I64)
     KB: tl.constexpr = K // 2
     g = tl.arange(0, GROUPS)
     boff = g[:, None] * GB + tl.arange(0, GB)[None, :]  # (GROUPS, GB) byte offsets inside one K step
@@ -83,14 +79,7 @@ def _gemv_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, co
             xo = tl.load(x_ptr + 2 * (kb0 + boff) + 1).to(tl.float32)
         p = tl.load(code_ptr + (byte >> 4)) * xe[None, :, :] + tl.load(code_ptr + (byte & 15)) * xo[None, :, :]
         acc += tl.sum(p, axis=2) * am  # a group's GB bytes share one absmax: one multiply per group
-    res = tl.sum(acc, axis=1)  # (BLOCK_N,)
-    mask = rows < N
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, res, mask=mask)
-    else:
-        if HAS_BIAS:
-            res += tl.load(bias_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, round_to(res, out_ptr.dtype.element_ty, USE_PTX), mask=mask)
+    gemv_store(tl.sum(acc, axis=1), rows, N, bias_ptr, out_ptr, HAS_BIAS, ATOMIC, USE_PTX)
 
 
 @triton.jit
@@ -122,11 +111,7 @@ def _gemv_lut_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr
                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      BLOCK_N: tl.constexpr, NG: tl.constexpr, G: tl.constexpr, I64: tl.constexpr, ASM: tl.constexpr,
                      USE_PTX: tl.constexpr):
-    pid_n = tl.program_id(0)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows_c = tl.where(rows < N, rows, 0)  # clamped rows load valid data; their results are dropped
-    if I64:
-        rows_c = rows_c.to(tl.int64)
+    rows, rows_c = gemv_rows(BLOCK_N, N, I64)
     KW: tl.constexpr = K // 8
     gi = tl.arange(0, NG)
     woff = gi[:, None] * G + tl.arange(0, G)[None, :]  # (NG, G) word offsets inside one K step
@@ -153,14 +138,7 @@ def _gemv_lut_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr
         p = (w0 * lo0[None] + w1 * hi0[None] + w2 * lo1[None] + w3 * hi1[None]
              + w4 * lo2[None] + w5 * hi2[None] + w6 * lo3[None] + w7 * hi3[None])
         acc += tl.sum(p, axis=2) * am
-    res = tl.sum(acc, axis=1)  # (BLOCK_N,)
-    mask = rows < N
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, res, mask=mask)
-    else:
-        if HAS_BIAS:
-            res += tl.load(bias_ptr + rows, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, round_to(res, out_ptr.dtype.element_ty, USE_PTX), mask=mask)
+    gemv_store(tl.sum(acc, axis=1), rows, N, bias_ptr, out_ptr, HAS_BIAS, ATOMIC, USE_PTX)
 
 
 @functools.lru_cache(maxsize=None)
@@ -263,8 +241,8 @@ def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize
          config: Config | None = None, use_mma: bool = True) -> torch.Tensor:
     """x (1, K) fp16/bf16/fp32 (unit column stride), packed 4-bit W (N, K), bias (N,) in x's dtype or None
     -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats. Kernel: the
-    register-table one for bf16, the tensor-core one (``gemv_mma``) for fp16 where it applies (``use_mma``), else
-    the table-load one; ``config`` shapes the first and the last."""
+    tensor-core one (``gemv_mma``) where it applies and ``use_mma``, else the register-table one for bf16, else the
+    table-load one; ``config`` shapes the latter two."""
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
     if use_mma and gemv_mma.mma_supported(x.dtype, K, blocksize, x, data):
@@ -278,11 +256,7 @@ def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize
     tables = lut_tables(quant_type, x.device) if fn is _gemv_lut_kernel else (code_table(quant_type, x.device),)
     launch(fn, grid, x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, x.device),
            *tables, bias if bias is not None else out, out, N, K, steps, **kwargs)
-    if atomic:
-        if bias is not None:
-            out += bias.to(torch.float32)
-        out = out.to(x.dtype)
-    return out
+    return gemv_mma.finish(out, atomic, bias, x.dtype)
 
 
 def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type):
@@ -340,7 +314,7 @@ class Plan:
         self._gemv, self._atomic = None, False
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
-            if gemv_mma.mma_supported(dtype, K, blocksize, x, data):
+            if gemv_mma.mma_supported(dtype, K, blocksize, x, data):  # float16 only
                 fn, launcher = gemv_mma._gemv_mma_kernel, gemv_mma.mma_launch
                 tables = gemv_mma.mma_tables(quant_type, B.device)
             elif lut_supported(dtype, x, data):

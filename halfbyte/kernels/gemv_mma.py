@@ -1,4 +1,4 @@
-"""Tensor-core 4-bit GEMV (M = 1) for float16 activations: ``mma.sync`` sums code * x over each absmax group.
+"""Tensor-core 4-bit GEMV (M = 1) for 16-bit activations: ``mma.sync`` sums code * x over each absmax group.
 
 Each lane decodes its 32-bit words of 8 codes into four packed float16 pairs with ``prmt`` register tables
 (``lut.pair_decode_lines``) and feeds them, with the matching x pairs read inside the same assembly block, to
@@ -6,8 +6,9 @@ Each lane decodes its 32-bit words of 8 codes into four packed float16 pairs wit
 the 8 words of one absmax group of one row, so the diagonal entry C[g][g] (lane 4g + g/2) is exactly that group's
 ``sum code * x``; that lane returns it, the others 0, and triton multiplies by the absmax and accumulates. Per word
 this is ~40 instructions against ~52 for the float32 decode + FMA of ``gemm4bit._gemv_lut_kernel`` and ~80 for the
-table-load kernel (BENCHMARKS.md, "GEMV with register tables"): 1.3-1.5x bitsandbytes' speed in float16 on an H100,
-where the table-load kernel was 0.9-1.0x.
+table-load kernel (BENCHMARKS.md, "GEMV with register tables"): 1.05-1.51x bitsandbytes' speed in float16 on an
+H100, where the table-load kernel was 0.9-1.0x. It runs bfloat16 too (bench/gemv_lut.py); the library routes only
+float16 to it (``mma_supported``).
 
 Layout assumption: the word tiles are (4, HALF, NG, 2) = (lane of the group, row, group, word pair). Triton orders
 dimensions of equal contiguity by index, so dimension 0 lands on lane bits 0-1 and the group's 4 lanes share row and
@@ -28,15 +29,16 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from . import lut
-from .common import USE_PTX, load_absmax_inbounds, round_to
+from .common import USE_PTX, gemv_store, load_absmax_inbounds
 from .fourbit import absmax_args
 from .launch import launch
 
 
-def mma_asm() -> str:
-    """The PTX block: $0,$1 / $2,$3 the f32 results of rows a / b; $4,$5 two consecutive words of row a; $6,$7
-    the same words of row b; $8,$9 the 16-byte addresses of their x values; $10 + 2i table word i
-    (``lut.pair_tables(code, float16)``)."""
+def mma_asm(dtype: torch.dtype = torch.float16) -> str:
+    """The PTX block for ``dtype`` activations (float16; bfloat16 for bench/gemv_lut.py): $0,$1 / $2,$3 the f32
+    results of rows a / b; $4,$5 two consecutive words of row a; $6,$7 the same words of row b; $8,$9 the 16-byte
+    addresses of their x values; $10 + 2i table word i (``lut.pair_tables(code, dtype)``)."""
+    ty = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
     tables = tuple(f"${10 + 2 * i}" for i in range(8))
     lines = ["{", ".reg .f32 %d<4>, %ra, %rb;", ".reg .b32 %ln, %g, %c, %gh, %go;", ".reg .pred %ph, %po;",
              ".reg .b32 %x0_<4>, %x1_<4>;"]
@@ -51,7 +53,7 @@ def mma_asm() -> str:
     d = "{%d0, %d1, %d2, %d3}"
     for w in range(2):
         for m0, m1 in ((0, 1), (2, 3)):  # A rows g (row a) and g+8 (row b), k = this lane's 4 slots; B = x
-            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {d}, "
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {d}, "
                          f"{{%a{w}_{m0}, %b{w}_{m0}, %a{w}_{m1}, %b{w}_{m1}}}, {{%x{w}_{m0}, %x{w}_{m1}}}, {d};")
     # C[g][g] sits in lane 4g + g/2: register d0 (g even) or d1 (g odd); C[g+8][g] in d2 / d3 of the same lane.
     lines += ["mov.u32 %ln, %laneid;", "shr.u32 %g, %ln, 2;", "and.b32 %c, %ln, 3;", "shr.u32 %gh, %g, 1;",
@@ -63,19 +65,20 @@ def mma_asm() -> str:
 
 
 @triton.jit
-def _x_f32(p, shift: tl.constexpr):
-    """float16 half of 32-bit pairs ``p`` (low half when shift is 0, high when 16) -> float32."""
-    return ((p >> shift) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _x_f32(p, shift: tl.constexpr, XT: tl.constexpr):
+    """The ``XT`` (float16 / bfloat16) half of 32-bit pairs ``p`` (low half when shift is 0, high when 16) ->
+    float32."""
+    return ((p >> shift) & 0xFFFF).to(tl.int16).to(XT, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _word_dot(q, xw, code_ptr):
+def _word_dot(q, xw, code_ptr, XT: tl.constexpr):
     """Interpreter path: float32 sum_j code[q_j] * x_j of each word of q, x at int32 pair pointers ``xw``."""
     acc = tl.zeros(q.shape, tl.float32)
     for m in tl.static_range(4):
         p = tl.load(xw + m)
-        acc += tl.load(code_ptr + ((q >> (8 * m + 4)) & 15)) * _x_f32(p, 0)
-        acc += tl.load(code_ptr + ((q >> (8 * m)) & 15)) * _x_f32(p, 16)
+        acc += tl.load(code_ptr + ((q >> (8 * m + 4)) & 15)) * _x_f32(p, 0, XT)
+        acc += tl.load(code_ptr + ((q >> (8 * m)) & 15)) * _x_f32(p, 16, XT)
     return acc
 
 
@@ -85,7 +88,7 @@ def _gemv_mma_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr
                      BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                      BLOCK_N: tl.constexpr, NG: tl.constexpr, I64: tl.constexpr, ASM: tl.constexpr,
                      USE_PTX: tl.constexpr):
-    HALF: tl.constexpr = BLOCK_N // 2
+    HALF: tl.constexpr = BLOCK_N // 2  # rows a: the program's first HALF rows, rows b: the next HALF
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, HALF)
     rows_a = tl.where(rows < N, rows, 0)  # clamped rows load valid data; their results are dropped
     rows_b = tl.where(rows + HALF < N, rows + HALF, 0)
@@ -125,40 +128,33 @@ def _gemv_mma_kernel(x_ptr, w_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr
                 dtype=(tl.float32, tl.float32), is_pure=True, pack=2)
         else:
             xw = x32 + 4 * (kw0 + woff) + z
-            ya = _word_dot(qa, xw, code_ptr)
-            yb = _word_dot(qb, xw, code_ptr)
+            ya = _word_dot(qa, xw, code_ptr, x_ptr.dtype.element_ty)
+            yb = _word_dot(qb, xw, code_ptr, x_ptr.dtype.element_ty)
         acc_a += ya * am_a[None, :, :, None]
         acc_b += yb * am_b[None, :, :, None]
     res_a = tl.sum(tl.sum(tl.sum(acc_a, axis=3), axis=2), axis=0)  # (HALF,)
     res_b = tl.sum(tl.sum(tl.sum(acc_b, axis=3), axis=2), axis=0)
-    mask_a = rows < N
-    mask_b = rows + HALF < N
-    if ATOMIC:
-        tl.atomic_add(out_ptr + rows, res_a, mask=mask_a)
-        tl.atomic_add(out_ptr + rows + HALF, res_b, mask=mask_b)
-    else:
-        if HAS_BIAS:
-            res_a += tl.load(bias_ptr + rows, mask=mask_a, other=0.0).to(tl.float32)
-            res_b += tl.load(bias_ptr + rows + HALF, mask=mask_b, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, round_to(res_a, out_ptr.dtype.element_ty, USE_PTX), mask=mask_a)
-        tl.store(out_ptr + rows + HALF, round_to(res_b, out_ptr.dtype.element_ty, USE_PTX), mask=mask_b)
+    gemv_store(res_a, rows, N, bias_ptr, out_ptr, HAS_BIAS, ATOMIC, USE_PTX)
+    gemv_store(res_b, rows + HALF, N, bias_ptr, out_ptr, HAS_BIAS, ATOMIC, USE_PTX)
 
 
 @functools.lru_cache(maxsize=None)
-def mma_tables(quant_type: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(8,) int32 ``prmt`` table words of the codes rounded to float16, and (16,) float32 of the same values (the
-    interpreter's table). Cached: a call does no host-to-device copy."""
+def mma_tables(quant_type: str, device: torch.device,
+               dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """(8,) int32 ``prmt`` table words of the codes rounded to ``dtype``, and (16,) float32 of the same values
+    (the interpreter's table). Cached: a call does no host-to-device copy."""
     code = ref4.code_4bit(quant_type, torch.device("cpu"))
-    words = [w - (1 << 32) if w >= 1 << 31 else w for w in lut.pair_tables(tuple(code.tolist()), torch.float16)]
-    return (torch.tensor(words, dtype=torch.int32, device=device),
-            code.to(torch.float16).to(torch.float32).to(device))
+    words = [w - (1 << 32) if w >= 1 << 31 else w for w in lut.pair_tables(tuple(code.tolist()), dtype)]
+    return (torch.tensor(words, dtype=torch.int32, device=device), code.to(dtype).to(torch.float32).to(device))
 
 
 def mma_supported(dtype: torch.dtype, K: int, blocksize: int, *tensors: torch.Tensor) -> bool:
-    """Whether this kernel may serve a GEMV: float16 activations, absmax groups of at least 64 (an mma lane group
-    covers 64 weights of one row), rows of whole 64-word K steps (K % 512 == 0: a smaller step leaves the tile
-    smaller than the warps, and triton then replicates elements across lanes, which breaks the lane-group
-    assumption), 4-byte aligned weight and x, and ``layout_ok`` on the device."""
+    """Whether this kernel serves a GEMV: float16 activations; K % 512 == 0 (a smaller step leaves the tile
+    smaller than the warps, triton then replicates elements across lanes, and that breaks the lane-group
+    assumption: measured illegal addresses); absmax groups of at least 64 (an mma lane group covers 64 weights
+    of one row); 4-byte aligned weight and x; and ``layout_ok`` on the device. bfloat16 stays with
+    ``gemm4bit._gemv_lut_kernel``: this kernel was 8-17 % faster in bf16 where K % 2048 == 0 and slower at
+    K = 3072 (bench/gemv_lut.py), but that routing has not been through the GPU tests yet."""
     if dtype != torch.float16 or blocksize < 64 or K % 512 or any(t.data_ptr() % 4 for t in tensors):
         return False
     return layout_ok(tensors[0].device)
@@ -180,8 +176,8 @@ def _layout_verdict(device: torch.device) -> bool:
     scale = x.float().abs() @ W.abs().T
     ok = bool(((out.float() - ref.float()).abs() <= 2.0**-8 * scale + 1e-3).all())
     if not ok:
-        warnings.warn("halfbyte: triton laid out the tensor-core GEMV's tiles otherwise than it assumes; float16 "
-                      "GEMVs use the table-load kernel on this device", RuntimeWarning, stacklevel=3)
+        warnings.warn("halfbyte: triton laid out the tensor-core GEMV's tiles otherwise than it assumes; GEMVs "
+                      "use the register-table or table-load kernels on this device", RuntimeWarning, stacklevel=3)
     return ok
 
 
@@ -205,8 +201,10 @@ def default_config(K: int) -> tuple[int, int, int]:
 
 
 def mma_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, device: torch.device,
-               config: tuple[int, int, int] | None = None) -> tuple[tuple[int, int], int, bool, dict]:
-    """(grid, K steps per program, atomic, kwargs) of ``_gemv_mma_kernel``, as ``gemm4bit.gemv_launch``."""
+               config: tuple[int, int, int] | None = None,
+               dtype: torch.dtype = torch.float16) -> tuple[tuple[int, int], int, bool, dict]:
+    """(grid, K steps per program, atomic, kwargs) of ``_gemv_mma_kernel`` for ``dtype`` activations, as
+    ``gemm4bit.gemv_launch``."""
     from .gemm4bit import _split  # gemm4bit imports this module
 
     block_n, words, warps = config or default_config(K)
@@ -219,25 +217,33 @@ def mma_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, dev
     k_steps = (K // 8) // words
     split = _split(tiles, k_steps, device)
     kwargs = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, ATOMIC=split > 1, BLOCK_N=block_n,
-                  NG=words // 8, I64=N * K >= 2**31, ASM=_asm(), USE_PTX=USE_PTX, num_warps=warps)
+                  NG=words // 8, I64=N * K >= 2**31, ASM=_asm(dtype), USE_PTX=USE_PTX, num_warps=warps)
     return (tiles, split), k_steps // split, split > 1, kwargs
 
 
 @functools.lru_cache(maxsize=None)
-def _asm() -> str:
-    return mma_asm()
+def _asm(dtype: torch.dtype) -> str:
+    return mma_asm(dtype)
 
 
 def gemv_mma(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
              config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """``gemm4bit.gemv``'s contract for float16 x (1, K) and the packed weight as uint8 ``data``."""
+    """``gemm4bit.gemv``'s contract for float16 (or, for the benches, bfloat16) x (1, K) and the packed weight as
+    uint8 ``data``, where ``mma_supported``."""
     grid, steps, atomic, kwargs = mma_launch(N, K, blocksize, nested_absmax is not None, bias is not None,
-                                             x.device, config)
+                                             x.device, config, x.dtype)
     out = torch.zeros(1, N, dtype=torch.float32, device=x.device) if atomic else x.new_empty(1, N)
     launch(_gemv_mma_kernel, grid, x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, x.device),
-           *mma_tables(quant_type, x.device), bias if bias is not None else out, out, N, K, steps, **kwargs)
-    if atomic:
-        if bias is not None:
-            out += bias.to(torch.float32)
-        out = out.to(x.dtype)
-    return out
+           *mma_tables(quant_type, x.device, x.dtype), bias if bias is not None else out, out, N, K, steps,
+           **kwargs)
+    return finish(out, atomic, bias, x.dtype)
+
+
+def finish(out: torch.Tensor, atomic: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A GEMV's (1, N) output: as written when K was not split; else the float32 workspace plus the bias, in
+    ``dtype`` (the split kernels add their partial sums atomically and leave the bias to the caller)."""
+    if not atomic:
+        return out
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(dtype)

@@ -118,6 +118,25 @@ def round_to(x, dtype: tl.constexpr, USE_PTX: tl.constexpr):
         return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs exercise the split-K path without slowing the CPU tests
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemv_split(tiles: int, k_steps: int, device: torch.device) -> int:
+    """K splits of a GEMV launch so that tiles x splits covers the SMs about twice (a divisor of k_steps); 1 when
+    the N tiles do."""
+    sms = _num_sms(device)
+    if tiles >= sms:
+        return 1
+    split = max(1, min(triton.cdiv(2 * sms, tiles), k_steps // 4 if k_steps >= 8 else 1))
+    while k_steps % split:  # every program gets the same whole number of K steps
+        split -= 1
+    return split
+
+
 @triton.jit
 def gemv_rows(BLOCK_N: tl.constexpr, N, I64: tl.constexpr):
     """(rows, clamped rows) of a GEMV program's BLOCK_N output rows: rows past N are clamped to row 0, so that

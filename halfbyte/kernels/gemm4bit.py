@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from . import gemv_mma, lut
-from .common import INTERPRET, USE_PTX, gemv_rows, gemv_store, load_absmax_inbounds
+from .common import INTERPRET, USE_PTX, gemv_rows, gemv_split, gemv_store, load_absmax_inbounds
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
 
@@ -156,30 +156,12 @@ def _lut_asm() -> str:
     return lut.decode_asm(tuple(ref4.code_4bit("nf4", torch.device("cpu")).tolist()), 2, True)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a few programs exercise the split-K path without slowing the CPU tests
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_config(N: int, K: int) -> Config:
     """GEMV launch shape, from bench/gemv_variants.py's sweep on an H200 (BENCHMARKS.md, "GEMV"): small N wants
     more bytes per row per step and x split in registers; FLUX/T5 widths 16 rows x 256 bytes."""
     if N <= 4096:
         return Config(block_n=8, kstep=512, num_warps=4, xsplit=True)
     return Config(block_n=16, kstep=256, num_warps=4)
-
-
-def _split(tiles: int, k_steps: int, device: torch.device) -> int:
-    """K splits so that tiles x splits covers the SMs about twice (a divisor of k_steps); 1 when the N tiles do."""
-    sms = _num_sms(device)
-    if tiles >= sms:
-        return 1
-    split = max(1, min(triton.cdiv(2 * sms, tiles), k_steps // 4 if k_steps >= 8 else 1))
-    while k_steps % split:  # every program gets the same whole number of K steps
-        split -= 1
-    return split
 
 
 def lut_supported(dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
@@ -211,7 +193,7 @@ def gemv_lut_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool
         words //= 2
     tiles = triton.cdiv(N, cfg.block_n)
     k_steps = (K // 8) // words
-    split = _split(tiles, k_steps, device)
+    split = gemv_split(tiles, k_steps, device)
     kwargs = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, ATOMIC=split > 1, BLOCK_N=cfg.block_n,
                   NG=words // g, G=g, I64=N * K >= 2**31, ASM=_lut_asm(), USE_PTX=USE_PTX, num_warps=cfg.num_warps)
     return (tiles, split), k_steps // split, split > 1, kwargs
@@ -228,7 +210,7 @@ def gemv_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, de
         kstep //= 2
     tiles = triton.cdiv(N, cfg.block_n)
     k_steps = (K // 2) // kstep
-    split = _split(tiles, k_steps, device)
+    split = gemv_split(tiles, k_steps, device)
     atomic = split > 1
     gb = min(blocksize // 2, 32, kstep)
     kwargs = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, ATOMIC=atomic, BLOCK_N=cfg.block_n,

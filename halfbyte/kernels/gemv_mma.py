@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from . import lut
-from .common import USE_PTX, gemv_store, load_absmax_inbounds
+from .common import USE_PTX, gemv_split, gemv_store, load_absmax_inbounds
 from .fourbit import absmax_args
 from .launch import launch
 
@@ -205,8 +205,6 @@ def mma_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, dev
                dtype: torch.dtype = torch.float16) -> tuple[tuple[int, int], int, bool, dict]:
     """(grid, K steps per program, atomic, kwargs) of ``_gemv_mma_kernel`` for ``dtype`` activations, as
     ``gemm4bit.gemv_launch``."""
-    from .gemm4bit import _split  # gemm4bit imports this module
-
     block_n, words, warps = config or default_config(K)
     while (K // 8) % words:  # mma_supported: K % 512 == 0, so this stops at 64 words or more
         words //= 2
@@ -215,7 +213,7 @@ def mma_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, dev
                          f"x 2 words; triton would replicate it across lanes (measured: illegal addresses)")
     tiles = triton.cdiv(N, block_n)
     k_steps = (K // 8) // words
-    split = _split(tiles, k_steps, device)
+    split = gemv_split(tiles, k_steps, device)
     kwargs = dict(BLOCKSIZE=blocksize, NESTED=nested, HAS_BIAS=has_bias, ATOMIC=split > 1, BLOCK_N=block_n,
                   NG=words // 8, I64=N * K >= 2**31, ASM=_asm(dtype), USE_PTX=USE_PTX, num_warps=warps)
     return (tiles, split), k_steps // split, split > 1, kwargs

@@ -265,28 +265,29 @@ def test_gemv_register_tables_tiny(nested):
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
 def test_gemv_tensor_core_tiny(nested):
     """GEMV through the tensor-core kernel (kernels.gemv_mma): fp16 with odd N (clamped rows), a K step that must
-    halve, blocksizes 64 and 128, split K; bf16 through the kernel itself (the benches run it; the library routes
-    bf16 to the register-table kernel); within the bound. Blocksize 32 (an mma lane group would span two absmax
-    blocks), K % 512 != 0, bf16 and fp32 do not take it in the library."""
+    halve, blocksizes 64 and 128, split K; bf16 where K % 2048 == 0; within the bound, through the library's routing
+    and through a plan. Blocksize 32 (an mma lane group would span two absmax blocks), fp16 with K % 512 != 0, bf16
+    with K % 2048 != 0 and fp32 do not take it."""
     from halfbyte.kernels import gemv_mma
 
     for N, K, bs, qt, dtype in ((9, 1536, 64, "nf4", torch.float16), (24, 4096, 128, "fp4", torch.float16),
-                                (5, 2048, 64, "nf4", torch.float16), (7, 2048, 64, "fp4", torch.bfloat16)):
+                                (5, 2048, 64, "nf4", torch.float16), (7, 2048, 64, "fp4", torch.bfloat16),
+                                (13, 4096, 128, "nf4", torch.bfloat16)):
         packed, stats, am = _quantized_linear(N, K, bs, qt, nested, dtype)
         W = fourbit.dequantize_4bit(packed, am, bs, qt, (N, K), dtype)
         bias = torch.randn(N, device=DEV).to(dtype)
         x = torch.randn(1, K, device=DEV).to(dtype)
-        if dtype == torch.float16:
-            assert gemv_mma.mma_supported(x.dtype, K, bs, x, packed)
-            out = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt)
-        else:
-            out = gemv_mma.gemv_mma(x, packed.reshape(-1).view(torch.uint8), *stats, bias, N, K, bs, qt)
+        assert gemv_mma.mma_supported(x.dtype, K, bs, x, packed)
+        out = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt)
         assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
+        if DEV == "cuda":  # plans bind launches on the GPU only
+            plan = gemm4bit.Plan(packed, *stats, bias, N, K, bs, qt, dtype)
+            assert_within_fp32_sum_bound(plan(x, bias), x, W, bias, unrounded_weights=True)
         grid, steps, _, kw = gemv_mma.mma_launch(N, K, bs, nested, True, x.device, dtype=dtype)
         assert kw["NG"] * 8 * steps * grid[1] == K // 8
     assert not gemv_mma.mma_supported(torch.float16, 2048, 32, x, packed)
     assert not gemv_mma.mma_supported(torch.float16, 640, 64, x, packed)
-    assert not gemv_mma.mma_supported(torch.bfloat16, 2048, 64, x, packed)
+    assert not gemv_mma.mma_supported(torch.bfloat16, 3072, 64, x, packed)
     assert not gemv_mma.mma_supported(torch.float32, 2048, 64, x, packed)
     with pytest.raises(ValueError, match="smaller than 4 warps"):
         gemv_mma.mma_launch(64, 1024, 64, False, False, x.device, (2, 64, 4))

@@ -296,9 +296,9 @@ class Plan:
         self._gemv, self._atomic = None, False
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
-            if gemv_mma.mma_supported(dtype, K, blocksize, x, data):  # float16 only
-                fn, launcher = gemv_mma._gemv_mma_kernel, gemv_mma.mma_launch
-                tables = gemv_mma.mma_tables(quant_type, B.device)
+            if gemv_mma.mma_supported(dtype, K, blocksize, x, data):
+                fn, launcher = gemv_mma._gemv_mma_kernel, functools.partial(gemv_mma.mma_launch, dtype=dtype)
+                tables = gemv_mma.mma_tables(quant_type, B.device, dtype)
             elif lut_supported(dtype, x, data):
                 fn, launcher, tables = _gemv_lut_kernel, gemv_lut_launch, lut_tables(quant_type, B.device)
             else:

@@ -7,8 +7,8 @@ the 8 words of one absmax group of one row, so the diagonal entry C[g][g] (lane 
 ``sum code * x``; that lane returns it, the others 0, and triton multiplies by the absmax and accumulates. Per word
 this is ~40 instructions against ~52 for the float32 decode + FMA of ``gemm4bit._gemv_lut_kernel`` and ~80 for the
 table-load kernel (BENCHMARKS.md, "GEMV with register tables"): 1.05-1.51x bitsandbytes' speed in float16 on an
-H100, where the table-load kernel was 0.9-1.0x. It runs bfloat16 too (bench/gemv_lut.py); the library routes only
-float16 to it (``mma_supported``).
+H100, where the table-load kernel was 0.9-1.0x. bfloat16 takes it where K % 2048 == 0 (``mma_supported``), where
+it beat the register-table kernel.
 
 Layout assumption: the word tiles are (4, HALF, NG, 2) = (lane of the group, row, group, word pair). Triton orders
 dimensions of equal contiguity by index, so dimension 0 lands on lane bits 0-1 and the group's 4 lanes share row and
@@ -35,7 +35,7 @@ from .launch import launch
 
 
 def mma_asm(dtype: torch.dtype = torch.float16) -> str:
-    """The PTX block for ``dtype`` activations (float16; bfloat16 for bench/gemv_lut.py): $0,$1 / $2,$3 the f32
+    """The PTX block for ``dtype`` activations (float16 or bfloat16): $0,$1 / $2,$3 the f32
     results of rows a / b; $4,$5 two consecutive words of row a; $6,$7 the same words of row b; $8,$9 the 16-byte
     addresses of their x values; $10 + 2i table word i (``lut.pair_tables(code, dtype)``)."""
     ty = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
@@ -149,13 +149,14 @@ def mma_tables(quant_type: str, device: torch.device,
 
 
 def mma_supported(dtype: torch.dtype, K: int, blocksize: int, *tensors: torch.Tensor) -> bool:
-    """Whether this kernel serves a GEMV: float16 activations; K % 512 == 0 (a smaller step leaves the tile
-    smaller than the warps, triton then replicates elements across lanes, and that breaks the lane-group
-    assumption: measured illegal addresses); absmax groups of at least 64 (an mma lane group covers 64 weights
-    of one row); 4-byte aligned weight and x; and ``layout_ok`` on the device. bfloat16 stays with
-    ``gemm4bit._gemv_lut_kernel``: this kernel was 8-17 % faster in bf16 where K % 2048 == 0 and slower at
-    K = 3072 (bench/gemv_lut.py), but that routing has not been through the GPU tests yet."""
-    if dtype != torch.float16 or blocksize < 64 or K % 512 or any(t.data_ptr() % 4 for t in tensors):
+    """Whether this kernel serves a GEMV: float16 activations with K % 512 == 0, bfloat16 with K % 2048 == 0;
+    absmax groups of at least 64 (an mma lane group covers 64 weights of one row); 4-byte aligned weight and x; and
+    ``layout_ok`` on the device. A K step under 512 leaves the tile smaller than the warps, triton then replicates
+    elements across lanes, and that breaks the lane-group assumption (measured: illegal addresses). In bfloat16 this
+    kernel beat the register-table one (``gemm4bit._gemv_lut_kernel``) by 8-19 % where K % 2048 == 0 and lost at
+    K = 3072 (bench/gemv_lut.py --only mma, bench/gemv_smem.py; H100), so bfloat16 takes it only at those widths."""
+    need = {torch.float16: 512, torch.bfloat16: 2048}.get(dtype)
+    if need is None or blocksize < 64 or K % need or any(t.data_ptr() % 4 for t in tensors):
         return False
     return layout_ok(tensors[0].device)
 

@@ -241,10 +241,17 @@ def _lazy_kernel(module: str, name: str):
 _DIRECT: dict[str, object] = {}
 _DEQUANT_FUSED = None  # kernels.fourbit.dequantize: 4-bit dequantize with the nested absmax decoded in-kernel
 
+# The CUDA kernels are registered on the dispatcher directly, not through ``CustomOpDef.register_kernel``: that
+# wraps every call in ``torch._disable_dynamo`` and an output-aliasing check, 34 us of host time per call on an
+# H100's host (``gemm_4bit`` through ``torch.ops``: 74 us, the kernel function itself: 41 us). Compiled graphs call
+# the ops that way, ~500 times per FLUX step, and that host time left the GPU idle (BENCHMARKS.md, session 9).
+# Every kernel here returns new tensors, which is all the aliasing check verifies.
+_CUDA_LIB = torch.library.Library("halfbyte", "IMPL")  # module-level: it must outlive the registrations
+
 if importlib.util.find_spec("triton") is not None:
     for _op, (_module, _name) in CUDA_KERNELS.items():
         _DIRECT[_op] = _lazy_kernel(_module, _name)
-        torch.library.register_kernel(f"halfbyte::{_op}", "cuda", _DIRECT[_op])
+        _CUDA_LIB.impl(_op, _DIRECT[_op], "CUDA")
     _DEQUANT_FUSED = _lazy_kernel("fourbit", "dequantize")
 
 

@@ -76,3 +76,24 @@ def bnb_gemv_ms(bnb, ws, x: torch.Tensor) -> float:
     blocksize 64, no double quant), graph replay."""
     bq = [bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4") for _, _, w in ws]
     return timed_graph(lambda: [bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in bq]) / len(ws)
+
+
+def sweep(row: dict, name: str, configs, make, check, ws, copies: int) -> None:
+    """Times ``make(cfg)`` (a call on one weight copy, or None where cfg does not apply) over ``configs``, records
+    each in ``row`` and the best under ``name``."""
+    best = None
+    for cfg in configs:
+        call = make(cfg)
+        if call is None:
+            continue
+        try:
+            check(name, call(ws[0]))
+            ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies  # noqa: B023
+        except Exception as e:  # noqa: BLE001
+            print(f"  {name} {cfg}: failed {type(e).__name__}: {str(e)[:300]}")
+            continue
+        row[f"{name}/{','.join(map(str, cfg))}"] = ms
+        if best is None or ms < best[0]:
+            best = (ms, cfg)
+    if best:
+        row[name], row[name + "_cfg"] = best

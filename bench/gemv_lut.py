@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import bnb_gemv_ms, gemv_case, timed_graph  # noqa: E402
+from benchutil import bnb_gemv_ms, gemv_case, sweep, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402, F401  (registers the halfbyte:: ops)
 from halfbyte.formats.codebooks import code_4bit  # noqa: E402
@@ -284,27 +284,6 @@ def _split(N: int, K: int, bn: int, wps: int, sms: int) -> tuple[int, int, int]:
         while steps % split:
             split -= 1
     return tiles, split, steps
-
-
-def sweep(row: dict, name: str, configs, make, check, ws, copies: int) -> None:
-    """Times ``make(cfg)`` (a call on one weight copy, or None where cfg does not apply) over ``configs``, records
-    each in ``row`` and the best under ``name``."""
-    best = None
-    for cfg in configs:
-        call = make(cfg)
-        if call is None:
-            continue
-        try:
-            check(name, call(ws[0]))
-            ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies  # noqa: B023
-        except Exception as e:  # noqa: BLE001
-            print(f"  {name} {cfg}: failed {type(e).__name__}: {str(e)[:300]}")
-            continue
-        row[f"{name}/{','.join(map(str, cfg))}"] = ms
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
-    if best:
-        row[name], row[name + "_cfg"] = best
 
 
 def main():

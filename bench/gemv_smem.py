@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import bnb_gemv_ms, gemv_case, timed_graph  # noqa: E402
+from benchutil import bnb_gemv_ms, gemv_case, sweep, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402, F401  (registers the halfbyte:: ops)
 from halfbyte.formats.codebooks import code_4bit  # noqa: E402
@@ -171,25 +171,6 @@ SMEM_CONFIGS = ([(bn, w, 4, per, reg) for bn, w in ((8, 128), (4, 256)) for per 
                 + [(4, 128, 2, 7, reg) for reg in (64, 96)])
 MMA_CONFIGS = [(bn, w, nw, reg) for bn, w, nw in ((4, 128, 2), (4, 256, 4), (8, 128, 4), (8, 64, 2))
                for reg in (0, 32, 40, 48)]
-
-
-def sweep(row, name, configs, make, check, ws, copies):
-    best = None
-    for cfg in configs:
-        call = make(cfg)
-        if call is None:
-            continue
-        try:
-            check(name, call(ws[0]))
-            ms = timed_graph(lambda: [call(pa) for pa in ws]) / copies  # noqa: B023
-        except Exception as e:  # noqa: BLE001
-            print(f"  {name} {cfg}: failed {type(e).__name__}: {str(e)[:300]}")
-            continue
-        row[f"{name}/{','.join(map(str, cfg))}"] = ms
-        if best is None or ms < best[0]:
-            best = (ms, cfg)
-    if best:
-        row[name], row[name + "_cfg"] = best
 
 
 def main():

@@ -215,11 +215,20 @@ def _quantized_linear(N, K, bs, qt, nested, dtype):
     return packed, (q, nested_absmax, None, offset), blockwise.double_dequantize(q, nested_absmax, offset)
 
 
+def small_serves(x: torch.Tensor, packed: torch.Tensor, K: int, bs: int) -> bool:
+    """Whether ``gemm_4bit`` hands this (..., K) input to the small-batch tensor-core kernel."""
+    from halfbyte.kernels import gemm_small
+
+    M = x.numel() // K
+    N = packed.numel() * 2 // K
+    return gemm_small.small_supported(M, N, K, x.dtype, bs, x.reshape(M, K).contiguous(), packed)
+
+
 @pytest.mark.parametrize("dn", DTYPES)
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
 def test_gemm_4bit_tiny(dn, nested):
-    """GEMV (M = 1, default and another launch shape) within the fp32 bound; M > 1 (dequantize + linear)
-    bit-identical.
+    """GEMV (M = 1, default and another launch shape) and the small-batch kernel (M = 3, 16-bit x, blocksize 64)
+    within the fp32 bound; M = 3 otherwise (dequantize + linear) bit-identical.
 
     Shapes: one N tile with K long enough to split K across programs (atomics), and two tiles at blocksize 32."""
     dtype = DTYPES[dn]
@@ -236,6 +245,9 @@ def test_gemm_4bit_tiny(dn, nested):
                 for cfg in (gemm4bit.Config(64, 64, num_warps=8), gemm4bit.Config(8, 128, xsplit=True)):
                     other = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt, cfg)
                     assert_within_fp32_sum_bound(other, x, W, bias, unrounded_weights=True)
+            elif small_serves(x, packed, K, bs):
+                assert dtype != torch.float32 and bs == 64
+                assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
             else:
                 assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W, bias)))
 
@@ -293,6 +305,52 @@ def test_gemv_tensor_core_tiny(nested):
         gemv_mma.mma_launch(64, 1024, 64, False, False, x.device, (2, 64, 4))
 
 
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+def test_gemm_small_tiny(nested):
+    """The small-batch tensor-core kernel (kernels.gemm_small) within the bound: token counts inside one tile of 8,
+    across tiles and across two passes (M = 2, 9, 33, 64), fp16 and bf16, blocksizes 64 and 128, odd N (clamped
+    rows), K split across programs (atomics) or not, with and without a bias, through the routing where it takes
+    these weights (up to 16 tokens below 2^24 weights) and (GPU) through a plan. Blocksize 32, K % 64 != 0, fp32,
+    more tokens than ``max_m`` and a misaligned x do not take it."""
+    from halfbyte.kernels import gemm_small
+
+    cases = ((9, 128, 64, "nf4", torch.float16, 2, (8, 4, 1, 32)), (24, 256, 128, "fp4", torch.bfloat16, 9, None),
+             (16, 512, 64, "nf4", torch.bfloat16, 33, (2, 2, 64, 16)), (5, 192, 64, "fp4", torch.float16, 64, None))
+    split_seen = False
+    for i, (N, K, bs, qt, dtype, M, cfg) in enumerate(cases):
+        packed, stats, am = _quantized_linear(N, K, bs, qt, nested, dtype)
+        W = fourbit.dequantize_4bit(packed, am, bs, qt, (N, K), dtype)
+        data = packed.reshape(-1).view(torch.uint8)
+        x = torch.randn(M, K, device=DEV).to(dtype)
+        bias = torch.randn(N, device=DEV).to(dtype) if i % 2 else None
+        assert gemm_small.small_supported(M, N, K, dtype, bs, x, data) == (M <= 16)
+        out = gemm_small.mm_small(x, data, *stats, bias, N, K, bs, qt, cfg)
+        assert out.shape == (M, N) and out.dtype == dtype
+        assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
+        if cfg is not None:  # the default launch shape too, through the routing where it applies
+            routed = gemm4bit.gemm_4bit(x.view(1, M, K), packed, *stats, bias, [N, K], bs, qt)
+            assert_within_fp32_sum_bound(routed.view(M, N), x, W, bias, unrounded_weights=True)
+        if DEV == "cuda" and M <= 16:  # plans bind launches on the GPU only
+            plan = gemm4bit.Plan(packed, *stats, bias, N, K, bs, qt, dtype)
+            ref = gemm_small.mm_small(x, data, *stats, bias, N, K, bs, qt)
+            assert torch.equal(bits(plan(x, bias)), bits(ref))
+        grid, steps, partial, kw = gemm_small.small_launch(N, K, M, bs, nested, True, x.device, dtype, cfg)
+        assert kw["NG"] * 64 * steps * grid[1] == K and grid[2] == triton.cdiv(M, 8 * kw["TT"])
+        assert partial == (grid[1] > 1)
+        split_seen = split_seen or partial
+        again = gemm_small.mm_small(x, data, *stats, bias, N, K, bs, qt, cfg)
+        assert torch.equal(bits(again), bits(out))  # no atomics: the same bits on every run
+    assert split_seen  # (16, 512) with 2 groups per step: 4 K steps over 4 programs
+    assert gemm_small.max_m(4096, 4096) == 64 and gemm_small.max_m(3072, 3072) == 16
+    assert not gemm_small.small_supported(65, 4096, 4096, torch.float16, 64, x, data)
+    assert not gemm_small.small_supported(17, 16, 128, torch.float16, 64, x, data)
+    assert not gemm_small.small_supported(4, 16, 128, torch.float32, 64, x, data)
+    assert not gemm_small.small_supported(4, 16, 128, torch.float16, 32, x, data)
+    assert not gemm_small.small_supported(4, 16, 96, torch.float16, 32, x, data)
+    shifted = torch.empty(4 * 128 + 1, device=DEV, dtype=torch.float16)[1:].view(4, 128)  # 2 bytes off
+    assert not gemm_small.small_supported(4, 16, 128, torch.float16, 64, shifted, data)
+
+
 def test_gemm_4bit_rejects_a_wrong_feature_count():
     """An input with K elements but another last dimension must not be taken for one token (the GEMV)."""
     packed, stats, _ = _quantized_linear(16, 128, 64, "nf4", False, torch.float32)
@@ -309,7 +367,11 @@ def test_gemm_4bit_fallbacks_and_leading_dims():
         x = torch.randn(2, 3, K, device=DEV).to(torch.bfloat16)
         out = gemm4bit.gemm_4bit(x, packed, *stats, None, [N, K], bs, "nf4")
         assert out.shape == (2, 3, N)
-        assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W)))
+        if small_serves(x, packed, K, bs):  # (16, 128): six tokens, whole mma groups
+            assert K == 128
+            assert_within_fp32_sum_bound(out.view(6, N), x.view(6, K), W, None, unrounded_weights=True)
+        else:
+            assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W)))
         x1 = x[:1, :1]  # (1, 1, K): a single token takes the GEMV only when K % blocksize == 0
         out1 = gemm4bit.gemm_4bit(x1, packed, *stats, None, [N, K], bs, "nf4")
         if gemm4bit.fused_supported(1, K, bs, x.dtype):
@@ -327,10 +389,11 @@ def test_gemm_4bit_flux_t5_shapes(shape, dn):
     packed, stats, am = _quantized_linear(N, K, 64, "nf4", True, dtype)
     W = fourbit.dequantize_4bit(packed, am, 64, "nf4", shape, dtype)
     bias = torch.randn(N, device=DEV).to(dtype)
-    for M in (1, 2, 16, 65, 512, 4608):
+    for M in (1, 2, 16, 40, 64, 65, 512, 4608):
         x = torch.randn(M, K, device=DEV).to(dtype)
         out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, "nf4")  # the registered kernel
-        if M == 1:
+        if M == 1 or small_serves(x, packed, K, 64):  # the GEMV and the small-batch kernel
+            assert M <= 16 or N * K >= 2**24
             assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
         else:
             assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W, bias)))

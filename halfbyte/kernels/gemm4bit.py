@@ -6,12 +6,13 @@
     register tables (``kernels.lut``, ~30 integer instructions per word instead of two table loads per byte);
   - fp16: ``kernels.gemv_mma`` decodes the same way into float16 pairs and sums code * x on the tensor cores;
   - fp32, and where those do not apply (alignment, K): ``_gemv_kernel``, two loads from the code table per byte.
-* M > 1: dequantize the whole weight with the nested absmax fused (``fourbit.dequantize``) into x's dtype, then
-  cuBLAS. On an H100 this beat this module's fused Triton tensor-core kernels at every M from 8 to 128 that
-  bench/kernel_bench.py measured (BENCHMARKS.md, "Triton kernels"), so those kernels were dropped.
+* 2 <= M <= 64 with 16-bit activations: ``kernels.gemm_small``, the GEMV's decode feeding ``mma`` with up to 32
+  tokens per decode (the weight is read once in 4 bits and never written out).
+* Larger M (and fp32): dequantize the whole weight with the nested absmax fused (``fourbit.dequantize``) into x's
+  dtype, then cuBLAS. At M = 4608 the GEMMs are compute-bound and cuBLAS's speed is what counts.
   Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
   holds every SM, so the two kernels do not run concurrently; BENCHMARKS.md, "Side-stream dequantize").
-The M > 1 path uses the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's
+The dequantize path uses the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's
 dtype). The GEMVs never round a weight: they sum ``code * x`` over each group sharing an absmax in float32 and
 multiply the group's sum by the absmax once (bitsandbytes' GEMV rounds every weight to x's dtype first). The
 register-table kernels use the codes rounded to x's dtype (as bitsandbytes' table is); fp32 uses them exactly.
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fourbit as ref4
-from . import gemv_mma, lut
+from . import gemm_small, gemv_mma, lut
 from .common import INTERPRET, USE_PTX, gemv_rows, gemv_split, gemv_store, load_absmax_inbounds
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
@@ -262,6 +263,14 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
             x = x.contiguous()
         return gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                     quant_type).view(*A.shape[:-1], N)
+    data = B.reshape(-1)
+    data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+    if gemm_small.MAX_M >= M >= 2 and A.dtype in (torch.float16, torch.bfloat16):
+        x = A.reshape(M, K)
+        x = x if x.is_contiguous() else x.contiguous()
+        if gemm_small.small_supported(M, N, K, x.dtype, blocksize, x, data):
+            return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
+                                       quant_type).view(*A.shape[:-1], N)
     W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
     return torch.nn.functional.linear(A, W.view(N, K), bias)
 
@@ -271,14 +280,15 @@ class Plan:
 
     A FLUX step makes ~500 4-bit calls; through ``gemm_4bit`` each pays ~35 us of Python (checks, key lookups,
     pointer queries) on top of the launch itself, and the host outran the GPU. A plan binds the dequantize launch
-    (and the GEMV launch when the weight allows it) once, to device addresses (``launch.Bound``), so a call is an
-    allocation, one bound launch and, for M > 1, ``F.linear``. It holds no tensor: its owner passes the bias
+    (and the GEMV launch when the weight allows it) once, to device addresses (``launch.Bound``), and the
+    small-batch kernel's on first use per launch shape, so a call is an allocation, one bound launch and, for
+    more tokens, ``F.linear``. It holds no tensor: its owner passes the bias
     and checks that the weight tensors still sit where the plan was bound (``halfbyte.nn``'s eager layers compare
     addresses; ``gemm_4bit`` itself, for compiled graphs and direct calls, looks plans up by the call's addresses,
     ``plan_key``). Results are those of ``gemm_4bit``'s direct path (same kernels, same arguments).
     """
 
-    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_atomic")
+    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_atomic", "_small", "_small_args")
 
     def __init__(self, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
                  dtype: torch.dtype):
@@ -309,6 +319,13 @@ class Plan:
             args = (x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device), *tables,
                     bias if bias is not None else out, out, N, K, steps)
             self._gemv = bind(fn, grid, args, kwargs, free=(0, 7 + len(tables)))
+        self._small: dict[tuple, tuple] = {}  # (token tiles, passes) -> (bound launch, atomic)
+        self._small_args = None
+        x = torch.empty(2, K, dtype=dtype, device=B.device)
+        if gemm_small.small_supported(2, N, K, dtype, blocksize, x, data):
+            self._small_args = (data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device),
+                                *gemm_small.mma_tables(quant_type, B.device, dtype), blocksize,
+                                nested_absmax is not None, bias is not None)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""
@@ -324,9 +341,44 @@ class Plan:
                 if bias is not None:
                     acc += bias
                 return acc.to(self.dtype)
+        M = x.numel() // self.K if self.K else 0
+        if (self._small_args is not None and 2 <= M <= gemm_small.max_m(self.N, self.K) and x.shape[-1] == self.K
+                and x.is_contiguous() and x.data_ptr() % 16 == 0):
+            mm, sum_, splits = self._small_launch(M)
+            out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
+            b = out.data_ptr() if bias is None else bias.data_ptr()  # never read without a bias
+            if sum_ is None:
+                mm(stream, x.data_ptr(), b, out.data_ptr(), M)
+            else:
+                ws = torch.empty((splits, M, self.N), dtype=torch.float32, device=self.device)
+                mm(stream, x.data_ptr(), b, ws.data_ptr(), M)
+                sum_(stream, ws.data_ptr(), b, out.data_ptr(), M)
+            return out
         W = torch.empty((self.N, self.K), dtype=self.dtype, device=self.device)
         self._deq(stream, W.data_ptr())
         return torch.nn.functional.linear(x, W, bias)
+
+    def _small_launch(self, M: int):
+        """(bound ``gemm_small._mm_small_kernel``, bound ``_split_sum_kernel`` or None, K splits) for M tokens,
+        bound on first use per launch shape (token tiles and grid: a few per plan). Free arguments: x, bias, out
+        (or the partial sums' workspace) and M (not specialized); the sum's: workspace, bias, out, M."""
+        grid, steps, partial, kwargs = gemm_small.small_launch(self.N, self.K, M, *self._small_args[-3:],
+                                                               self.device, self.dtype)
+        key = (kwargs["TT"], grid)
+        hit = self._small.get(key)
+        if hit is None:
+            data, *stats, tab, code, _, _, has_bias = self._small_args
+            x = torch.empty(M, self.K, dtype=self.dtype, device=self.device)
+            out = torch.empty(M, self.N, dtype=self.dtype, device=self.device)
+            ws = torch.empty(grid[1], M, self.N, dtype=torch.float32, device=self.device) if partial else out
+            args = (x, data, *stats, tab, code, out, ws, M, self.N, self.K, steps)
+            mm = bind(gemm_small._mm_small_kernel, grid, args, kwargs, free=(0, 8, 9, 10))
+            sum_ = None
+            if partial:
+                sgrid, skw = gemm_small.sum_launch(self.N, grid[1], has_bias)
+                sum_ = bind(gemm_small._split_sum_kernel, sgrid, (ws, out, out, M, self.N), skw, free=(0, 1, 2, 3))
+            hit = self._small[key] = (mm, sum_, grid[1])
+        return hit
 
 
 def plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N: int, K: int, blocksize: int,

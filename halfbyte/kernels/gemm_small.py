@@ -321,8 +321,10 @@ _VERDICTS: dict[torch.device, bool] = {}
 def layout_ok(device: torch.device) -> bool:
     """``_layout_verdict`` for ``device``, checked once (not while a CUDA graph is being captured: a device not
     checked yet then answers False and is checked on a later call)."""
+    if device.type != "cuda":  # the interpreter's path computes each element on its own: no layout assumed
+        return True
     if device not in _VERDICTS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing():
             return False
         _VERDICTS[device] = _layout_verdict(device)
     return _VERDICTS[device]

@@ -101,7 +101,7 @@ def materialise(model: nn.Module) -> nn.Module:
 def quantized(kind: str, lin: nn.Linear) -> nn.Module:
     w = lin.weight.detach()
     N, K = w.shape
-    if kind == "hb-nf4":
+    if kind in ("hb-nf4", "hb-nf4-op"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
     if kind == "hb-nf4-dq":
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
@@ -175,6 +175,8 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             sync()
             reset_peak()
             weights = allocated() - (held if kind != "bf16" else 0)
+            # hb-nf4-op: compiled layers keep the opaque gemm_4bit op instead of dequantizing in the graph
+            halfbyte.nn.DEQUANTIZE_IN_GRAPH = kind != "hb-nf4-op"
             if compile_:
                 model.compile_repeated_blocks(fullgraph=True)
             with torch.inference_mode():
@@ -201,6 +203,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                              error=f"{type(e).__name__}: {e}"[:300]))
             print(f"  {label} {kind}: error {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
+            halfbyte.nn.DEQUANTIZE_IN_GRAPH = True
             for blk in model.modules():  # undo compile_repeated_blocks
                 if getattr(blk, "_compiled_call_impl", None) is not None:
                     blk._compiled_call_impl = None

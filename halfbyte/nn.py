@@ -21,7 +21,7 @@ from . import ops as _ops  # noqa: F401  (registers the halfbyte:: ops)
 from . import transfer
 from .formats import blockwise, fourbit
 from .formats import int8 as int8_format
-from .formats.codebooks import dynamic_map
+from .formats.codebooks import code_4bit, dynamic_map
 
 #: Weights are quantized in row pieces of about this many elements (on the CPU; ``QUANT_PIECE_NUMEL_DEVICE`` on
 #: accelerators). The reference kernels make several float32 temporaries of their input, and a memory-mapped
@@ -43,6 +43,21 @@ def _nested_code(device: torch.device) -> Tensor:
     code = _NESTED_CODES.get(device)
     if code is None:
         code = _NESTED_CODES[device] = dynamic_map(device)
+    return code
+
+
+_CODES: dict[tuple[str, torch.device], Tensor] = {}
+
+#: Compiled CUDA inference of a 4-bit layer over more tokens than the fused kernels serve dequantizes inside the
+#: graph (``Linear4bit._dequantize_in_graph``). False keeps the opaque ``gemm_4bit`` op there (benches compare).
+DEQUANTIZE_IN_GRAPH = True
+
+
+def _code_table(quant_type: str, device: torch.device) -> Tensor:
+    """The (16,) float32 NF4/FP4 code table on ``device``, one copy per device, as ``_nested_code``."""
+    code = _CODES.get((quant_type, device))
+    if code is None:
+        code = _CODES[(quant_type, device)] = code_4bit(quant_type, device)
     return code
 
 
@@ -293,10 +308,28 @@ class Linear4bit(_QuantizedLinear):
         self._check_input(x)
         cdt = self.compute_dtype or x.dtype
         absmax, nested_absmax, nested_code, offset = self.quant_stats()
+        if x.is_cuda and torch.compiler.is_compiling() and self._dequantize_in_graph(x):
+            W = torch.ops.halfbyte.dequantize_4bit_fused(
+                self.weight, absmax, nested_absmax, nested_code, offset, _code_table(self.quant_type, x.device),
+                self.blocksize, self.quant_type, list(self.shape), cdt)
+            bias = None if self.bias is None else self.bias.to(cdt)
+            return nn.functional.linear(x.to(cdt), W, bias).to(x.dtype)
         fn = _ops.direct_kernel("gemm_4bit", x, self.bias) or torch.ops.halfbyte.gemm_4bit
         out = fn(x.to(cdt), self.weight, absmax, nested_absmax, nested_code, offset, self.bias, list(self.shape),
                  self.blocksize, self.quant_type)
         return out.to(x.dtype)
+
+    def _dequantize_in_graph(self, x: Tensor) -> bool:
+        """Whether a traced CUDA forward dequantizes in the graph (``ops.dequantize_4bit_fused``, which Inductor
+        launches itself) and leaves the matmul to Inductor, instead of calling ``gemm_4bit``: the calls ``gemm_4bit``
+        would serve by dequantize + matmul anyway (more than ``ops.FUSED_MAX_TOKENS`` tokens), with nothing recorded
+        for backward (a traced backward would keep the dequantized weight alive until it runs; ``gemm_4bit``'s
+        dequantizes it again). Same numbers as ``gemm_4bit`` up to how Inductor adds the bias."""
+        if not DEQUANTIZE_IN_GRAPH:
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
+            return False
+        return x.numel() // self.in_features > _ops.FUSED_MAX_TOKENS
 
     def _inference_plan(self, x: Tensor):
         """The prebuilt-launch plan for this eager inference call (``ops.inference_plan``), or None.

@@ -4,7 +4,9 @@ Each op's body is its pure-PyTorch reference (``halfbyte.formats``) and serves a
 device; the Triton kernels of ``halfbyte.kernels`` are registered for CUDA at the end of this file (only when
 triton is installed, and imported on the first CUDA call so that ``import halfbyte`` stays free of triton) and are
 tested against the reference. Fakes check dtypes and shapes so that torch.compile sees exact metadata;
-the only data-dependent size (LLM.int8() outlier columns) uses ``new_dynamic_size``.
+the only data-dependent size (LLM.int8() outlier columns) uses ``new_dynamic_size``. One op is the other way
+round: ``dequantize_4bit_fused`` is a ``triton_op`` whose body launches the Triton kernel (so that Inductor can
+launch it from compiled code) and whose CPU kernel is the reference.
 """
 
 import importlib
@@ -152,6 +154,54 @@ def _gemm_4bit_backward(ctx, grad):
 
 
 gemm_4bit.register_autograd(_gemm_4bit_backward, setup_context=_gemm_4bit_setup)
+
+
+#: Most tokens ``gemm_4bit``'s CUDA kernel serves with fused kernels (the GEMV, ``kernels.gemm_small.MAX_M``) rather
+#: than dequantize + matmul. Kept here so that ``halfbyte.nn`` need not import the kernels (and triton).
+FUSED_MAX_TOKENS = 64
+
+
+@torch.library.triton_op("halfbyte::dequantize_4bit_fused", mutates_args=())
+def dequantize_4bit_fused(
+    B: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: Tensor | None,
+    code: Tensor,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """The 4-bit weight of ``shape`` in ``dtype``, as ``gemm_4bit`` multiplies with it: packed bytes ``B``, absmax
+    as ``gemm_4bit`` takes it (float32, or uint8 with the nested stats, decoded in the same kernel), ``code`` the
+    (16,) float32 code table of ``quant_type``. Result: code[q] * absmax in float32, rounded once.
+
+    A ``triton_op``: torch.compile traces into it and Inductor launches the Triton kernel from its own generated
+    code, instead of calling an opaque op through the dispatcher (~45 us of host time per call, against ~10 for
+    Inductor's launch). Compiled inference of a 4-bit layer over many tokens is this op and the matmul
+    (``halfbyte.nn.Linear4bit.forward``). On CUDA only; the CPU kernel is the reference."""
+    kernels = importlib.import_module("halfbyte.kernels.fourbit")
+    n = _numel(shape)
+    fourbit.check_4bit_args(blocksize, quant_type)
+    data = B.reshape(-1)
+    data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+    out = torch.empty(n, dtype=dtype, device=B.device)
+    nested = nested_absmax is not None
+    stats = (absmax, nested_absmax, nested_code, offset) if nested else (absmax, absmax, absmax, absmax)
+    rows = kernels._rows(blocksize)
+    grid = (-(-fourbit.num_blocks(n, blocksize) // rows),)
+    torch.library.wrap_triton(kernels._dequant_kernel)[grid](
+        data, *stats, code, out, n, BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=kernels.USE_PTX,
+        num_warps=4)
+    return out.view(tuple(shape))
+
+
+@dequantize_4bit_fused.register_kernel("cpu")
+def _(B, absmax, nested_absmax, nested_code, offset, code, blocksize, quant_type, shape, dtype):
+    am = decode_absmax(absmax, nested_absmax, nested_code, offset)
+    return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
 
 
 # --- 8-bit (LLM.int8()) ------------------------------------------------------------------------------------------

@@ -263,3 +263,51 @@ if __name__ == "__main__":
                 worst.append(_compile_and_compare(block_name, fmt)[1])
             worst.sort()
             print(f"{block_name:12} {fmt:12} |compiled - eager| in units: max {worst[-1]:.2f}, median {worst[10]:.2f}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA device")
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_compiled_cuda_layer_dequantizes_in_graph(double_quant):
+    """On CUDA, a compiled 4-bit layer over more tokens than the fused kernels serve dequantizes through the
+    ``triton_op`` (Inductor launches the Triton kernel from its own code, no opaque ``gemm_4bit`` call) and leaves
+    the matmul to Inductor: one graph for two token counts, the dequantized weight bit-exact, the output within
+    an ulp of eager's at its magnitude (Inductor may add the bias outside cuBLAS's epilogue). At 16 tokens it keeps
+    ``gemm_4bit`` (the small-batch kernel), and the triton_op's CPU kernel is the reference."""
+    from torch._inductor.utils import run_and_get_code
+
+    from halfbyte import ops
+    from halfbyte.kernels import fourbit as kf
+    from halfbyte.kernels import gemm_small
+    from halfbyte.nn import _code_table
+
+    assert ops.FUSED_MAX_TOKENS == gemm_small.MAX_M
+    dtype = torch.bfloat16 if double_quant else torch.float16
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(512, 256), quant_type="nf4", double_quant=double_quant).cuda()
+    absmax, nested, ncode, offset = layer.quant_stats()
+    args = (layer.weight, absmax, nested, ncode, offset, _code_table("nf4", layer.weight.device),
+            64, "nf4", [256, 512], dtype)
+    W = torch.ops.halfbyte.dequantize_4bit_fused(*args)
+    assert torch.equal(W.view(-1), kf.dequantize(layer.weight, absmax, nested, ncode, offset, 64, "nf4", 256 * 512,
+                                                   dtype))
+    cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    assert torch.equal(torch.ops.halfbyte.dequantize_4bit_fused(*cpu_args), W.cpu())
+
+    backend = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for M in (80, 130):
+            x = torch.randn(2, M, 512, device="cuda", dtype=dtype)
+            torch._dynamo.mark_dynamic(x, 1)
+            out = compiled(x)
+            expected = layer(x)
+            unit = torch.finfo(dtype).eps * expected.abs().max().item()
+            assert (out.float() - expected.float()).abs().max().item() <= unit
+        assert backend.frame_count == 1
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        # run_and_get_code resets dynamo: the generated code, after the counts above
+        _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+        assert "_dequant_kernel" in "".join(code) and "gemm_4bit" not in "".join(code)
+        _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x[0, :16])
+        assert "gemm_4bit" in "".join(code)

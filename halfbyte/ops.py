@@ -5,8 +5,8 @@ device; the Triton kernels of ``halfbyte.kernels`` are registered for CUDA at th
 triton is installed, and imported on the first CUDA call so that ``import halfbyte`` stays free of triton) and are
 tested against the reference. Fakes check dtypes and shapes so that torch.compile sees exact metadata;
 the only data-dependent size (LLM.int8() outlier columns) uses ``new_dynamic_size``. One op is the other way
-round: ``dequantize_4bit_fused`` is a ``triton_op`` whose body launches the Triton kernel (so that Inductor can
-launch it from compiled code) and whose CPU kernel is the reference.
+round: ``dequantize_4bit_fused``'s body launches the Triton kernel on CUDA (so that Inductor can launch it from
+compiled code) and is the reference elsewhere.
 """
 
 import importlib
@@ -161,7 +161,15 @@ gemm_4bit.register_autograd(_gemm_4bit_backward, setup_context=_gemm_4bit_setup)
 FUSED_MAX_TOKENS = 64
 
 
-@torch.library.triton_op("halfbyte::dequantize_4bit_fused", mutates_args=())
+# Defined with a CompositeImplicitAutograd body rather than ``torch.library.triton_op``, which imports triton when
+# it decorates (``import halfbyte`` must not, and must work without triton). The effect under torch.compile is the
+# same: AOTAutograd decomposes the op into its body, where ``wrap_triton`` records the kernel launch for Inductor.
+_FUSED_LIB = torch.library.Library("halfbyte", "FRAGMENT")  # module-level: it must outlive the registration
+_FUSED_LIB.define(
+    "dequantize_4bit_fused(Tensor B, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+    "Tensor code, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor")
+
+
 def dequantize_4bit_fused(
     B: Tensor,
     absmax: Tensor,
@@ -174,17 +182,21 @@ def dequantize_4bit_fused(
     shape: Sequence[int],
     dtype: torch.dtype,
 ) -> Tensor:
-    """The 4-bit weight of ``shape`` in ``dtype``, as ``gemm_4bit`` multiplies with it: packed bytes ``B``, absmax
-    as ``gemm_4bit`` takes it (float32, or uint8 with the nested stats, decoded in the same kernel), ``code`` the
-    (16,) float32 code table of ``quant_type``. Result: code[q] * absmax in float32, rounded once.
+    """``halfbyte::dequantize_4bit_fused``: the 4-bit weight of ``shape`` in ``dtype``, as ``gemm_4bit`` multiplies
+    with it: packed bytes ``B``, absmax as ``gemm_4bit`` takes it (float32, or uint8 with the nested stats, decoded
+    in the same kernel), ``code`` the (16,) float32 code table of ``quant_type``. Result: code[q] * absmax in
+    float32, rounded once.
 
-    A ``triton_op``: torch.compile traces into it and Inductor launches the Triton kernel from its own generated
-    code, instead of calling an opaque op through the dispatcher (~45 us of host time per call, against ~10 for
-    Inductor's launch). Compiled inference of a 4-bit layer over many tokens is this op and the matmul
-    (``halfbyte.nn.Linear4bit.forward``). On CUDA only; the CPU kernel is the reference."""
+    On CUDA the body launches the Triton kernel through ``torch.library.wrap_triton``, so torch.compile traces the
+    launch itself and Inductor issues it from its generated code, instead of calling an opaque op through the
+    dispatcher (~45 us of host time per call). Compiled inference of a 4-bit layer over many tokens is this op and
+    the matmul (``halfbyte.nn.Linear4bit.forward``). Elsewhere the body is the reference."""
+    fourbit.check_4bit_args(blocksize, quant_type)
+    if B.device.type != "cuda":
+        am = decode_absmax(absmax, nested_absmax, nested_code, offset)
+        return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
     kernels = importlib.import_module("halfbyte.kernels.fourbit")
     n = _numel(shape)
-    fourbit.check_4bit_args(blocksize, quant_type)
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
     out = torch.empty(n, dtype=dtype, device=B.device)
@@ -198,10 +210,7 @@ def dequantize_4bit_fused(
     return out.view(tuple(shape))
 
 
-@dequantize_4bit_fused.register_kernel("cpu")
-def _(B, absmax, nested_absmax, nested_code, offset, code, blocksize, quant_type, shape, dtype):
-    am = decode_absmax(absmax, nested_absmax, nested_code, offset)
-    return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
+_FUSED_LIB.impl("dequantize_4bit_fused", dequantize_4bit_fused, "CompositeImplicitAutograd")
 
 
 # --- 8-bit (LLM.int8()) ------------------------------------------------------------------------------------------

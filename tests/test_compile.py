@@ -270,10 +270,10 @@ if __name__ == "__main__":
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 def test_compiled_cuda_layer_dequantizes_in_graph(double_quant):
     """On CUDA, a compiled 4-bit layer over more tokens than the fused kernels serve dequantizes through the
-    ``triton_op`` (Inductor launches the Triton kernel from its own code, no opaque ``gemm_4bit`` call) and leaves
-    the matmul to Inductor: one graph for two token counts, the dequantized weight bit-exact, the output within
+    fused dequantize op (Inductor launches the Triton kernel from its own code, no opaque ``gemm_4bit`` call) and
+    leaves the matmul to Inductor: one graph for two token counts, the dequantized weight bit-exact, the output within
     an ulp of eager's at its magnitude (Inductor may add the bias outside cuBLAS's epilogue). At 16 tokens it keeps
-    ``gemm_4bit`` (the small-batch kernel), and the triton_op's CPU kernel is the reference."""
+    ``gemm_4bit`` (the small-batch kernel), and the op's CPU body is the reference."""
     from torch._inductor.utils import run_and_get_code
 
     from halfbyte import ops

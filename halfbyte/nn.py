@@ -304,7 +304,9 @@ class Linear4bit(_QuantizedLinear):
         if x.is_cuda and (self.compute_dtype is None or self.compute_dtype == x.dtype):
             plan = self._inference_plan(x)
             if plan is not None:
-                return plan(x, self.bias)
+                out = plan(x, self.bias)
+                if out is not None:  # None: a small-batch launch not bound yet (gemm_4bit's own plans bind it)
+                    return out
         self._check_input(x)
         cdt = self.compute_dtype or x.dtype
         absmax, nested_absmax, nested_code, offset = self.quant_stats()

@@ -333,6 +333,8 @@ def test_gemm_small_tiny(nested):
         if DEV == "cuda" and M <= 16:  # plans bind launches on the GPU only
             plan = gemm4bit.Plan(packed, *stats, bias, N, K, bs, qt, dtype)
             ref = gemm_small.mm_small(x, data, *stats, bias, N, K, bs, qt)
+            assert plan(x, bias) is None  # not bound yet: the plan holds no tensor to bind with
+            plan.bind_small(M, packed, *stats)
             assert torch.equal(bits(plan(x, bias)), bits(ref))
         grid, steps, partial, kw = gemm_small.small_launch(N, K, M, bs, nested, True, x.device, dtype, cfg)
         assert kw["NG"] * 64 * steps * grid[1] == K and grid[2] == triton.cdiv(M, 8 * kw["TT"])

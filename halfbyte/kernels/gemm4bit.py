@@ -254,7 +254,12 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
         plan = PLANS.get(key, lambda: Plan(B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                            quant_type, A.dtype))
         if plan is not None:
-            return plan(A, bias)
+            out = plan(A, bias)
+            if out is None:  # a token count whose small-batch launch is not bound yet
+                plan.bind_small(A.numel() // K, B, absmax, nested_absmax, nested_code, offset)
+                out = plan(A, bias)
+            if out is not None:
+                return out
     bias = None if bias is None else bias.to(A.dtype)
     M = A.numel() // K if K else 0
     if fused_supported(M, K, blocksize, A.dtype):
@@ -281,11 +286,11 @@ class Plan:
     A FLUX step makes ~500 4-bit calls; through ``gemm_4bit`` each pays ~35 us of Python (checks, key lookups,
     pointer queries) on top of the launch itself, and the host outran the GPU. A plan binds the dequantize launch
     (and the GEMV launch when the weight allows it) once, to device addresses (``launch.Bound``), and the
-    small-batch kernel's on first use per launch shape, so a call is an allocation, one bound launch and, for
-    more tokens, ``F.linear``. It holds no tensor: its owner passes the bias
-    and checks that the weight tensors still sit where the plan was bound (``halfbyte.nn``'s eager layers compare
-    addresses; ``gemm_4bit`` itself, for compiled graphs and direct calls, looks plans up by the call's addresses,
-    ``plan_key``). Results are those of ``gemm_4bit``'s direct path (same kernels, same arguments).
+    small-batch kernel's when its owner binds them (``bind_small``; until then such calls return None), so a call is
+    an allocation, one bound launch and, for more tokens, ``F.linear``. It holds no tensor: its owner passes the
+    bias and checks that the weight tensors still sit where the plan was bound (``halfbyte.nn``'s eager layers
+    compare addresses; ``gemm_4bit`` itself, for compiled graphs and direct calls, looks plans up by the call's
+    addresses, ``plan_key``). Results are those of ``gemm_4bit``'s direct path (same kernels, same arguments).
     """
 
     __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_atomic", "_small", "_small_args")
@@ -319,13 +324,11 @@ class Plan:
             args = (x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device), *tables,
                     bias if bias is not None else out, out, N, K, steps)
             self._gemv = bind(fn, grid, args, kwargs, free=(0, 7 + len(tables)))
-        self._small: dict[tuple, tuple] = {}  # (token tiles, passes) -> (bound launch, atomic)
+        self._small: dict[tuple, tuple] = {}  # (token tiles, grid) -> bound launches, see bind_small
         self._small_args = None
         x = torch.empty(2, K, dtype=dtype, device=B.device)
         if gemm_small.small_supported(2, N, K, dtype, blocksize, x, data):
-            self._small_args = (data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device),
-                                *gemm_small.mma_tables(quant_type, B.device, dtype), blocksize,
-                                nested_absmax is not None, bias is not None)
+            self._small_args = (blocksize, nested_absmax is not None, bias is not None, quant_type)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""
@@ -344,7 +347,10 @@ class Plan:
         M = x.numel() // self.K if self.K else 0
         if (self._small_args is not None and 2 <= M <= gemm_small.max_m(self.N, self.K) and x.shape[-1] == self.K
                 and x.is_contiguous() and x.data_ptr() % 16 == 0):
-            mm, sum_, splits = self._small_launch(M)
+            hit = self._small.get(self._small_key(M))
+            if hit is None:
+                return None  # not bound yet: the caller, who holds the tensors, calls bind_small
+            mm, sum_, splits = hit
             out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
             b = out.data_ptr() if bias is None else bias.data_ptr()  # never read without a bias
             if sum_ is None:
@@ -358,27 +364,38 @@ class Plan:
         self._deq(stream, W.data_ptr())
         return torch.nn.functional.linear(x, W, bias)
 
-    def _small_launch(self, M: int):
-        """(bound ``gemm_small._mm_small_kernel``, bound ``_split_sum_kernel`` or None, K splits) for M tokens,
-        bound on first use per launch shape (token tiles and grid: a few per plan). Free arguments: x, bias, out
-        (or the partial sums' workspace) and M (not specialized); the sum's: workspace, bias, out, M."""
-        grid, steps, partial, kwargs = gemm_small.small_launch(self.N, self.K, M, *self._small_args[-3:],
+    def _small_key(self, M: int) -> tuple:
+        grid, _, _, kwargs = gemm_small.small_launch(self.N, self.K, M, *self._small_args[:3], self.device,
+                                                     self.dtype)
+        return (kwargs["TT"], grid)
+
+    def bind_small(self, M: int, B, absmax, nested_absmax, nested_code, offset) -> None:
+        """Bind the small-batch kernel's launches for M tokens (token tiles and grid: a few per plan) to these
+        weight tensors (the ones the plan was built from; the plan keeps their addresses, not them). Free
+        arguments: x, bias, out (or the partial sums' workspace) and M (not specialized); the sum's: workspace,
+        bias, out, M. No-op where the plan does not serve M tokens."""
+        if self._small_args is None or not 2 <= M <= gemm_small.max_m(self.N, self.K):
+            return
+        blocksize, nested, has_bias, quant_type = self._small_args
+        grid, steps, partial, kwargs = gemm_small.small_launch(self.N, self.K, M, blocksize, nested, has_bias,
                                                                self.device, self.dtype)
         key = (kwargs["TT"], grid)
-        hit = self._small.get(key)
-        if hit is None:
-            data, *stats, tab, code, _, _, has_bias = self._small_args
-            x = torch.empty(M, self.K, dtype=self.dtype, device=self.device)
-            out = torch.empty(M, self.N, dtype=self.dtype, device=self.device)
-            ws = torch.empty(grid[1], M, self.N, dtype=torch.float32, device=self.device) if partial else out
-            args = (x, data, *stats, tab, code, out, ws, M, self.N, self.K, steps)
-            mm = bind(gemm_small._mm_small_kernel, grid, args, kwargs, free=(0, 8, 9, 10))
-            sum_ = None
-            if partial:
-                sgrid, skw = gemm_small.sum_launch(self.N, grid[1], has_bias)
-                sum_ = bind(gemm_small._split_sum_kernel, sgrid, (ws, out, out, M, self.N), skw, free=(0, 1, 2, 3))
-            hit = self._small[key] = (mm, sum_, grid[1])
-        return hit
+        if key in self._small:
+            return
+        data = B.reshape(-1)
+        data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+        stats = absmax_args(absmax, nested_absmax, nested_code, offset, self.device)
+        x = torch.empty(M, self.K, dtype=self.dtype, device=self.device)
+        out = torch.empty(M, self.N, dtype=self.dtype, device=self.device)
+        ws = torch.empty(grid[1], M, self.N, dtype=torch.float32, device=self.device) if partial else out
+        args = (x, data, *stats, *gemm_small.mma_tables(quant_type, self.device, self.dtype), out, ws, M, self.N,
+                self.K, steps)
+        mm = bind(gemm_small._mm_small_kernel, grid, args, kwargs, free=(0, 8, 9, 10))
+        sum_ = None
+        if partial:
+            sgrid, skw = gemm_small.sum_launch(self.N, grid[1], has_bias)
+            sum_ = bind(gemm_small._split_sum_kernel, sgrid, (ws, out, out, M, self.N), skw, free=(0, 1, 2, 3))
+        self._small[key] = (mm, sum_, grid[1])
 
 
 def plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N: int, K: int, blocksize: int,

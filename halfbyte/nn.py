@@ -144,6 +144,11 @@ class _QuantizedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_input(self, x: Tensor) -> None:
+        if x.device != self.weight.device:  # else the CUDA kernels would get a host pointer (triton's bare error)
+            raise RuntimeError(
+                f"{type(self).__name__}({self.in_features} -> {self.out_features}) holds its weight on "
+                f"{self.weight.device} but got an input on {x.device}: move the inputs to the model's device"
+            )
         if not x.is_floating_point():
             raise TypeError(
                 f"{type(self).__name__}({self.in_features} -> {self.out_features}) got a {x.dtype} input; it computes "
@@ -350,6 +355,8 @@ class Linear4bit(_QuantizedLinear):
                bufs["nested_absmax"].data_ptr() if dq else 0, bufs["offset"].data_ptr() if dq else 0,
                x.get_device())
         if key[-1] != torch._C._cuda_getDevice():  # bound launches go to the current device's context
+            return None
+        if params["weight"].get_device() != key[-1]:  # weights elsewhere: the direct path raises a clear error
             return None
         plans = self.__dict__.setdefault("_plans", {})
         entry = plans.get(x.dtype)

@@ -123,6 +123,15 @@ def test_non_float_input_gets_a_clear_error():
                 q(torch.ones(2, 32, dtype=dt))
 
 
+def test_input_on_another_device_gets_a_clear_error():
+    devices = [("cpu", "meta")] + ([("cuda", "cpu"), ("cpu", "cuda")] if torch.cuda.is_available() else [])
+    for wdev, xdev in devices:  # on a GPU machine a CUDA layer would otherwise hand a host pointer to triton
+        for q in (Linear4bit.from_linear(nn.Linear(64, 16), device=wdev),
+                  Linear8bit.from_linear(nn.Linear(64, 16), device=wdev)):
+            with pytest.raises(RuntimeError, match=rf"\(64 -> 16\) holds its weight on {wdev}.* input on {xdev}"):
+                q(torch.ones(2, 64, device=xdev))
+
+
 def test_dtype_cast_of_quantized_layer_raises_but_device_move_works():
     q = Linear4bit.from_linear(nn.Linear(32, 16))
     for call in (lambda: q.to(torch.float16), q.half, q.bfloat16, q.float, lambda: q.to("cpu", torch.bfloat16)):

@@ -310,7 +310,10 @@ class Linear4bit(_QuantizedLinear):
             plan = self._inference_plan(x)
             if plan is not None:
                 out = plan(x, self.bias)
-                if out is not None:  # None: a small-batch launch not bound yet (gemm_4bit's own plans bind it)
+                if out is None:  # a token count whose small-batch launch is not bound yet: the layer holds the tensors
+                    plan.bind_small(x.numel() // self.in_features, self.weight, *self.quant_stats())
+                    out = plan(x, self.bias)
+                if out is not None:
                     return out
         self._check_input(x)
         cdt = self.compute_dtype or x.dtype

@@ -54,6 +54,11 @@ def test_plan_equals_the_op(dq, qt, dtype, N, K, bias, shape):
         second = layer(x)  # uses it
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert second.shape == (*shape, N) and second.dtype == dtype
+    from halfbyte.kernels import gemm_small
+
+    plan, M = layer._plans[dtype][1], x.numel() // K
+    if plan._small_args is not None and 2 <= M <= gemm_small.max_m(N, K):
+        assert M in plan._small  # the layer bound the small-batch launch itself: its next calls take the plan
 
 
 @pytest.mark.gpu

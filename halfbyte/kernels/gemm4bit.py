@@ -324,7 +324,8 @@ class Plan:
             args = (x, data, *absmax_args(absmax, nested_absmax, nested_code, offset, B.device), *tables,
                     bias if bias is not None else out, out, N, K, steps)
             self._gemv = bind(fn, grid, args, kwargs, free=(0, 7 + len(tables)))
-        self._small: dict[tuple, tuple] = {}  # (token tiles, grid) -> bound launches, see bind_small
+        # Token count -> bound launches (see bind_small): a dict lookup per call, the launch shape computed once.
+        self._small: dict[int, tuple] = {}
         self._small_args = None
         x = torch.empty(2, K, dtype=dtype, device=B.device)
         if gemm_small.small_supported(2, N, K, dtype, blocksize, x, data):
@@ -347,10 +348,10 @@ class Plan:
         M = x.numel() // self.K if self.K else 0
         if (self._small_args is not None and 2 <= M <= gemm_small.max_m(self.N, self.K) and x.shape[-1] == self.K
                 and x.is_contiguous() and x.data_ptr() % 16 == 0):
-            hit = self._small.get(self._small_key(M))
+            hit = self._small.get(M)
             if hit is None:
                 return None  # not bound yet: the caller, who holds the tensors, calls bind_small
-            mm, sum_, splits = hit
+            mm, sum_, splits, _ = hit
             out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
             b = out.data_ptr() if bias is None else bias.data_ptr()  # never read without a bias
             if sum_ is None:
@@ -364,24 +365,21 @@ class Plan:
         self._deq(stream, W.data_ptr())
         return torch.nn.functional.linear(x, W, bias)
 
-    def _small_key(self, M: int) -> tuple:
-        grid, _, _, kwargs = gemm_small.small_launch(self.N, self.K, M, *self._small_args[:3], self.device,
-                                                     self.dtype)
-        return (kwargs["TT"], grid)
-
     def bind_small(self, M: int, B, absmax, nested_absmax, nested_code, offset) -> None:
         """Bind the small-batch kernel's launches for M tokens (token tiles and grid: a few per plan) to these
         weight tensors (the ones the plan was built from; the plan keeps their addresses, not them). Free
         arguments: x, bias, out (or the partial sums' workspace) and M (not specialized); the sum's: workspace,
-        bias, out, M. No-op where the plan does not serve M tokens."""
-        if self._small_args is None or not 2 <= M <= gemm_small.max_m(self.N, self.K):
+        bias, out, M. Token counts with the same launch shape share the bound launches. No-op where the plan does
+        not serve M tokens."""
+        if self._small_args is None or not 2 <= M <= gemm_small.max_m(self.N, self.K) or M in self._small:
             return
         blocksize, nested, has_bias, quant_type = self._small_args
         grid, steps, partial, kwargs = gemm_small.small_launch(self.N, self.K, M, blocksize, nested, has_bias,
                                                                self.device, self.dtype)
-        key = (kwargs["TT"], grid)
-        if key in self._small:
-            return
+        for hit in self._small.values():  # a few launch shapes per plan: (token tiles, grid)
+            if hit[3] == (kwargs["TT"], grid):
+                self._small[M] = hit
+                return
         data = B.reshape(-1)
         data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
         stats = absmax_args(absmax, nested_absmax, nested_code, offset, self.device)
@@ -395,7 +393,7 @@ class Plan:
         if partial:
             sgrid, skw = gemm_small.sum_launch(self.N, grid[1], has_bias)
             sum_ = bind(gemm_small._split_sum_kernel, sgrid, (ws, out, out, M, self.N), skw, free=(0, 1, 2, 3))
-        self._small[key] = (mm, sum_, grid[1])
+        self._small[M] = (mm, sum_, grid[1], (kwargs["TT"], grid))
 
 
 def plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N: int, K: int, blocksize: int,

@@ -317,13 +317,15 @@ class Linear4bit(_QuantizedLinear):
                     return out
         self._check_input(x)
         cdt = self.compute_dtype or x.dtype
-        absmax, nested_absmax, nested_code, offset = self.quant_stats()
         if x.is_cuda and torch.compiler.is_compiling() and self._dequantize_in_graph(x):
+            # The statistics go in as stored (int32 bits): the kernel reads them as float32, no view in the graph.
             W = torch.ops.halfbyte.dequantize_4bit_fused(
-                self.weight, absmax, nested_absmax, nested_code, offset, _code_table(self.quant_type, x.device),
-                self.blocksize, self.quant_type, list(self.shape), cdt)
+                self.weight, self.absmax, self.nested_absmax,
+                _nested_code(self.absmax.device) if self.double_quant else None, self.offset,
+                _code_table(self.quant_type, x.device), self.blocksize, self.quant_type, list(self.shape), cdt)
             bias = None if self.bias is None else self.bias.to(cdt)
             return nn.functional.linear(x.to(cdt), W, bias).to(x.dtype)
+        absmax, nested_absmax, nested_code, offset = self.quant_stats()
         fn = _ops.direct_kernel("gemm_4bit", x, self.bias) or torch.ops.halfbyte.gemm_4bit
         out = fn(x.to(cdt), self.weight, absmax, nested_absmax, nested_code, offset, self.bias, list(self.shape),
                  self.blocksize, self.quant_type)

@@ -185,7 +185,9 @@ def dequantize_4bit_fused(
     """``halfbyte::dequantize_4bit_fused``: the 4-bit weight of ``shape`` in ``dtype``, as ``gemm_4bit`` multiplies
     with it: packed bytes ``B``, absmax as ``gemm_4bit`` takes it (float32, or uint8 with the nested stats, decoded
     in the same kernel), ``code`` the (16,) float32 code table of ``quant_type``. Result: code[q] * absmax in
-    float32, rounded once.
+    float32, rounded once. The float32 statistics (absmax without double quantization, nested_absmax, offset) may
+    also come as their int32 bits, as ``halfbyte.nn`` stores them: the kernel reads the bits as float32, so a
+    compiled graph holds no dtype view of them (Inductor emits one aten call per view and use).
 
     On CUDA the body launches the Triton kernel through ``torch.library.wrap_triton``, so torch.compile traces the
     launch itself and Inductor issues it from its generated code, instead of calling an opaque op through the
@@ -193,6 +195,8 @@ def dequantize_4bit_fused(
     the matmul (``halfbyte.nn.Linear4bit.forward``). Elsewhere the body is the reference."""
     fourbit.check_4bit_args(blocksize, quant_type)
     if B.device.type != "cuda":
+        absmax, nested_absmax, offset = (None if t is None else t.view(torch.float32) if t.dtype == torch.int32
+                                         else t for t in (absmax, nested_absmax, offset))
         am = decode_absmax(absmax, nested_absmax, nested_code, offset)
         return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
     kernels = importlib.import_module("halfbyte.kernels.fourbit")

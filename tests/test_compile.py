@@ -293,6 +293,11 @@ def test_compiled_cuda_layer_dequantizes_in_graph(double_quant):
                                                    dtype))
     cpu_args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
     assert torch.equal(torch.ops.halfbyte.dequantize_4bit_fused(*cpu_args), W.cpu())
+    # The statistics as the layer stores them (float32 as int32 bits), as the compiled forward passes them
+    bits = (layer.weight, layer.absmax, layer.nested_absmax, ncode, layer.offset, *args[5:])
+    assert torch.equal(torch.ops.halfbyte.dequantize_4bit_fused(*bits), W)
+    cpu_bits = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in bits)
+    assert torch.equal(torch.ops.halfbyte.dequantize_4bit_fused(*cpu_bits), W.cpu())
 
     backend = CompileCounterWithBackend("inductor")
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
@@ -309,5 +314,6 @@ def test_compiled_cuda_layer_dequantizes_in_graph(double_quant):
         # run_and_get_code resets dynamo: the generated code, after the counts above
         _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
         assert "_dequant_kernel" in "".join(code) and "gemm_4bit" not in "".join(code)
+        assert "view.dtype" not in "".join(code)  # the kernel reads the int32-stored statistics as float32
         _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x[0, :16])
         assert "gemm_4bit" in "".join(code)

@@ -141,6 +141,12 @@ def test_4bit_kernels_match_reference_all_blocksizes(bs, n):
             assert torch.equal(bits(k4.dequantize_4bit(packed, absmax, bs, qt, (n,), dt)), bits(ref))
             ref_dq = fourbit.dequantize_4bit(packed, am, bs, qt, (n,), dt)
             assert torch.equal(bits(k4.dequantize(packed, q, nested, None, offset, bs, qt, n, dt)), bits(ref_dq))
+        # float32 statistics passed as their int32 bits (halfbyte.nn's storage) are read as float32
+        i32 = [t.view(torch.int32) for t in (absmax, nested, offset)]
+        assert torch.equal(bits(k4.dequantize(packed, i32[0], None, None, None, bs, qt, n, torch.float32)),
+                           bits(fourbit.dequantize_4bit(packed, absmax, bs, qt, (n,), torch.float32)))
+        assert torch.equal(bits(k4.dequantize(packed, q, i32[1], None, i32[2], bs, qt, n, torch.float32)),
+                           bits(fourbit.dequantize_4bit(packed, am, bs, qt, (n,), torch.float32)))
 
 
 def test_4bit_kernels_reject_bad_arguments():

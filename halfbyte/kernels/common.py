@@ -95,6 +95,12 @@ def load_absmax(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, mask, NESTED
 
 
 @triton.jit
+def f32_ptr(p):
+    """A pointer to float32 statistics, or to their int32 bits, as a float32 pointer (a no-op for the former)."""
+    return p.to(tl.pointer_type(tl.float32), bitcast=True)
+
+
+@triton.jit
 def load_absmax_inbounds(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, NESTED: tl.constexpr,
                          USE_PTX: tl.constexpr):
     """``load_absmax`` for block indices known to be in range (no mask to compute)."""

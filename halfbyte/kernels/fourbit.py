@@ -15,7 +15,7 @@ import triton.language as tl
 
 from ..formats import fourbit
 from ..formats.codebooks import FP4_MAG_CODES, FP4_THRESHOLDS, NF4_THRESHOLDS, code_4bit, dynamic_map
-from .common import USE_PTX, load_absmax, rcp_approx, rcp_table, round_to
+from .common import USE_PTX, f32_ptr, load_absmax, rcp_approx, rcp_table, round_to
 from .launch import launch
 
 #: Elements per program (ROWS * blocksize): enough bytes in flight per program without spilling registers.
@@ -49,8 +49,15 @@ def _dequant_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, c
     blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # (ROWS,) quantization blocks
     j = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]  # (ROWS, HALF) byte index
     byte = tl.load(packed_ptr + j, mask=j < (n + 1) // 2, other=0)
-    am = load_absmax(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, blk < tl.cdiv(n, BLOCKSIZE), NESTED,
-                     USE_PTX)
+    # The float32 statistics may be int32 bits (halfbyte.nn stores them so, so that model-wide dtype casts leave
+    # them alone): read through float32 pointers, so a compiled graph passes the buffers with no dtype view (one
+    # aten call per view and use in Inductor's generated code).
+    if NESTED:
+        am = load_absmax(absmax_ptr, f32_ptr(nested_ptr), ncode_ptr, f32_ptr(offset_ptr), blk,
+                         blk < tl.cdiv(n, BLOCKSIZE), NESTED, USE_PTX)
+    else:
+        am = load_absmax(f32_ptr(absmax_ptr), nested_ptr, ncode_ptr, offset_ptr, blk, blk < tl.cdiv(n, BLOCKSIZE),
+                         NESTED, USE_PTX)
     hi = tl.load(code_ptr + (byte >> 4)) * am[:, None]  # float32 product, rounded once below (as the reference)
     lo = tl.load(code_ptr + (byte & 15)) * am[:, None]
     vals = round_to(tl.interleave(hi, lo), out_ptr.dtype.element_ty, USE_PTX)  # (ROWS, BLOCKSIZE), element 2j first
@@ -109,7 +116,8 @@ def dequantize(
 ) -> torch.Tensor:
     """packed ((n+1)//2 bytes, any dtype viewed as uint8), absmax (B,) float32 or uint8 with nested stats
     (nested_absmax (ceil(B/256),) float32, nested_code (256,) float32 or None for the dynamic map, offset (1,)
-    float32) -> (n,) ``dtype``: ``code[q] * absmax[block]`` in float32, rounded once."""
+    float32) -> (n,) ``dtype``: ``code[q] * absmax[block]`` in float32, rounded once. The float32 statistics may
+    be passed as their int32 bits (``halfbyte.nn``'s storage; ``common.f32_ptr``)."""
     fourbit.check_4bit_args(blocksize, quant_type)
     data = packed.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)

@@ -29,6 +29,15 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def cpu_machine(monkeypatch):
+    """The test sees a machine without a GPU (``torch.cuda.is_available()`` False), as in CI, on any machine: for
+    CPU-tier tests whose exact comparisons hold on the reference path. Without a device_map, loaders put quantized
+    models on the GPU when there is one (as bitsandbytes'), and peft re-dispatches models to it; the GPU tier
+    (tests/test_gpu_hf.py) covers those paths on CUDA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (the GPU tier of tests/test_kernels.py)")
 

@@ -28,7 +28,8 @@ def quantized_names(model):
 
 def states_equal(a, b) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k].cpu(), sb[k].cpu())
+                                          for k in sa)
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +38,21 @@ def flux_dir(tmp_path_factory):
     return str(save_tiny_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipe") / "transformer")
 
 
-def flux_inputs(dtype=torch.float32, tokens=16):
+def flux_inputs(dtype=torch.float32, tokens=16, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    return dict(hidden_states=torch.randn(1, tokens, 16, generator=g).to(dtype),
-                encoder_hidden_states=torch.randn(1, 8, 32, generator=g).to(dtype),
-                pooled_projections=torch.randn(1, 32, generator=g).to(dtype),
-                timestep=torch.tensor([0.5], dtype=dtype),
-                img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5], dtype=dtype))
+    inputs = dict(hidden_states=torch.randn(1, tokens, 16, generator=g).to(dtype),
+                  encoder_hidden_states=torch.randn(1, 8, 32, generator=g).to(dtype),
+                  pooled_projections=torch.randn(1, 32, generator=g).to(dtype),
+                  timestep=torch.tensor([0.5], dtype=dtype), img_ids=torch.zeros(tokens, 3),
+                  txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5], dtype=dtype))
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def run(model, dtype=torch.float32):
+    """The model's output on the device it was loaded to: without a device_map, loaders put quantized models on
+    the GPU when there is one (as with bitsandbytes), so these tests run on either kind of machine."""
     with torch.no_grad():
-        return model(**flux_inputs(dtype)).sample
+        return model(**flux_inputs(dtype, device=model.device)).sample
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -56,8 +60,8 @@ def run(model, dtype=torch.float32):
 def test_quantize_on_load_is_quantize_(flux_dir, cls, fmt):
     loaded = cls.from_pretrained(flux_dir, quantization_config=BitsAndBytesConfig(**FORMATS[fmt]),
                                  torch_dtype=torch.bfloat16)
-    ref = halfbyte.quantize_(FluxTransformer2DModel.from_pretrained(flux_dir, torch_dtype=torch.bfloat16),
-                             BitsAndBytesConfig(**FORMATS[fmt]))
+    ref = halfbyte.quantize_(FluxTransformer2DModel.from_pretrained(flux_dir, torch_dtype=torch.bfloat16)
+                             .to(loaded.device), BitsAndBytesConfig(**FORMATS[fmt]))
     assert len(quantized_names(loaded)) == 30 and quantized_names(loaded) == quantized_names(ref)
     assert states_equal(loaded, ref)
     assert torch.equal(run(loaded, torch.bfloat16), run(ref, torch.bfloat16))
@@ -155,13 +159,13 @@ def test_diffusers_bitsandbytes_checkpoint_loads(fmt):
     assert len(quantized_names(model)) == 30
     files = load_file(src / "diffusion_pytorch_model.safetensors")
     mine = halfbyte.bitsandbytes_state_dict(model)
-    assert files.keys() == mine.keys() and all(torch.equal(files[k], mine[k]) for k in files)
+    assert files.keys() == mine.keys() and all(torch.equal(files[k], mine[k].cpu()) for k in files)
     # bitsandbytes' own dequantized weight (CUDA) and forward output (CUDA, float32 compute for 4-bit)
     layer = model.transformer_blocks[0].attn.to_q
     # bitsandbytes dequantizes 4-bit to the layer's dtype (float16 here), int8 to float32
-    assert torch.equal(layer.dequantize(torch.float32 if fmt == "int8" else torch.float16).float(),
+    assert torch.equal(layer.dequantize(torch.float32 if fmt == "int8" else torch.float16).float().cpu(),
                        expected[f"{fmt}.to_q"])
-    out = run(model, torch.float16).float()
+    out = run(model, torch.float16).float().cpu()
     # The same weights, computed on another device: CPU vs CUDA attention, norms and GEMM summation order, in a
     # float16 model. Measured on outputs of magnitude <= 2.1 (one float16 ulp there is 2e-3): 4-bit <= 1.0e-3,
     # int8 <= 5.9e-3 (its float16 activations round at each of the 30 layers before quantization).

@@ -54,6 +54,9 @@ from halfbyte.testing import (
     tiny_sd3_transformer,
 )
 
+# exact comparisons with dense copies on the reference path: see conftest.cpu_machine
+pytestmark = pytest.mark.usefixtures("cpu_machine")
+
 # --- inference: load_lora_weights, set_adapters, fuse / unfuse --------------------------------------------------
 
 

@@ -16,6 +16,9 @@ from halfbyte.testing import (
     tiny_t5_config,
 )
 
+# exact comparisons with dense copies on the reference path: see conftest.cpu_machine
+pytestmark = pytest.mark.usefixtures("cpu_machine")
+
 # --- training (QLoRA) --------------------------------------------------------------------------------------------
 
 STEPS, LR = 30, 3e-2  # a random target the adapters fit partly: 30 steps reach ~0.36 of the start loss

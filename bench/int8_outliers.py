@@ -6,7 +6,8 @@ For FLUX/T5 shapes, activations N(0, 1) with ``c`` columns scaled so that every 
 (threshold 6: those columns go through the 16-bit path), c in {0, 8, 350} (350 of 3072: what random-weight FLUX
 blocks show after the AdaLN modulation, BENCHMARKS.md). Times are CUDA-graph replays (GPU only, ms) of
 ``halfbyte.kernels.int8_mm.int8_mixed_mm`` under several ``MMConfig`` settings of the outlier kernel (columns per
-step ``oc``, warps ``w``, software-pipeline stages ``st``; until session 5 the loop sat in the GEMM's epilogue),
+step ``oc``, warps ``w``, software-pipeline stages ``st``; until session 5 the loop sat in the GEMM's epilogue) and
+of the loop fused in the epilogue again, after the int32 accumulator ("fused", ``MMConfig.fuse_outliers``),
 against bf16 ``F.linear`` and bitsandbytes' ``Linear8bitLt`` (whose outlier path syncs with
 the host, so bitsandbytes and halfbyte's layer are also timed eagerly: ``bnb_eager``, ``hb_eager``). Each
 variant's output is checked against the first config's (only the float32 order of the outlier products differs:
@@ -37,6 +38,8 @@ DEV, DT = "cuda", torch.bfloat16
 SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (512, 10240, 4096)]
 # (columns per step, warps, software-pipeline stages) of the outlier kernel
 LOOPS = [(64, 8, 1), (64, 8, 2), (64, 8, 3), (64, 8, 4), (32, 8, 3), (128, 8, 3), (64, 4, 3)]
+# (columns per step, stages) of the loop fused in the GEMM's epilogue (``MMConfig.fuse_outliers``; warps: the GEMM's)
+FUSED = [(64, 3), (64, 2), (32, 3)]
 
 
 def main():
@@ -69,8 +72,11 @@ def main():
                 base_cfg = km.mm_config(M, N, K)
                 A2 = x
                 ref = None
-                for oc, w, st in LOOPS:
-                    cfg = dataclasses.replace(base_cfg, oc=oc, out_warps=w, out_stages=st)
+                variants = [(f"oc{oc}/w{w}/st{st}", dataclasses.replace(base_cfg, oc=oc, out_warps=w, out_stages=st))
+                            for oc, w, st in LOOPS]
+                variants += [(f"fused oc{oc}/st{st}", dataclasses.replace(base_cfg, oc=oc, out_stages=st,
+                                                                         fuse_outliers=True)) for oc, st in FUSED]
+                for name, cfg in variants:
 
                     def call(cfg=cfg):
                         return km.int8_mixed_mm(A2, layer.weight, layer.SCB.view(torch.float32), layer.bias, 6.0,
@@ -80,11 +86,11 @@ def main():
                         if ref is None:
                             ref = out
                         ok = torch.allclose(out.float(), ref.float(), rtol=2 ** -7, atol=2 ** -7)
-                        r[f"oc{oc}/w{w}/st{st}"] = timed_graph(call)
+                        r[name] = timed_graph(call)
                         if not ok:
-                            r[f"oc{oc}/w{w}/st{st}_WRONG"] = True
+                            r[f"{name}_WRONG"] = True
                     except Exception as e:  # noqa: BLE001
-                        print(f"  oc{oc}/w{w}/st{st}: failed {type(e).__name__}: {str(e)[:120]}")
+                        print(f"  {name}: failed {type(e).__name__}: {str(e)[:120]}")
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
             rows.append(r)
     if args.json:

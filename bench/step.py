@@ -105,7 +105,7 @@ def quantized(kind: str, lin: nn.Linear) -> nn.Module:
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
     if kind == "hb-nf4-dq":
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
-    if kind == "hb-int8":
+    if kind in ("hb-int8", "hb-int8-fused"):
         return halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
     if kind == "bnb-nf4":
         q = bnb.nn.Linear4bit(K, N, bias=lin.bias is not None, compute_dtype=BF16, quant_type="nf4",
@@ -150,6 +150,14 @@ def steps(fn, n: int = 5, warmup: int = 2) -> tuple[float, float, float, torch.T
     return statistics.median(times), statistics.median(host), first, out
 
 
+def set_int8_fusion(on: bool) -> None:
+    from halfbyte.kernels import int8_mm, int8_plan
+
+    if int8_mm.FUSE_OUTLIERS != on:
+        int8_mm.FUSE_OUTLIERS = on
+        int8_plan.PLANS.clear()  # plans keep the launches they were built with
+
+
 def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[str, ...] = ()) -> list[dict]:
     base = linears(model, skip)
     held = sum(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * 2 if m.bias is not None else 0)
@@ -163,7 +171,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
         try:
             if kind != "bf16":
                 if kind.startswith("hb"):  # as halfbyte.quantize_ does: one reserved segment, no block rounding
-                    cfg = (halfbyte.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0) if kind == "hb-int8"
+                    cfg = (halfbyte.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0) if "int8" in kind
                            else halfbyte.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                             bnb_4bit_use_double_quant=kind == "hb-nf4-dq"))
                     halfbyte.transfer.reserve_device_memory(
@@ -177,6 +185,8 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             weights = allocated() - (held if kind != "bf16" else 0)
             # hb-nf4-op: compiled layers keep the opaque gemm_4bit op instead of dequantizing in the graph
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = kind != "hb-nf4-op"
+            # hb-int8-fused: the outlier products in the int8 GEMM's epilogue (kernels.int8_mm.FUSE_OUTLIERS)
+            set_int8_fusion(kind == "hb-int8-fused")
             if compile_:
                 model.compile_repeated_blocks(fullgraph=True)
             with torch.inference_mode():
@@ -185,7 +195,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 allocs = {k: v - stats0[k] for k, v in alloc_stats().items()}
                 if kind in PROFILE:
                     profile(call, f"{label} {kind}")
-                through_plans = int8_plan_share(call) if kind == "hb-int8" and DEV == "cuda" else ""
+                through_plans = int8_plan_share(call) if "hb-int8" in kind and DEV == "cuda" else ""
             top = peak() - (held if kind != "bf16" else 0)
             out = out.float()
             if ref is None and kind == "bf16":
@@ -204,6 +214,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             print(f"  {label} {kind}: error {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = True
+            set_int8_fusion(False)
             for blk in model.modules():  # undo compile_repeated_blocks
                 if getattr(blk, "_compiled_call_impl", None) is not None:
                     blk._compiled_call_impl = None

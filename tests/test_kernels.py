@@ -492,6 +492,27 @@ def test_int8_mixed_mm_matches_reference(dn, threshold):
     assert torch.equal(bits(km.int8_mixed_mm(x, cb, scb, None, 50.0)), bits(int8.int8_linear(x, cb, scb, None, 50.0)))
 
 
+@pytest.mark.parametrize("dn", DTYPES)
+@pytest.mark.parametrize("M,K,N", [(20, 96, 24), (40, 200, 40)] + ([(300, 512, 72), (1100, 1024, 256)] if CUDA
+                                                                   else []))  # both GPU tile shapes
+def test_int8_outlier_products_fused_in_the_epilogue(dn, M, K, N):
+    """``MMConfig.fuse_outliers``: the GEMM's epilogue adds the outlier products to the rounded tile in registers,
+    with the separate kernel's operations and order: the same bits, with and without outliers and bias."""
+    import dataclasses
+
+    dtype = DTYPES[dn]
+    cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
+    x = (torch.randn(M, K, device=DEV) * 3).to(dtype)  # ~0.3 % of the elements >= 6: several outlier columns
+    cfg = km.mm_config(M, N, K)
+    fused = dataclasses.replace(cfg, fuse_outliers=True)
+    for bias in (None, torch.randn(N, device=DEV).to(dtype)):
+        for xx, thr in ((x, 6.0), (x, 50.0)):  # 50: a threshold no element reaches, the loop skipped
+            want = km.int8_mixed_mm(xx, cb, scb, bias, thr, cfg)
+            got = km.int8_mixed_mm(xx, cb, scb, bias, thr, fused)
+            assert torch.equal(bits(got), bits(want))
+            assert_int8_matches(got, xx, cb, scb, bias, thr)
+
+
 def test_int8_outlier_gather():
     """The flag and list kernels' workspace (columns in ascending order, as the reference's ``nonzero``, and
     each column's place) and the gathered activation and weight columns, zero-padded to OUT_PAD."""

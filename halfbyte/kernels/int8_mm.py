@@ -88,12 +88,17 @@ def _outlier_add_kernel(out_ptr, xg_ptr, wg_ptr, count_ptr, M, N, stride_om, str
 @triton.jit
 def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, M, N,
                     K: tl.constexpr, stride_am, stride_bn, stride_om,
+                    xg_ptr, wg_ptr, count_ptr, stride_xg, stride_wg,
                     HAS_BIAS: tl.constexpr, BIAS_FP16: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    EVEN_K: tl.constexpr, USE_PTX: tl.constexpr):
+                    EVEN_K: tl.constexpr, OUTLIERS: tl.constexpr, OC: tl.constexpr, OUT_STAGES: tl.constexpr,
+                    USE_PTX: tl.constexpr):
     """out (M, N) = epilogue(CA (M, K) int8 @ CB (N, K) int8 ^T): int32 accumulation on the tensor cores (exact,
     so any order gives the reference's C), the float16 dequantization applied to the tile in registers. The
-    outlier columns' products are added afterwards by ``_outlier_add_kernel``."""
+    outlier columns' products are added afterwards by ``_outlier_add_kernel``, or with OUTLIERS here, to the
+    rounded tile still in registers (``MMConfig.fuse_outliers``): the same operations and order as that kernel,
+    without writing the output and reading it back. The loop runs after the int32 accumulator is dead (the first
+    fused version kept a float32 accumulator beside it and slowed the GEMM 1.43x even without outliers)."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -132,6 +137,22 @@ def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, M, N,
     v = _dequant_epilogue(acc.to(tl.float32), sa, sb, b, HAS_BIAS, BIAS_FP16, USE_PTX)
     odt = out_ptr.dtype.element_ty
     res = round_to(v.to(tl.float32), odt, USE_PTX)
+    if OUTLIERS:
+        n_out = tl.load(count_ptr)
+        if n_out > 0:
+            x_fp32: tl.constexpr = odt == tl.float32
+            acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if USE_PTX:
+                for c0 in tl.range(0, n_out, OC, num_stages=OUT_STAGES):
+                    acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, x_fp32,
+                                          USE_PTX)
+            else:  # the interpreter's range() wants a Python int bound; the count is data
+                c0 = 0
+                while c0 < n_out:
+                    acc_x = _outlier_step(acc_x, c0, xg_ptr, wg_ptr, am, bn, stride_xg, stride_wg, OC, x_fp32,
+                                          USE_PTX)
+                    c0 += OC
+            res = round_to(res.to(tl.float32) + acc_x, odt, USE_PTX)
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     offs = rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
     tl.store(out_ptr + offs, res, mask=mask)
@@ -154,36 +175,65 @@ class MMConfig:
     oc: int = 64
     out_warps: int = 8
     out_stages: int = 3  # software-pipelined column steps (bench/int8_outliers.py)
+    # Outlier products in the GEMM's epilogue (one launch, the output written once) instead of their own kernel;
+    # same bits. Off until measured against the separate kernel (bench/int8_outliers.py, bench/step.py).
+    fuse_outliers: bool = False
+
+
+#: ``MMConfig.fuse_outliers`` of the default launch shapes (benches switch it; cached plans keep the value they
+#: were built with).
+FUSE_OUTLIERS = False
 
 
 def mm_config(M: int, N: int, K: int) -> MMConfig:
     """Launch shape by token count: the fastest of the bench/kernel_bench.py int8 sweep on an H100 (BENCHMARKS.md)."""
     if INTERPRET:
-        return MMConfig(16, 16, 32, 2, 1, 1, out_block_m=16, out_block_n=16, oc=32, out_warps=1)
+        return MMConfig(16, 16, 32, 2, 1, 1, out_block_m=16, out_block_n=16, oc=32, out_warps=1,
+                        fuse_outliers=FUSE_OUTLIERS)
     if M <= 1024:
-        return MMConfig(64, 128, 128, 8, 4, 4)
-    return MMConfig(128, 128, 128, 8, 8, 3)
+        return MMConfig(64, 128, 128, 8, 4, 4, fuse_outliers=FUSE_OUTLIERS)
+    return MMConfig(128, 128, 128, 8, 8, 3, fuse_outliers=FUSE_OUTLIERS)
 
 
-def mm_launch(CA, CB, SCA, SCB, bias, out, cfg: MMConfig):
+def mm_launch(CA, CB, SCA, SCB, bias, out, cfg: MMConfig, outliers=None):
     """(fn, grid, args, kwargs) of ``_int8_mm_kernel``: CA (M, K) int8, CB (N, K) int8 (unit column strides), SCA
-    (M,), SCB (N,) float32, bias (N,) in out's dtype or None, into out (M, N)."""
+    (M,), SCB (N,) float32, bias (N,) in out's dtype or None, into out (M, N); with ``outliers`` = (xg, wg, count)
+    (see ``outlier_launch``) the outlier products are added in the epilogue (``MMConfig.fuse_outliers``)."""
     M, K = CA.shape
     N = CB.shape[0]
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    if outliers is not None:
+        _check_oc(cfg)
+        xg, wg, count = outliers
+        extra = (xg, wg, count, xg.stride(0), wg.stride(0))
+    else:
+        extra = (SCB, SCB, SCB, 0, 0)  # never read
     return (_int8_mm_kernel, grid,
             (CA, CB, SCA, SCB, bias if bias is not None else SCB, out, M, N, K, CA.stride(0), CB.stride(0),
-             out.stride(0)),
+             out.stride(0), *extra),
             dict(HAS_BIAS=bias is not None, BIAS_FP16=bias is not None and bias.dtype == torch.float16,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                 EVEN_K=K % cfg.block_k == 0, USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                 EVEN_K=K % cfg.block_k == 0, OUTLIERS=outliers is not None, OC=cfg.oc, OUT_STAGES=cfg.out_stages,
+                 USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def _check_oc(cfg: MMConfig) -> None:
+    if _OUT_PAD % cfg.oc:
+        raise ValueError(f"MMConfig.oc must divide {_OUT_PAD} (the outlier columns' padding), got {cfg.oc}")
+
+
+def mm_launches(CA, CB, SCA, SCB, bias, out, cfg: MMConfig, outliers=None) -> list:
+    """The launches of the GEMM and, with ``outliers``, of their products: one fused launch or two
+    (``MMConfig.fuse_outliers``)."""
+    if outliers is None or cfg.fuse_outliers:
+        return [mm_launch(CA, CB, SCA, SCB, bias, out, cfg, outliers)]
+    return [mm_launch(CA, CB, SCA, SCB, bias, out, cfg), outlier_launch(out, *outliers, cfg)]
 
 
 def outlier_launch(out, xg, wg, count, cfg: MMConfig):
     """(fn, grid, args, kwargs) of ``_outlier_add_kernel``: out (M, N) += xg (M, Kp) @ wg (N, Kp).T over the
     ``count`` (int32 (1,)) outlier columns."""
-    if _OUT_PAD % cfg.oc:
-        raise ValueError(f"MMConfig.oc must divide {_OUT_PAD} (the outlier columns' padding), got {cfg.oc}")
+    _check_oc(cfg)
     M, N = out.shape
     grid = (triton.cdiv(M, cfg.out_block_m) * triton.cdiv(N, cfg.out_block_n),)
     return (_outlier_add_kernel, grid, (out, xg, wg, count, M, N, out.stride(0), xg.stride(0), wg.stride(0)),
@@ -203,10 +253,7 @@ def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Te
     N = CB.shape[0]
     cfg = config or mm_config(M, N, K)
     out = torch.empty((M, N), dtype=out_dtype, device=CA.device)
-    fn, grid, args, kwargs = mm_launch(CA, CB, SCA, SCB, bias, out, cfg)
-    launch(fn, grid, *args, **kwargs)
-    if outliers is not None:
-        fn, grid, args, kwargs = outlier_launch(out, *outliers, cfg)
+    for fn, grid, args, kwargs in mm_launches(CA, CB, SCA, SCB, bias, out, cfg, outliers):
         launch(fn, grid, *args, **kwargs)
     return out
 

@@ -77,7 +77,7 @@ class Plan:
                           id(flags): (_SCRATCH, offs["ws"]), id(count): (_SCRATCH, offs["ws"] + 4 * 3 * K)})
             launches = [zero_launch(flags), k8.flag_launch(A2, ws, threshold), k8.list_launch(ws, K),
                         k8.quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold),
-                        km.mm_launch(ca, CB, sca, SCB, bias, out, cfg), km.outlier_launch(out, xg, wg, count, cfg)]
+                        *km.mm_launches(ca, CB, sca, SCB, bias, out, cfg, (xg, wg, count))]
         else:
             launches = [k8.row_quant_launch(A2, ca, sca, ws, threshold),
                         km.mm_launch(ca, CB, sca, SCB, bias, out, cfg)]

@@ -6,45 +6,20 @@ over FLUX / T5-XXL layer shapes, odd K and M up to 8192. Quantize and dequantize
 4-bit matmul must stay within the float32-accumulation bound derived at ``assert_within_fp32_sum_bound``.
 """
 
-import os
-
 import pytest
 import torch
-
-CUDA = torch.cuda.is_available()
-if not CUDA:  # must precede the first import of triton.jit'ed code
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from kernel_helpers import BLOCKSIZES, CUDA, DEV, DTYPES, FLUX_T5, IGNORE_NUMPY_WARNINGS, bits, gpu
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from halfbyte import ops  # noqa: E402
-from halfbyte.formats import blockwise, fourbit, int8  # noqa: E402
+from halfbyte.formats import blockwise, fourbit  # noqa: E402
 from halfbyte.formats.fastmath import rcp_approx  # noqa: E402
 from halfbyte.kernels import common, gemm4bit  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
-from halfbyte.kernels import int8 as k8  # noqa: E402
-from halfbyte.kernels import int8_mm as km  # noqa: E402
 
-DEV = "cuda" if CUDA else "cpu"
-# The interpreter evaluates 0 * inf and 1 / 0 in numpy, which warns; those values are what the tests check.
-pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def gpu(fn):
-    """GPU tier: the ``gpu`` marker (``pytest -m gpu`` selects it) and a skip where no CUDA device is."""
-    return pytest.mark.gpu(pytest.mark.skipif(not CUDA, reason="GPU tier: needs a CUDA device")(fn))
-
-
-# (N, K) weight shapes of FLUX.1 (attention, MLP up/down, single-block proj_out, AdaLN) and T5-XXL (MLP up/down)
-FLUX_T5 = [(3072, 3072), (12288, 3072), (3072, 12288), (3072, 15360), (18432, 3072), (10240, 4096), (4096, 10240)]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """Exact bit pattern, so that NaN == NaN and -0 != +0 in comparisons."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+pytestmark = IGNORE_NUMPY_WARNINGS
 
 
 @triton.jit
@@ -416,157 +391,6 @@ def test_gemm_4bit_fp32_odd_k_and_large_m(M):
         x = torch.randn(M, K, device=DEV)
         out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, None, [N, K], 64, "fp4")
         assert_within_fp32_sum_bound(out, x, W, None, unrounded_weights=M == 1)
-
-
-# --- LLM.int8() --------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("t", [0, 6])
-def test_int8_vectorwise_quant_matches_cuda_goldens(goldens, t):
-    a = goldens["int8.a"].to(DEV)
-    ca, sca, cols = k8.int8_vectorwise_quant(a, float(t))
-    assert torch.equal(ca.cpu(), goldens[f"int8.ca.t{t}"])
-    assert torch.equal(sca.cpu(), goldens[f"int8.sca.t{t}"])
-    assert torch.equal(cols.cpu(), goldens[f"int8.cols.t{t}"])
-    for dn in DTYPES:  # weights: bitsandbytes casts them to float16 first, the kernel likewise
-        cb, scb, _ = k8.int8_vectorwise_quant(goldens[f"int8.w.{dn}"].to(DEV), 0.0)
-        assert torch.equal(cb.cpu(), goldens[f"int8.cb.{dn}"]) and torch.equal(scb.cpu(), goldens[f"int8.scb.{dn}"])
-
-
-@pytest.mark.parametrize("dn", DTYPES)
-@pytest.mark.parametrize("threshold", [0.0, 6.0, 6.1])
-def test_int8_vectorwise_quant_matches_reference(dn, threshold):
-    """NaN, zero rows, inf, outliers, K not a power of two, a single row (outlier columns kept)."""
-    for M, K in ((1, 64), (5, 100), (9, 5000)):
-        a = (torch.randn(M, K, device=DEV) * 3).to(DTYPES[dn])
-        a[0, :3] = 0
-        a[0, 7] = float("nan")
-        if M > 2:
-            a[2] = 0
-            a[1, 11] = float("inf")
-        got, want = k8.int8_vectorwise_quant(a, threshold), int8.int8_vectorwise_quant(a, threshold)
-        for g, w in zip(got, want):
-            assert torch.equal(g, w)
-
-
-def assert_int8_matches(got, x, cb, scb, bias, threshold):
-    """The fused kernel against ``formats.int8.int8_linear``: bit-identical where no column holds an outlier (the
-    int32 GEMM is exact and the epilogue repeats the reference's float32 operation order). With outlier columns
-    both add S = x[:, cols] @ W[:, cols]^T (float32 sums of n products, any order) to the same x-dtype value and
-    round once: |got - want| <= (n+1)(u + u_ref) * sum|x_c W_c| + ulp(want) (u = 2^-24 for the kernel's float32
-    sum; u_ref the same for the reference, except that cuBLAS may reduce 16-bit GEMMs in their own precision where
-    torch allows it (``allow_fp16/bf16_reduced_precision_reduction``): u_ref = 2^-11 fp16, 2^-8 bf16; one rounding
-    boundary may fall between the two sums: ulp <= 2^-7|v| bf16, 2^-10|v| fp16, 2^-23|v| fp32)."""
-    want = int8.int8_linear(x, cb, scb, bias, threshold)
-    x2 = x.reshape(-1, x.shape[-1])
-    _, _, cols = int8.int8_vectorwise_quant(x2, threshold)
-    if cols.numel() == 0:
-        assert torch.equal(bits(got), bits(want))
-        return
-    W = int8.int8_vectorwise_dequant(cb[:, cols], scb).to(x.dtype).double()
-    S = (x2[:, cols].double().abs() @ W.abs().T).view(want.shape)
-    ulp = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float32: 2.0**-23}[x.dtype]
-    mm = torch.backends.cuda.matmul
-    u_ref = 2.0**-24
-    if x.is_cuda and x.dtype == torch.float16 and mm.allow_fp16_reduced_precision_reduction:
-        u_ref = 2.0**-11
-    if x.is_cuda and x.dtype == torch.bfloat16 and mm.allow_bf16_reduced_precision_reduction:
-        u_ref = 2.0**-8
-    tol = (cols.numel() + 1) * (2.0**-24 + u_ref) * S + ulp * want.double().abs() + torch.finfo(x.dtype).tiny
-    err = (got.double() - want.double()).abs()
-    assert torch.isfinite(got).all() and (err <= tol).all(), f"max excess {(err - tol).max().item():.3g}"
-
-
-@pytest.mark.parametrize("dn", DTYPES)
-@pytest.mark.parametrize("threshold", [0.0, 6.0])
-def test_int8_mixed_mm_matches_reference(dn, threshold):
-    """Shapes with and without outlier columns, K not a multiple of the K tile, M past one M tile."""
-    dtype = DTYPES[dn]
-    for M, K, N in ((3, 64, 16), (20, 96, 24), (2, 30, 8), (40, 200, 40)):
-        cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
-        x = (torch.randn(M, K, device=DEV) * 3).to(dtype)
-        for bias in (None, torch.randn(N, device=DEV).to(dtype), torch.randn(N, device=DEV).half()):
-            assert_int8_matches(km.int8_mixed_mm(x, cb, scb, bias, threshold), x, cb, scb, bias, threshold)
-    x = torch.randn(5, 64, device=DEV).to(dtype)  # threshold set, no outlier in the data: bit-identical
-    cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(8, 64, device=DEV).half(), 0.0)
-    assert torch.equal(bits(km.int8_mixed_mm(x, cb, scb, None, 50.0)), bits(int8.int8_linear(x, cb, scb, None, 50.0)))
-
-
-@pytest.mark.parametrize("dn", DTYPES)
-@pytest.mark.parametrize("M,K,N", [(20, 96, 24), (40, 200, 40)] + ([(300, 512, 72), (1100, 1024, 256)] if CUDA
-                                                                   else []))  # both GPU tile shapes
-def test_int8_outlier_products_fused_in_the_epilogue(dn, M, K, N):
-    """``MMConfig.fuse_outliers``: the GEMM's epilogue adds the outlier products to the rounded tile in registers,
-    with the separate kernel's operations and order: the same bits, with and without outliers and bias."""
-    import dataclasses
-
-    dtype = DTYPES[dn]
-    cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
-    x = (torch.randn(M, K, device=DEV) * 3).to(dtype)  # ~0.3 % of the elements >= 6: several outlier columns
-    cfg = km.mm_config(M, N, K)
-    fused = dataclasses.replace(cfg, fuse_outliers=True)
-    for bias in (None, torch.randn(N, device=DEV).to(dtype)):
-        for xx, thr in ((x, 6.0), (x, 50.0)):  # 50: a threshold no element reaches, the loop skipped
-            want = km.int8_mixed_mm(xx, cb, scb, bias, thr, cfg)
-            got = km.int8_mixed_mm(xx, cb, scb, bias, thr, fused)
-            assert torch.equal(bits(got), bits(want))
-            assert_int8_matches(got, xx, cb, scb, bias, thr)
-
-
-def test_int8_outlier_gather():
-    """The flag and list kernels' workspace (columns in ascending order, as the reference's ``nonzero``, and
-    each column's place) and the gathered activation and weight columns, zero-padded to OUT_PAD."""
-    M, K, N = 40, 300, 24
-    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
-    x[[0, 5, 39], [7, 150, 299]] = 9.0
-    x[3, 8] = -6.0
-    x[7, 100] = 5.9  # below the threshold
-    cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
-    ca, sca, (xg, wg, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
-    ws = count._base
-    want_ca, want_sca, want_cols = int8.int8_vectorwise_quant(x, 6.0)
-    assert want_cols.tolist() == [7, 8, 150, 299] and count.tolist() == [4]
-    assert ws[2 * K:2 * K + 4].tolist() == [7, 8, 150, 299]
-    place = torch.zeros(K, dtype=torch.int32, device=DEV)
-    place[want_cols] = torch.arange(1, 5, dtype=torch.int32, device=DEV)
-    assert torch.equal(ws[K:2 * K], place)
-    assert torch.equal(ca, want_ca) and torch.equal(sca, want_sca)
-    assert torch.equal(xg[:, :4], x[:, want_cols]) and not xg[:, 4:128].any()
-    assert torch.equal(wg[:, :4], int8.int8_vectorwise_dequant(cb[:, want_cols], scb).to(torch.bfloat16))
-    assert not wg[:, 4:128].any()
-
-
-@pytest.mark.parametrize("K", [1000, 2048, 3000])
-def test_int8_outlier_list_spans_blocks(K):
-    """Outlier columns in several of the list kernel's 1024-column blocks: each block's places continue the
-    previous blocks' count."""
-    x = torch.zeros(2, K, device=DEV)
-    cols = sorted({c for c in (3, 500, 1023, 1024, 2047, 2048, K // 2, K - 1) if c < K})
-    x[1, cols] = 7.0
-    cb, scb, _ = int8.int8_vectorwise_quant(torch.ones(4, K, device=DEV).half(), 0.0)
-    _, _, (_, _, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
-    ws = count._base
-    assert count.tolist() == [len(cols)] and ws[2 * K:2 * K + len(cols)].tolist() == cols
-    places = ws[K:2 * K]
-    assert places[cols].tolist() == list(range(1, len(cols) + 1)) and int(places.count_nonzero()) == len(cols)
-
-
-@gpu
-@pytest.mark.parametrize("shape", FLUX_T5, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("M", [1, 17, 4608, 8192])
-def test_int8_flux_t5_shapes(shape, M):
-    N, K = shape
-    cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
-    x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-    x[:, torch.randint(0, K, (8,))] *= 5  # outlier columns, as in LLM activations
-    bias = torch.randn(N, device=DEV, dtype=torch.bfloat16)
-    for t in (0.0, 6.0):
-        got, want = torch.ops.halfbyte.int8_vectorwise_quant(x, t), int8.int8_vectorwise_quant(x, t)
-        for g, w in zip(got, want):
-            assert torch.equal(g, w)
-    if M <= 4608:
-        for t in (0.0, 6.0):
-            assert_int8_matches(torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, bias, t), x, cb, scb, bias, t)
 
 
 @gpu

@@ -12,10 +12,17 @@ stores. Here each thread owns whole words: word w holds elements 8w..8w+7, eleme
 nibble first (bitsandbytes' order), so the 8 values of a word are contiguous in the output. The numerics are the
 library's: ``code[q]`` in float32 times the float32 absmax, rounded once.
 
-Offline SASS of this kernel (1024 words, 4 warps): 8.75 instructions per value against 16 for the library's (64
-blocks, 4 warps), coalesced 32-bit word loads and 16-byte stores, but still a shared-memory conversion before the
-stores (triton computes in a layout with one word per thread along the rows, stores from another) and one
-``LDG`` + 64-bit address arithmetic per value for the code table. Not measured on a GPU yet.
+Two variants. "words": plain triton, one table load per value. Offline SASS (1024 words, 4 warps): 8.75
+instructions per value against 16 for the library's kernel (64 blocks, 4 warps); coalesced word loads and 16-byte
+stores, but still a shared-memory conversion before the stores (triton computes in one layout and stores from
+another), and one ``LDG`` with 64-bit address arithmetic per value for the code table. "prmt": each thread takes
+4 consecutive words of one absmax block (one 16-byte load), builds the block's 16-entry table
+``dtype(code[i] * absmax)`` in registers (16 float32 products rounded once, the library's numerics) in the layout
+of ``lut.pair_tables``, decodes each word into 16-bit pairs with ``lut.pair_decode_lines`` (the GEMV's ``prmt``
+decode) and stores the 8 values from the assembly block (no layout conversion). Offline SASS: 5.1 instructions per
+value, no shared memory, 32 registers. Its PTX is also run on the host by a small emulator (``_emulate_ptx``), so
+``--check`` verifies it bit for bit without a GPU (and failed when a table selector was mutated). Neither variant
+has been timed on a GPU yet.
 
 Times: CUDA graph replays (ms, GPU only) at FLUX / T5 weight shapes, with the effective bandwidth (0.5 B read + 2 B
 written per value + the absmax). Each variant's output must equal the library kernel's bit for bit. ``--check``
@@ -35,7 +42,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import halfbyte  # noqa: E402, F401
-from halfbyte.kernels import fourbit  # noqa: E402
+from halfbyte.formats.codebooks import code_4bit  # noqa: E402
+from halfbyte.kernels import fourbit, lut  # noqa: E402
 from halfbyte.kernels.common import USE_PTX, round_to  # noqa: E402
 
 SHAPES = [(3072, 3072), (12288, 3072), (3072, 12288), (18432, 3072), (10240, 4096)]
@@ -58,6 +66,155 @@ def _dequant_words_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_words, WO
     q = (w >> shift) & 15
     v = tl.load(code_ptr + q) * am
     tl.store(out_ptr + w_idx * 8 + k, round_to(v, out_ptr.dtype.element_ty, USE_PTX), mask=live)
+
+
+# outputs: a dummy per word; inputs: the word, its absmax bits, its output address, whether it is live
+PRMT_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * 8 + ["l"] * 4 + ["r"] * 4)
+
+
+def prmt_asm(code_values: tuple[float, ...], dtype: torch.dtype) -> str:
+    """PTX for ``tl.inline_asm_elementwise(pack=4)`` over 4 consecutive words of one absmax block: words $4..$7
+    (8 codes each), absmax bits $8 ($9..$11 copies), output addresses $12..$15 (16 bytes each), live flags
+    $16..$19; $0..$3 dummies. The block's 16-entry table ``dtype(code[i] * absmax)`` (16 float32 products rounded
+    once: the library's numerics) is built in registers as ``lut.pair_tables`` lays it out, each word is decoded
+    by ``lut.pair_decode_lines`` (~2.75 instructions a value, no table load per value) and its 8 values are
+    stored from the assembly (16 bytes), so triton has no tile to convert between layouts before storing."""
+    cvt = {torch.bfloat16: "cvt.rn.bf16x2.f32", torch.float16: "cvt.rn.f16x2.f32"}[dtype]
+    imm = [f"0f{v & 0xFFFFFFFF:08X}" for v in torch.tensor(code_values, dtype=torch.float32).view(torch.int32)
+           .tolist()]
+    lines = ["{", ".reg .f32 %am, " + ", ".join(f"%v{i}" for i in range(16)) + ";",
+             ".reg .b32 " + ", ".join(f"%h{i}" for i in range(8)) + ", " + ", ".join(f"%t{i}" for i in range(8)) + ";",
+             ".reg .b32 " + ", ".join(f"%o{j}_{p}" for j in range(4) for p in range(4)) + ";",
+             ".reg .pred %live;", "mov.b32 %am, $8;"]
+    lines += [f"mul.rn.f32 %v{i}, %am, {imm[i]};" for i in range(16)]
+    lines += [f"{cvt} %h{i}, %v{2 * i + 1}, %v{2 * i};" for i in range(8)]  # entry 2i low half, 2i + 1 high
+    for r in range(4):  # plane words: byte 0 (low bytes) of entries 4r..4r+3, then byte 1
+        lines += [f"prmt.b32 %t{r}, %h{2 * r}, %h{2 * r + 1}, 0x6420;",
+                  f"prmt.b32 %t{4 + r}, %h{2 * r}, %h{2 * r + 1}, 0x7531;"]
+    for j in range(4):
+        outs = tuple(f"%o{j}_{p}" for p in range(4))
+        lines += lut.pair_decode_lines(tuple(f"%t{i}" for i in range(8)), f"${4 + j}", outs, f"%d{j}")
+        lines += [f"setp.ne.u32 %live, ${16 + j}, 0;",
+                  f"@%live st.global.v4.b32 [${12 + j}], {{{', '.join(outs)}}};", f"mov.b32 ${j}, 0;"]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@triton.jit
+def _dequant_prmt_kernel(packed_ptr, absmax_ptr, out_ptr, n_words, WORDS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                         ASM: tl.constexpr, CONSTRAINTS: tl.constexpr):
+    """16-bit out (8 * n_words,) from n_words int32 words; each thread's 4 consecutive words share an absmax."""
+    w_idx = tl.program_id(0).to(tl.int64) * WORDS + tl.max_contiguous(tl.multiple_of(tl.arange(0, WORDS), 4), 4)
+    live = w_idx < n_words
+    w = tl.load(packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + w_idx, mask=live, other=0)
+    am = tl.load(absmax_ptr + w_idx // (BLOCKSIZE // 8), mask=live, other=0.0).to(tl.int32, bitcast=True)
+    addr = out_ptr.to(tl.int64, bitcast=True) + w_idx * 16
+    tl.inline_asm_elementwise(ASM, CONSTRAINTS, [w, am, addr, live.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                              pack=4)
+
+
+def _emulate_ptx(asm: str, operands: dict[int, int]) -> list[tuple[int, list[int]]]:
+    """Runs ``prmt_asm``'s PTX on the host (the subset it uses) with 32-bit operands {index: value}; returns the
+    stores (address, four words). For ``--check`` without a GPU: the table building and decoding are then
+    checked bit for bit on a CPU too."""
+    import numpy as np
+
+    regs: dict[str, int] = {}
+
+    def val(tok: str) -> int:
+        tok = tok.strip().rstrip(";")
+        if tok.startswith("$"):
+            return operands[int(tok[1:])]
+        if tok.startswith("%"):
+            return regs[tok]
+        if tok.startswith("0f"):
+            return int(tok[2:], 16)
+        return int(tok, 16) if tok.startswith("0x") else int(tok)
+
+    def f32(bits: int) -> np.float32:
+        return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+    def half_bits(x: np.float32, ty: torch.dtype) -> int:
+        return int(torch.tensor([float(x)], dtype=torch.float32).to(ty).view(torch.int16).item()) & 0xFFFF
+
+    stores = []
+    for line in asm.splitlines():
+        line = line.strip()
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        pred = None
+        if line.startswith("@"):
+            pred, line = line.split(None, 1)
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.rstrip(";").split(",", 1)]
+        if op.startswith("st.global.v4"):
+            if regs[pred[1:]]:
+                addr = operands[int(args[0].strip("[]$"))]
+                stores.append((addr, [val(t) for t in args[1].strip("{} ").split(",")]))
+            continue
+        dst, srcs = args[0], [t.strip() for t in args[1].split(",")]
+        v = [val(t) for t in srcs]
+        if op == "mov.b32":
+            r = v[0]
+        elif op == "mul.rn.f32":
+            r = int(np.array([f32(v[0]) * f32(v[1])], dtype=np.float32).view(np.uint32)[0])
+        elif op.startswith("cvt.rn.") and op.endswith("x2.f32"):
+            ty = torch.bfloat16 if "bf16" in op else torch.float16
+            r = (half_bits(f32(v[0]), ty) << 16) | half_bits(f32(v[1]), ty)
+        elif op == "prmt.b32":
+            pool = v[0] | (v[1] << 32)
+            r = 0
+            for k in range(4):
+                nib = (v[2] >> (4 * k)) & 0xF
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * k)
+        elif op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "or.b32":
+            r = v[0] | v[1]
+        elif op == "shr.u32":
+            r = v[0] >> v[1]
+        elif op == "shl.b32":
+            r = (v[0] << v[1]) & 0xFFFFFFFF
+        elif op == "setp.ne.u32":
+            r = int(v[0] != v[1])
+        else:
+            raise NotImplementedError(op)
+        if dst.startswith("$"):
+            operands[int(dst[1:])] = r
+        else:
+            regs[dst] = r
+    return stores
+
+
+def emulate_prmt(packed: torch.Tensor, absmax: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``dequant_prmt``'s result computed by running its PTX on the host (``_emulate_ptx``), (n,) ``dtype``."""
+    asm = prmt_asm(tuple(code_4bit("nf4").tolist()), dtype)
+    words = [w & 0xFFFFFFFF for w in packed.view(torch.int32).tolist()]
+    am = [a & 0xFFFFFFFF for a in absmax.view(torch.int32).tolist()]
+    out = [0] * (n // 2)  # 32-bit pairs
+    for g in range(0, n // 8, 4):  # one assembly call per 4 consecutive words
+        ops = {4 + j: words[g + j] for j in range(4)}
+        ops.update({8 + j: am[g // 8] for j in range(4)})
+        ops.update({12 + j: 4 * (g + j) for j in range(4)})  # "address": index of the word's first pair
+        ops.update({16 + j: 1 for j in range(4)})
+        for addr, four in _emulate_ptx(asm, ops):
+            out[addr:addr + 4] = four
+    t = torch.tensor([o - (1 << 32) if o >= 1 << 31 else o for o in out], dtype=torch.int32)
+    return t.view(dtype)
+
+
+def dequant_prmt(packed, absmax, n, dtype, words=1024, warps=4):
+    """As ``dequant_words`` for NF4, 16-bit ``dtype``, through register tables (``prmt_asm``); CUDA only."""
+    assert n % 64 == 0 and packed.data_ptr() % 16 == 0 and dtype in (torch.bfloat16, torch.float16)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    n_words = n // 8
+    asm = prmt_asm(tuple(code_4bit("nf4").tolist()), dtype)
+    _dequant_prmt_kernel[(triton.cdiv(n_words, words),)](packed, absmax, out, n_words, WORDS=words, BLOCKSIZE=64,
+                                                         ASM=asm, CONSTRAINTS=PRMT_CONSTRAINTS, num_warps=warps)
+    return out
 
 
 def dequant_words(packed, absmax, code, n, dtype, words=1024, warps=4):
@@ -86,7 +243,15 @@ def check(device) -> None:
                 assert torch.equal(got.view(torch.uint8 if dtype != torch.float32 else torch.int32).view(-1),
                                    want.view(torch.uint8 if dtype != torch.float32 else torch.int32).view(-1)), \
                     (N, K, dtype, words)
-    print("check: bit-identical to kernels.fourbit.dequantize")
+            if device == "cpu" and dtype != torch.float32:  # the PTX run on the host
+                got = emulate_prmt(packed.cpu(), absmax.cpu(), N * K, dtype)
+                assert torch.equal(got.view(torch.int16), want.cpu().view(torch.int16)), ("prmt (host)", N, K, dtype)
+            if device == "cuda" and dtype != torch.float32:  # inline PTX: no interpreter path
+                for words, warps in ((128, 1), (256, 2)):  # 4 words per thread at least (pack=4)
+                    got = dequant_prmt(packed, absmax, N * K, dtype, words, warps)
+                    assert torch.equal(got.view(torch.int16), want.view(torch.int16)), ("prmt", N, K, dtype, words)
+    print("check: bit-identical to kernels.fourbit.dequantize (word kernel; register-table kernel "
+          + ("on the GPU)" if device == "cuda" else "as its PTX run on the host)"))
 
 
 def main():
@@ -117,6 +282,13 @@ def main():
             name = f"words {words} w{warps}"
             r[name] = timed_graph(lambda words=words, warps=warps: dequant_words(
                 packed, absmax, code, n, torch.bfloat16, words, warps), rep=200)
+            if not torch.equal(got.view(torch.int16), lib.view(torch.int16)):
+                r[name + " WRONG"] = True
+        for words, warps in CONFIGS:
+            got = dequant_prmt(packed, absmax, n, torch.bfloat16, words, warps)
+            name = f"words prmt {words} w{warps}"
+            r[name] = timed_graph(lambda words=words, warps=warps: dequant_prmt(
+                packed, absmax, n, torch.bfloat16, words, warps), rep=200)
             if not torch.equal(got.view(torch.int16), lib.view(torch.int16)):
                 r[name + " WRONG"] = True
         best = min((v, k) for k, v in r.items() if k.startswith("words") and isinstance(v, float))

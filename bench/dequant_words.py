@@ -20,9 +20,9 @@ another), and one ``LDG`` with 64-bit address arithmetic per value for the code 
 ``dtype(code[i] * absmax)`` in registers (16 float32 products rounded once, the library's numerics) in the layout
 of ``lut.pair_tables``, decodes each word into 16-bit pairs with ``lut.pair_decode_lines`` (the GEMV's ``prmt``
 decode) and stores the 8 values from the assembly block (no layout conversion). Offline SASS: 5.1 instructions per
-value, no shared memory, 32 registers. Its PTX is also run on the host by a small emulator (``_emulate_ptx``), so
-``--check`` verifies it bit for bit without a GPU (and failed when a table selector was mutated). Neither variant
-has been timed on a GPU yet.
+value, no shared memory, 32 registers. Its PTX is also run on the host (``tests/ptx_emulator.py``), so ``--check``
+verifies it bit for bit without a GPU (and failed when a table selector was mutated). Neither variant has been
+timed on a GPU yet.
 
 Times: CUDA graph replays (ms, GPU only) at FLUX / T5 weight shapes, with the effective bandwidth (0.5 B read + 2 B
 written per value + the absmax). Each variant's output must equal the library kernel's bit for bit. ``--check``
@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from ptx_emulator import run_ptx  # noqa: E402
 
 import halfbyte  # noqa: E402, F401
 from halfbyte.formats.codebooks import code_4bit  # noqa: E402
@@ -113,84 +115,8 @@ def _dequant_prmt_kernel(packed_ptr, absmax_ptr, out_ptr, n_words, WORDS: tl.con
                               pack=4)
 
 
-def _emulate_ptx(asm: str, operands: dict[int, int]) -> list[tuple[int, list[int]]]:
-    """Runs ``prmt_asm``'s PTX on the host (the subset it uses) with 32-bit operands {index: value}; returns the
-    stores (address, four words). For ``--check`` without a GPU: the table building and decoding are then
-    checked bit for bit on a CPU too."""
-    import numpy as np
-
-    regs: dict[str, int] = {}
-
-    def val(tok: str) -> int:
-        tok = tok.strip().rstrip(";")
-        if tok.startswith("$"):
-            return operands[int(tok[1:])]
-        if tok.startswith("%"):
-            return regs[tok]
-        if tok.startswith("0f"):
-            return int(tok[2:], 16)
-        return int(tok, 16) if tok.startswith("0x") else int(tok)
-
-    def f32(bits: int) -> np.float32:
-        return np.array([bits], dtype=np.uint32).view(np.float32)[0]
-
-    def half_bits(x: np.float32, ty: torch.dtype) -> int:
-        return int(torch.tensor([float(x)], dtype=torch.float32).to(ty).view(torch.int16).item()) & 0xFFFF
-
-    stores = []
-    for line in asm.splitlines():
-        line = line.strip()
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        pred = None
-        if line.startswith("@"):
-            pred, line = line.split(None, 1)
-        op, rest = line.split(None, 1)
-        args = [a.strip() for a in rest.rstrip(";").split(",", 1)]
-        if op.startswith("st.global.v4"):
-            if regs[pred[1:]]:
-                addr = operands[int(args[0].strip("[]$"))]
-                stores.append((addr, [val(t) for t in args[1].strip("{} ").split(",")]))
-            continue
-        dst, srcs = args[0], [t.strip() for t in args[1].split(",")]
-        v = [val(t) for t in srcs]
-        if op == "mov.b32":
-            r = v[0]
-        elif op == "mul.rn.f32":
-            r = int(np.array([f32(v[0]) * f32(v[1])], dtype=np.float32).view(np.uint32)[0])
-        elif op.startswith("cvt.rn.") and op.endswith("x2.f32"):
-            ty = torch.bfloat16 if "bf16" in op else torch.float16
-            r = (half_bits(f32(v[0]), ty) << 16) | half_bits(f32(v[1]), ty)
-        elif op == "prmt.b32":
-            pool = v[0] | (v[1] << 32)
-            r = 0
-            for k in range(4):
-                nib = (v[2] >> (4 * k)) & 0xF
-                byte = (pool >> (8 * (nib & 7))) & 0xFF
-                if nib & 8:
-                    byte = 0xFF if byte & 0x80 else 0
-                r |= byte << (8 * k)
-        elif op == "and.b32":
-            r = v[0] & v[1]
-        elif op == "or.b32":
-            r = v[0] | v[1]
-        elif op == "shr.u32":
-            r = v[0] >> v[1]
-        elif op == "shl.b32":
-            r = (v[0] << v[1]) & 0xFFFFFFFF
-        elif op == "setp.ne.u32":
-            r = int(v[0] != v[1])
-        else:
-            raise NotImplementedError(op)
-        if dst.startswith("$"):
-            operands[int(dst[1:])] = r
-        else:
-            regs[dst] = r
-    return stores
-
-
 def emulate_prmt(packed: torch.Tensor, absmax: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """``dequant_prmt``'s result computed by running its PTX on the host (``_emulate_ptx``), (n,) ``dtype``."""
+    """``dequant_prmt``'s result, its PTX run on the host (``tests/ptx_emulator.py``): (n,) ``dtype``."""
     asm = prmt_asm(tuple(code_4bit("nf4").tolist()), dtype)
     words = [w & 0xFFFFFFFF for w in packed.view(torch.int32).tolist()]
     am = [a & 0xFFFFFFFF for a in absmax.view(torch.int32).tolist()]
@@ -200,7 +126,7 @@ def emulate_prmt(packed: torch.Tensor, absmax: torch.Tensor, n: int, dtype: torc
         ops.update({8 + j: am[g // 8] for j in range(4)})
         ops.update({12 + j: 4 * (g + j) for j in range(4)})  # "address": index of the word's first pair
         ops.update({16 + j: 1 for j in range(4)})
-        for addr, four in _emulate_ptx(asm, ops):
+        for addr, four in run_ptx(asm, ops):
             out[addr:addr + 4] = four
     t = torch.tensor([o - (1 << 32) if o >= 1 << 31 else o for o in out], dtype=torch.int32)
     return t.view(dtype)

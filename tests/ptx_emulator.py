@@ -1,0 +1,82 @@
+"""A host emulator of the PTX subset that halfbyte's inline-assembly decoders use (``mov``, ``and``/``or``/``shl``/
+``shr``, ``prmt``, ``mul.rn.f32``, ``cvt.rn.{bf16,f16}x2.f32``, ``setp.ne`` and predicated ``st.global.v4``), so
+the assembly that the GPU kernels run (``kernels.lut``'s table decoders, bench/dequant_words.py) is checked bit for
+bit on a CPU, where the interpreter takes another path. Semantics from the PTX ISA: ``prmt`` picks byte n & 7 of
+{b, a} (a = bytes 0-3) per selector nibble n, replicating the byte's sign bit when n & 8; ``cvt ... d, a, b`` puts
+a in the upper half; float32 products and 16-bit conversions round to nearest even."""
+
+import numpy as np
+import torch
+
+
+def run_ptx(asm: str, operands: dict[int, int]) -> list[tuple[int, list[int]]]:
+    """Runs the PTX block ``asm`` (the subset above) with 32-bit operands {index: value}, updated in place with
+    the outputs it writes; returns its stores as (address operand, four words)."""
+    regs: dict[str, int] = {}
+
+    def val(tok: str) -> int:
+        tok = tok.strip().rstrip(";")
+        if tok.startswith("$"):
+            return operands[int(tok[1:])]
+        if tok.startswith("%"):
+            return regs[tok]
+        if tok.startswith("0f"):
+            return int(tok[2:], 16)
+        return int(tok, 16) if tok.startswith("0x") else int(tok)
+
+    def f32(bits: int) -> np.float32:
+        return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+    def half_bits(x: np.float32, ty: torch.dtype) -> int:
+        return int(torch.tensor([float(x)], dtype=torch.float32).to(ty).view(torch.int16).item()) & 0xFFFF
+
+    stores = []
+    for line in asm.splitlines():
+        line = line.strip()
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        pred = None
+        if line.startswith("@"):
+            pred, line = line.split(None, 1)
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.rstrip(";").split(",", 1)]
+        if op.startswith("st.global.v4"):
+            if regs[pred[1:]]:
+                addr = operands[int(args[0].strip("[]$"))]
+                stores.append((addr, [val(t) for t in args[1].strip("{} ").split(",")]))
+            continue
+        dst, srcs = args[0], [t.strip() for t in args[1].split(",")]
+        v = [val(t) for t in srcs]
+        if op == "mov.b32":
+            r = v[0]
+        elif op == "mul.rn.f32":
+            r = int(np.array([f32(v[0]) * f32(v[1])], dtype=np.float32).view(np.uint32)[0])
+        elif op.startswith("cvt.rn.") and op.endswith("x2.f32"):
+            ty = torch.bfloat16 if "bf16" in op else torch.float16
+            r = (half_bits(f32(v[0]), ty) << 16) | half_bits(f32(v[1]), ty)
+        elif op == "prmt.b32":
+            pool = v[0] | (v[1] << 32)
+            r = 0
+            for k in range(4):
+                nib = (v[2] >> (4 * k)) & 0xF
+                byte = (pool >> (8 * (nib & 7))) & 0xFF
+                if nib & 8:
+                    byte = 0xFF if byte & 0x80 else 0
+                r |= byte << (8 * k)
+        elif op == "and.b32":
+            r = v[0] & v[1]
+        elif op == "or.b32":
+            r = v[0] | v[1]
+        elif op == "shr.u32":
+            r = v[0] >> v[1]
+        elif op == "shl.b32":
+            r = (v[0] << v[1]) & 0xFFFFFFFF
+        elif op == "setp.ne.u32":
+            r = int(v[0] != v[1])
+        else:
+            raise NotImplementedError(op)
+        if dst.startswith("$"):
+            operands[int(dst[1:])] = r
+        else:
+            regs[dst] = r
+    return stores

@@ -98,7 +98,8 @@ def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, M, N,
     outlier columns' products are added afterwards by ``_outlier_add_kernel``, or with OUTLIERS here, to the
     rounded tile still in registers (``MMConfig.fuse_outliers``): the same operations and order as that kernel,
     without writing the output and reading it back. The loop runs after the int32 accumulator is dead (the first
-    fused version kept a float32 accumulator beside it and slowed the GEMM 1.43x even without outliers)."""
+    fused version kept a float32 accumulator beside it), yet the kernel is still slower at 128x128 tiles even
+    when the loop never runs, with the same main-loop SASS (``MMConfig.fuse_outliers``)."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -176,7 +177,8 @@ class MMConfig:
     out_warps: int = 8
     out_stages: int = 3  # software-pipelined column steps (bench/int8_outliers.py)
     # Outlier products in the GEMM's epilogue (one launch, the output written once) instead of their own kernel;
-    # same bits. Off until measured against the separate kernel (bench/int8_outliers.py, bench/step.py).
+    # same bits. Off: 1.1-1.4x slower at the 128x128 tiles of 4608 tokens even without outliers, 2-8 % faster at
+    # 512x10240x4096 (bench/int8_outliers.py, BENCHMARKS.md session 11); other 512-token shapes not measured.
     fuse_outliers: bool = False
 
 

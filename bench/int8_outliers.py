@@ -39,17 +39,22 @@ SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (512, 10
 # (columns per step, warps, software-pipeline stages) of the outlier kernel
 LOOPS = [(64, 8, 1), (64, 8, 2), (64, 8, 3), (64, 8, 4), (32, 8, 3), (128, 8, 3), (64, 4, 3)]
 # (columns per step, stages) of the loop fused in the GEMM's epilogue (``MMConfig.fuse_outliers``; warps: the GEMM's)
-FUSED = [(64, 3), (64, 2), (32, 3)]
+# and ptxas register cap (``MMConfig.fused_registers``: 128 lets two 8-warp programs share an SM)
+FUSED = [(64, 3, None), (64, 3, 128), (64, 2, 128), (32, 3, 128)]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
     ap.add_argument("--no-bnb", action="store_true", help="skip the eager bitsandbytes / halfbyte layer timings")
+    ap.add_argument("--shapes", type=int, nargs="+", metavar="M N K", help="shapes to time (default: SHAPES)")
+    ap.add_argument("--quick", action="store_true", help="only the default separate loop and one fused loop")
     args = ap.parse_args()
+    shapes = SHAPES if not args.shapes else [tuple(args.shapes[i:i + 3]) for i in range(0, len(args.shapes), 3)]
+    loops, fused = (LOOPS[2:3], FUSED[:2]) if args.quick else (LOOPS, FUSED)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rows = []
-    for M, N, K in SHAPES:
+    for M, N, K in shapes:
         lin = torch.nn.Linear(K, N, device=DEV, dtype=DT)
         with torch.no_grad():
             lin.weight.normal_(0, K ** -0.5)
@@ -73,9 +78,10 @@ def main():
                 A2 = x
                 ref = None
                 variants = [(f"oc{oc}/w{w}/st{st}", dataclasses.replace(base_cfg, oc=oc, out_warps=w, out_stages=st))
-                            for oc, w, st in LOOPS]
-                variants += [(f"fused oc{oc}/st{st}", dataclasses.replace(base_cfg, oc=oc, out_stages=st,
-                                                                         fuse_outliers=True)) for oc, st in FUSED]
+                            for oc, w, st in loops]
+                variants += [(f"fused oc{oc}/st{st}" + (f"/r{reg}" if reg else ""),
+                              dataclasses.replace(base_cfg, oc=oc, out_stages=st, fuse_outliers=True,
+                                                  fused_registers=reg)) for oc, st, reg in fused]
                 for name, cfg in variants:
 
                     def call(cfg=cfg):

@@ -15,6 +15,7 @@ and reports the first call's seconds too. Every ratio is between columns of this
 """
 
 import argparse
+import importlib
 import json
 import statistics
 import sys
@@ -36,6 +37,7 @@ DEV = "cuda"
 BF16 = torch.bfloat16
 TINY = False  # --tiny: a CPU smoke run of this script with tiny widths (numbers meaningless)
 PROFILE: set[str] = set()  # variants whose step is also profiled (top CUDA kernels printed)
+_FUSE_DEFAULT = importlib.import_module("halfbyte.kernels.int8_mm").FUSE_OUTLIERS
 ROUNDS = 1  # --rounds: the variant list runs this many times in turn (ratios taken within each round)
 
 
@@ -105,7 +107,7 @@ def quantized(kind: str, lin: nn.Linear) -> nn.Module:
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
     if kind == "hb-nf4-dq":
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
-    if kind in ("hb-int8", "hb-int8-fused"):
+    if kind in ("hb-int8", "hb-int8-fused", "hb-int8-separate"):
         return halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
     if kind == "bnb-nf4":
         q = bnb.nn.Linear4bit(K, N, bias=lin.bias is not None, compute_dtype=BF16, quant_type="nf4",
@@ -150,9 +152,12 @@ def steps(fn, n: int = 5, warmup: int = 2) -> tuple[float, float, float, torch.T
     return statistics.median(times), statistics.median(host), first, out
 
 
-def set_int8_fusion(on: bool) -> None:
+def set_int8_fusion(on: bool | None) -> None:
+    """hb-int8-fused / hb-int8-separate: the outlier products in the int8 GEMM's epilogue or in their own kernel
+    (``kernels.int8_mm.FUSE_OUTLIERS``; None: the library's default, restored)."""
     from halfbyte.kernels import int8_mm, int8_plan
 
+    on = _FUSE_DEFAULT if on is None else on
     if int8_mm.FUSE_OUTLIERS != on:
         int8_mm.FUSE_OUTLIERS = on
         int8_plan.PLANS.clear()  # plans keep the launches they were built with
@@ -185,8 +190,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             weights = allocated() - (held if kind != "bf16" else 0)
             # hb-nf4-op: compiled layers keep the opaque gemm_4bit op instead of dequantizing in the graph
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = kind != "hb-nf4-op"
-            # hb-int8-fused: the outlier products in the int8 GEMM's epilogue (kernels.int8_mm.FUSE_OUTLIERS)
-            set_int8_fusion(kind == "hb-int8-fused")
+            set_int8_fusion({"hb-int8-fused": True, "hb-int8-separate": False}.get(kind))
             if compile_:
                 model.compile_repeated_blocks(fullgraph=True)
             with torch.inference_mode():
@@ -214,7 +218,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             print(f"  {label} {kind}: error {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = True
-            set_int8_fusion(False)
+            set_int8_fusion(None)
             for blk in model.modules():  # undo compile_repeated_blocks
                 if getattr(blk, "_compiled_call_impl", None) is not None:
                     blk._compiled_call_impl = None

@@ -91,20 +91,23 @@ def test_int8_mixed_mm_matches_reference(dn, threshold):
 @pytest.mark.parametrize("M,K,N", [(20, 96, 24), (40, 200, 40)] + ([(300, 512, 72), (1100, 1024, 256)] if CUDA
                                                                    else []))  # both GPU tile shapes
 def test_int8_outlier_products_fused_in_the_epilogue(dn, M, K, N):
-    """``MMConfig.fuse_outliers``: the GEMM's epilogue adds the outlier products to the rounded tile in registers,
-    with the separate kernel's operations and order: the same bits, with and without outliers and bias."""
+    """``MMConfig.fuse_outliers`` (the default): the GEMM's epilogue adds the outlier products to the rounded tile in
+    registers, with the separate kernel's operations and order: the same bits, with and without outliers and bias,
+    with and without the register cap."""
     import dataclasses
 
     dtype = DTYPES[dn]
     cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
     x = (torch.randn(M, K, device=DEV) * 3).to(dtype)  # ~0.3 % of the elements >= 6: several outlier columns
-    cfg = km.mm_config(M, N, K)
+    cfg = dataclasses.replace(km.mm_config(M, N, K), fuse_outliers=False)
     fused = dataclasses.replace(cfg, fuse_outliers=True)
+    caps = [fused] + ([dataclasses.replace(fused, fused_registers=128)] if fused.fused_registers is None else [])
     for bias in (None, torch.randn(N, device=DEV).to(dtype)):
         for xx, thr in ((x, 6.0), (x, 50.0)):  # 50: a threshold no element reaches, the loop skipped
             want = km.int8_mixed_mm(xx, cb, scb, bias, thr, cfg)
-            got = km.int8_mixed_mm(xx, cb, scb, bias, thr, fused)
-            assert torch.equal(bits(got), bits(want))
+            for f in caps:  # with and without the register cap (MMConfig.fused_registers)
+                got = km.int8_mixed_mm(xx, cb, scb, bias, thr, f)
+                assert torch.equal(bits(got), bits(want)), f
             assert_int8_matches(got, xx, cb, scb, bias, thr)
 
 

@@ -177,14 +177,20 @@ class MMConfig:
     out_warps: int = 8
     out_stages: int = 3  # software-pipelined column steps (bench/int8_outliers.py)
     # Outlier products in the GEMM's epilogue (one launch, the output written once) instead of their own kernel;
-    # same bits. Off: 1.1-1.4x slower at the 128x128 tiles of 4608 tokens even without outliers, 2-8 % faster at
-    # 512x10240x4096 (bench/int8_outliers.py, BENCHMARKS.md session 11); other 512-token shapes not measured.
+    # same bits (bench/int8_outliers.py, BENCHMARKS.md session 12).
     fuse_outliers: bool = False
+    # ptxas register cap (triton's ``maxnreg``) of the GEMM when the outlier loop is fused in it, None: none. At
+    # 128x128 tiles and 8 warps the fused kernel took 168 registers (ptxas of CUDA 13), one program per SM where
+    # the plain GEMM's 127 allow two: 1.1-1.4x slower even when the loop never ran (ncu, bench/int8_profile.py).
+    # Capped at 128 (4 registers spilled) it runs two per SM again.
+    fused_registers: int | None = None
 
 
 #: ``MMConfig.fuse_outliers`` of the default launch shapes (benches switch it; cached plans keep the value they
-#: were built with).
-FUSE_OUTLIERS = False
+#: were built with). On: with outlier columns the fused kernel took 0.90-0.98x the separate kernels' time at
+#: FLUX's 4608-token shapes and 0.91-0.96x at 512 tokens; without any, 1.01-1.02x at 4608 tokens (the register
+#: cap) and 0.97-0.99x at 512 (H100, BENCHMARKS.md session 12).
+FUSE_OUTLIERS = True
 
 
 def mm_config(M: int, N: int, K: int) -> MMConfig:
@@ -194,7 +200,7 @@ def mm_config(M: int, N: int, K: int) -> MMConfig:
                         fuse_outliers=FUSE_OUTLIERS)
     if M <= 1024:
         return MMConfig(64, 128, 128, 8, 4, 4, fuse_outliers=FUSE_OUTLIERS)
-    return MMConfig(128, 128, 128, 8, 8, 3, fuse_outliers=FUSE_OUTLIERS)
+    return MMConfig(128, 128, 128, 8, 8, 3, fuse_outliers=FUSE_OUTLIERS, fused_registers=128)
 
 
 def mm_launch(CA, CB, SCA, SCB, bias, out, cfg: MMConfig, outliers=None):
@@ -216,7 +222,8 @@ def mm_launch(CA, CB, SCA, SCB, bias, out, cfg: MMConfig, outliers=None):
             dict(HAS_BIAS=bias is not None, BIAS_FP16=bias is not None and bias.dtype == torch.float16,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                  EVEN_K=K % cfg.block_k == 0, OUTLIERS=outliers is not None, OC=cfg.oc, OUT_STAGES=cfg.out_stages,
-                 USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                 USE_PTX=USE_PTX, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                 **({"maxnreg": cfg.fused_registers} if outliers is not None and cfg.fused_registers else {})))
 
 
 def _check_oc(cfg: MMConfig) -> None:

@@ -21,8 +21,11 @@ another), and one ``LDG`` with 64-bit address arithmetic per value for the code 
 of ``lut.pair_tables``, decodes each word into 16-bit pairs with ``lut.pair_decode_lines`` (the GEMV's ``prmt``
 decode) and stores the 8 values from the assembly block (no layout conversion). Offline SASS: 5.1 instructions per
 value, no shared memory, 32 registers. Its PTX is also run on the host (``tests/ptx_emulator.py``), so ``--check``
-verifies it bit for bit without a GPU (and failed when a table selector was mutated). Neither variant has been
-timed on a GPU yet.
+verifies it bit for bit without a GPU (and failed when a table selector was mutated).
+
+Timed on an H100 (session 12, BENCHMARKS.md): the library's kernel already takes 1.03-1.06x the time of a copy
+moving the same bytes, so instruction counts never bound it; "words" is 2-5 % faster, "prmt" 1.75-1.9x slower (its
+warps store 16 bytes per thread 64 bytes apart). Neither is adopted.
 
 Times: CUDA graph replays (ms, GPU only) at FLUX / T5 weight shapes, with the effective bandwidth (0.5 B read + 2 B
 written per value + the absmax). Each variant's output must equal the library kernel's bit for bit. ``--check``

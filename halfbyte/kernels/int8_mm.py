@@ -2,14 +2,15 @@
 16-bit products, and ``int8_mixed_mm``, the whole layer launched directly (``int8_plan`` runs the same launches
 through cached plans); bit-exact with ``formats.int8`` where no column is an outlier.
 
-``int8_mixed_mm``: no host sync, five launches. (1) The outlier flags and (2) their ascending list, then (3) the row
+``int8_mixed_mm``: no host sync, four launches. (1) The outlier flags and (2) their ascending list, then (3) the row
 quantization with the gathers of the outlier columns (``int8``'s activation kernels). (4) ``_int8_mm_kernel``: one
 Triton int8 GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C) whose epilogue applies
 ``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order to the tile in registers (the
-int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB) and rounds to the activation dtype.
-(5) ``_outlier_add_kernel`` adds ``xg @ wg.T`` over the ``count`` outlier columns (tensor cores, float32) to that
-result and rounds once more, as the reference's ``addmm`` does; only that float32 sum's order differs from the
-reference. It exits at once when no column is an outlier.
+int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB) and rounds to the activation dtype,
+then adds ``xg @ wg.T`` over the ``count`` outlier columns (tensor cores, float32) to that result and rounds once
+more, as the reference's ``addmm`` does; only that float32 sum's order differs from the reference. The loop is
+skipped when no column is an outlier. ``MMConfig.fuse_outliers = False`` runs the products as (5)
+``_outlier_add_kernel`` instead, which reads the output back and writes it again (same bits).
 """
 
 from dataclasses import dataclass
@@ -57,9 +58,8 @@ def _outlier_add_kernel(out_ptr, xg_ptr, wg_ptr, count_ptr, M, N, stride_om, str
                         STAGES: tl.constexpr, USE_PTX: tl.constexpr):
     """out[tile] = out-dtype(float32(out[tile]) + xg[rows, :count] @ wg[cols, :count]^T), the product summed in
     float32: the reference's ``addmm`` of the outlier columns onto the rounded int8 result. Nothing is read or
-    written when count == 0. A kernel of its own: fused into the int8 GEMM's epilogue, its float32 accumulator
-    tile raised the GEMM's register pressure so much that the GEMM took 1.43x as long even without outliers
-    (bench/int8_parts.py, BENCHMARKS.md)."""
+    written when count == 0. Runs with ``MMConfig.fuse_outliers = False`` only (benches): by default the GEMM's
+    epilogue runs the same loop, which saves the output's second read and write."""
     n_out = tl.load(count_ptr)
     if n_out > 0:
         pid = tl.program_id(0)
@@ -98,8 +98,8 @@ def _int8_mm_kernel(a_ptr, b_ptr, sca_ptr, scb_ptr, bias_ptr, out_ptr, M, N,
     outlier columns' products are added afterwards by ``_outlier_add_kernel``, or with OUTLIERS here, to the
     rounded tile still in registers (``MMConfig.fuse_outliers``): the same operations and order as that kernel,
     without writing the output and reading it back. The loop runs after the int32 accumulator is dead (the first
-    fused version kept a float32 accumulator beside it), yet the kernel is still slower at 128x128 tiles even
-    when the loop never runs, with the same main-loop SASS (``MMConfig.fuse_outliers``)."""
+    fused version kept a float32 accumulator beside it); at 128x128 tiles the launch caps the registers at 128
+    (``MMConfig.fused_registers``) so that two programs still share an SM."""
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BLOCK_M)
     grid_n = tl.cdiv(N, BLOCK_N)
@@ -274,8 +274,8 @@ def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: to
     (N,) float32 ->
     (..., N) in A's dtype: ``formats.int8.int8_linear``, bit-identical without outliers (integer GEMM is exact);
     with outlier columns the float32 sum of their products may be ordered differently (at most one rounding
-    apart; the same on every run). No host sync; five launches (outlier flags; their list; row quantization +
-    gathers; GEMM; outlier products), two without a threshold."""
+    apart; the same on every run). No host sync; four launches (outlier flags; their list; row quantization +
+    gathers; GEMM with the outlier products), two without a threshold (five with ``fuse_outliers`` off)."""
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     shape = A.shape

@@ -6,8 +6,9 @@ keys, six allocations, argument checks): on an H100's host a FLUX step's 504 int
 compiled regions (host 190 ms against 136 ms of GPU work) and left gaps in eager steps; a T5-XXL encode ran
 host-bound (BENCHMARKS.md). A plan binds the launches of one call shape (``launch.Bound``): a call is then
 two allocations (the output, one scratch buffer for the workspace, codes, scales and gathered outlier columns)
-and six bound launches (two without a threshold): the same kernels with the same arguments as
-``int8_mm.int8_mixed_mm``, hence its bits, plus the workspace's zeroing, which that path leaves to ``torch.zeros``.
+and five bound launches (two without a threshold; six with ``MMConfig.fuse_outliers`` off): the same kernels
+with the same arguments as ``int8_mm.int8_mixed_mm``, hence its bits, plus the workspace's zeroing, which that path
+leaves to ``torch.zeros``.
 
 Plans are cached here, not in the layers, so that calls from compiled graphs (which reach this kernel through the
 op with plain tensors) use them too. A plan holds no tensor, only the addresses, shapes and dtypes it was built

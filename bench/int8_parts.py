@@ -28,19 +28,14 @@ def main():
         CB, SCB = layer.weight, layer.SCB.view(torch.float32)
         for c in (0, 350):
             x = outlier_activations(M, K, c, DT, DEV)
-            thr_h, _ = k8._thresholds(6.0)
             ws = torch.zeros(3 * K + 1, dtype=torch.int32, device=DEV)
             r = {"bf16": timed_graph(lambda: lin(x))}
             r["zeros(ws)"] = timed_graph(lambda: ws.zero_())
 
-            fc = k8._flag_config(M, K)
-            bk = min(fc["block_k"], triton.next_power_of_2(K))
-
             def flag():
                 ws.zero_()
-                k8.launch(k8._flag_kernel, (triton.cdiv(M, fc["block_m"] * fc["row_iters"]), triton.cdiv(K, bk)),
-                          x, ws, M, x.stride(0), thr_h, K=K, BLOCK_M=fc["block_m"], BLOCK_K=bk,
-                          ROW_ITERS=fc["row_iters"], num_warps=fc["num_warps"])
+                fn, grid, args, kwargs = k8.flag_launch(x, ws, 6.0)
+                k8.launch(fn, grid, *args, **kwargs)
             r["flag(+zero)"] = timed_graph(flag)
             ca, sca, outl = k8._quant_with_outliers(x, CB, SCB, 6.0)
             r["flag+quant_gather(+allocs)"] = timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0))

@@ -111,6 +111,29 @@ def test_int8_outlier_products_fused_in_the_epilogue(dn, M, K, N):
             assert_int8_matches(got, xx, cb, scb, bias, thr)
 
 
+@pytest.mark.parametrize("dn", ["fp32", "bf16", "fp16"])
+def test_int8_outlier_flags_round_to_half_once(dn):
+    """The flag kernel's columns are the reference's: float16 |x| >= threshold in any row, NaN never, inf always; a
+    NaN in a column does not hide another row's outlier there; float32 values just under the threshold flag only
+    where they round up to it in float16; more rows than one program scans."""
+    M, K = 300, 70
+    x = torch.randn(M, K, device=DEV)
+    x[5, 3], x[200, 3] = float("nan"), 7.0  # NaN and an outlier in one column
+    x[9, 4] = float("nan")  # NaN alone
+    x[0, 5], x[299, 6] = float("-inf"), float("inf")
+    x[150, 7], x[151, 8] = 5.9995, -5.997  # float16: 6.0 (flagged) and 5.996 (not)
+    x[17, 69] = -6.0
+    x = x.to(DTYPES[dn])
+    cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(8, K, device=DEV).half(), 0.0)
+    _, _, (_, _, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
+    ws = count._base
+    _, _, want = int8.int8_vectorwise_quant(x, 6.0)
+    assert 3 in want.tolist() and 4 not in want.tolist() and 69 in want.tolist()
+    if dn != "bf16":  # bfloat16 rounds both to 6.0
+        assert 7 in want.tolist() and 8 not in want.tolist()
+    assert ws[2 * K:2 * K + int(count)].tolist() == want.tolist()
+
+
 def test_int8_outlier_gather():
     """The flag and list kernels' workspace (columns in ascending order, as the reference's ``nonzero``, and
     each column's place) and the gathered activation and weight columns, zero-padded to OUT_PAD."""

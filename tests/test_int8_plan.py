@@ -18,9 +18,9 @@ from triton import knobs  # noqa: E402
 
 import halfbyte  # noqa: E402
 from halfbyte.formats import int8  # noqa: E402
-from halfbyte.kernels import common, int8_plan  # noqa: E402
 from halfbyte.kernels import int8 as k8  # noqa: E402
 from halfbyte.kernels import int8_mm as km  # noqa: E402
+from halfbyte.kernels import int8_plan  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -52,9 +52,9 @@ def _input(M, K, dtype, device, outliers=True, seed=1):
 @pytest.mark.parametrize("M,K,N,bias", [(7, 96, 40, True), (300, 200, 24, False), (1, 4096, 16, True)])
 def test_plan_binds_the_launches_int8_mixed_mm_makes(monkeypatch, threshold, M, K, N, bias):
     """Runs everywhere: with the launcher and bind replaced by recorders, a Plan binds the same kernels, grids,
-    fixed arguments and constexprs as ``int8_mm.int8_mixed_mm``'s launches (plus the workspace's zeroing, which the
-    direct path leaves to torch.zeros), with exactly the per-call tensors left free, at scratch offsets that do
-    not overlap."""
+    fixed arguments and constexprs as ``int8_mm.int8_mixed_mm``'s launches, with exactly the per-call tensors left
+    free (the flag kernel's state among them: the plan keeps one per stream), at scratch offsets that do not
+    overlap."""
     cb, scb = _weights(N, K, "cpu")
     b = torch.randn(N, dtype=torch.bfloat16) if bias else None
     x = _input(M, K, torch.bfloat16, "cpu")
@@ -64,10 +64,10 @@ def test_plan_binds_the_launches_int8_mixed_mm_makes(monkeypatch, threshold, M, 
     monkeypatch.setattr(int8_plan, "bind", lambda fn, grid, a, kw, free: bound.append((fn, grid, a, kw, free)) or 1)
     km.int8_mixed_mm(x, cb, scb, b, threshold)
     plan = int8_plan.Plan(x, cb, scb, b, threshold)
-    if threshold:
-        assert bound[0][0] is common._zero_kernel and bound[0][4] == (0,)
-        assert bound[0][2][1] == K  # the flags; the list kernel writes the rest
-        bound = bound[1:]
+    if threshold:  # the flag kernel's persistent state: the plan's own, one per stream
+        state = bound[0][2][1]
+        assert bound[0][0] is k8._flag_kernel and state.numel() == k8.state_size(K) and 1 in bound[0][4]
+        assert plan._launches[0][1][bound[0][4].index(1)] == (int8_plan._STATE, 0)
     assert [r[0] for r in bound] == [r[0] for r in launched]
     per_call = {id(x)}
     for (fn, grid, a, kw), (bfn, bgrid, ba, bkw, free) in zip(launched, bound):
@@ -84,7 +84,7 @@ def test_plan_binds_the_launches_int8_mixed_mm_makes(monkeypatch, threshold, M, 
     assert all(any(id(v) == id(x) for v in r[2]) for r in bound if r[0] in (k8._flag_kernel, k8._row_quant_kernel))
     # every scratch part lies inside the buffer, and two parts are disjoint or nested (the count sits in ws)
     spans = {(off, off + v.numel() * v.element_size()) for (_, _, a, _, free), (_, spec) in
-             zip(bound, plan._launches[1 if threshold else 0:]) for i, (k, off) in zip(free, spec)
+             zip(bound, plan._launches) for i, (k, off) in zip(free, spec)
              for v in [a[i]] if k == int8_plan._SCRATCH}
     assert all(0 <= s0 < e0 <= plan.nbytes for s0, e0 in spans)
     assert all(e1 <= s2 or e2 <= s1 or (s1 <= s2 and e2 <= e1) or (s2 <= s1 and e1 <= e2)
@@ -179,3 +179,44 @@ def test_plan_cache_is_bounded(monkeypatch):
             assert torch.equal(torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, None, 6.0),
                                km.int8_mixed_mm(x, cb, scb, None, 6.0))
         assert 1 <= len(int8_plan.PLANS.plans) <= 2
+
+
+@gpu
+def test_plan_state_per_stream_and_in_graphs():
+    """The flag kernel's persistent state is zero after every launch (a different outlier set each call gives the
+    direct path's bits), is not shared by launches on two streams running at once, and a CUDA graph captured
+    through a plan replays right, with eager calls in between."""
+    int8_plan.PLANS.clear()
+    cb, scb = _weights(96, 512, "cuda")
+    xs = [_input(300, 512, torch.bfloat16, "cuda", seed=s) for s in range(4)]  # other outlier columns each
+    wants = [km.int8_mixed_mm(x, cb, scb, None, 6.0) for x in xs]
+    assert len({tuple(k8.int8_vectorwise_quant(x, 6.0)[2].tolist()) for x in xs}) == 4
+    x = torch.empty_like(xs[0])
+
+    def op(a):
+        return torch.ops.halfbyte.int8_mixed_mm(a, cb, scb, None, 6.0)
+    for i in (0, 1, 2, 3, 0, 2):
+        x.copy_(xs[i])
+        assert torch.equal(op(x), wants[i]), i
+    assert len(int8_plan.PLANS.plans) == 1
+    streams = [torch.cuda.Stream() for _ in range(2)]
+    torch.cuda.synchronize()
+    outs = [[], []]
+    for _ in range(10):  # both streams' launches interleave on the GPU
+        for j, s in enumerate(streams):
+            with torch.cuda.stream(s):
+                outs[j].append(op(xs[1 + j]))
+    torch.cuda.synchronize()
+    assert all(torch.equal(o, wants[1 + j]) for j in range(2) for o in outs[j])
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        op(x)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = op(x)
+    for i in (1, 3, 0, 2):
+        x.copy_(xs[i])
+        graph.replay()
+        assert torch.equal(out, wants[i]), i
+        assert torch.equal(op(xs[3 - i]), wants[3 - i])

@@ -126,12 +126,29 @@ def test_int8_outlier_flags_round_to_half_once(dn):
     x = x.to(DTYPES[dn])
     cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(8, K, device=DEV).half(), 0.0)
     _, _, (_, _, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
-    ws = count._base
     _, _, want = int8.int8_vectorwise_quant(x, 6.0)
     assert 3 in want.tolist() and 4 not in want.tolist() and 69 in want.tolist()
     if dn != "bf16":  # bfloat16 rounds both to 6.0
         assert 7 in want.tolist() and 8 not in want.tolist()
-    assert ws[2 * K:2 * K + int(count)].tolist() == want.tolist()
+    assert outlier_list(count, K) == want.tolist()
+
+
+def outlier_list(count, K):
+    """The list of outlier columns in the workspace that ``count`` (its last element) is a view of."""
+    w = -(-K // 32)
+    return count._base[2 * w:2 * w + int(count)].tolist()
+
+
+def bit_places(count, K):
+    """Each column's 1-based place in the list, 0 if none, from the workspace's bit words and prefix counts."""
+    ws, w = count._base.cpu(), -(-K // 32)
+    words, before = ws[:w].tolist(), ws[w:2 * w].tolist()
+    places = []
+    for k in range(K):
+        word = words[k // 32] & 0xFFFFFFFF
+        hit = (word >> (k % 32)) & 1
+        places.append(before[k // 32] + bin(word & ((1 << (k % 32)) - 1)).count("1") + 1 if hit else 0)
+    return torch.tensor(places, dtype=torch.int32)
 
 
 def test_int8_outlier_gather():
@@ -144,13 +161,12 @@ def test_int8_outlier_gather():
     x[7, 100] = 5.9  # below the threshold
     cb, scb, _ = int8.int8_vectorwise_quant(torch.randn(N, K, device=DEV).half(), 0.0)
     ca, sca, (xg, wg, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
-    ws = count._base
     want_ca, want_sca, want_cols = int8.int8_vectorwise_quant(x, 6.0)
     assert want_cols.tolist() == [7, 8, 150, 299] and count.tolist() == [4]
-    assert ws[2 * K:2 * K + 4].tolist() == [7, 8, 150, 299]
-    place = torch.zeros(K, dtype=torch.int32, device=DEV)
-    place[want_cols] = torch.arange(1, 5, dtype=torch.int32, device=DEV)
-    assert torch.equal(ws[K:2 * K], place)
+    assert outlier_list(count, K) == [7, 8, 150, 299]
+    place = torch.zeros(K, dtype=torch.int32)
+    place[want_cols.cpu()] = torch.arange(1, 5, dtype=torch.int32)
+    assert torch.equal(bit_places(count, K), place)
     assert torch.equal(ca, want_ca) and torch.equal(sca, want_sca)
     assert torch.equal(xg[:, :4], x[:, want_cols]) and not xg[:, 4:128].any()
     assert torch.equal(wg[:, :4], int8.int8_vectorwise_dequant(cb[:, want_cols], scb).to(torch.bfloat16))
@@ -159,17 +175,33 @@ def test_int8_outlier_gather():
 
 @pytest.mark.parametrize("K", [1000, 2048, 3000])
 def test_int8_outlier_list_spans_blocks(K):
-    """Outlier columns in several of the list kernel's 1024-column blocks: each block's places continue the
-    previous blocks' count."""
+    """Outlier columns in several of the flag kernel's column programs and bit words (bit 0 and bit 31 of a word,
+    neighbouring words): the places continue across them."""
     x = torch.zeros(2, K, device=DEV)
-    cols = sorted({c for c in (3, 500, 1023, 1024, 2047, 2048, K // 2, K - 1) if c < K})
+    cols = sorted({c for c in (3, 31, 32, 63, 500, 1023, 1024, 2047, 2048, K // 2, K - 1) if c < K})
     x[1, cols] = 7.0
     cb, scb, _ = int8.int8_vectorwise_quant(torch.ones(4, K, device=DEV).half(), 0.0)
     _, _, (_, _, count) = k8._quant_with_outliers(x, cb, scb, 6.0)
-    ws = count._base
-    assert count.tolist() == [len(cols)] and ws[2 * K:2 * K + len(cols)].tolist() == cols
-    places = ws[K:2 * K]
+    assert count.tolist() == [len(cols)] and outlier_list(count, K) == cols
+    places = bit_places(count, K)
     assert places[cols].tolist() == list(range(1, len(cols) + 1)) and int(places.count_nonzero()) == len(cols)
+
+
+def test_int8_outlier_state_returns_to_zero():
+    """The flag kernel's persistent state (bit words, finished-program counter) is zero after every launch, so
+    that one state serves launch after launch (the plans keep one per stream): several programs in both grid
+    dimensions, a different outlier set each time, none at all, and one program per column block."""
+    K = 700
+    state = torch.zeros(k8.state_size(K), dtype=torch.int32, device=DEV)
+    for rows, cols in ((300, [0, 31, 32, 699]), (300, [5, 400]), (300, []), (3, [64, 65, 66]), (300, [1])):
+        x = torch.randn(rows, K, device=DEV) * 0.5  # no element near the threshold by chance
+        x[rows - 1, cols] = -8.0
+        ws = torch.full((k8.workspace_size(K),), -7, dtype=torch.int32, device=DEV)
+        fn, grid, args, kwargs = k8.flag_launch(x, state, ws, 6.0)
+        fn[grid](*args, **kwargs)
+        want = int8.int8_vectorwise_quant(x, 6.0)[2].tolist()
+        assert want == sorted(cols) and outlier_list(ws[k8.count_offset(K):], K) == want
+        assert not state.any(), (rows, cols)
 
 
 @gpu

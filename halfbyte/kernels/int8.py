@@ -7,11 +7,11 @@ non-outlier elements and flags outlier columns in an int32 (K,) array; the secon
 writes ``rint(a * fdividef(127, absmax))``. Only the flagged columns are then zeroed across all rows (bitsandbytes
 zeroes whole outlier columns when M > 1), which needs every row's flags and so runs after the kernel.
 
-The LLM.int8() matmul's activation side, no host sync: ``_flag_kernel`` marks the outlier columns in a device
-workspace and ``_list_kernel`` lists them in ascending order (as the reference's ``nonzero``: the same sum order on
-every run); ``_quant_gather_kernel`` then quantizes each row with those columns zeroed (as bitsandbytes does for
-M > 1) and gathers the activations' outlier columns into ``xg``, while its other programs gather the weight's
-outlier columns, dequantized, into ``wg``.
+The LLM.int8() matmul's activation side, no host sync, two launches: ``_flag_kernel`` marks the outlier columns and
+its last program lists them in ascending order in a device workspace (as the reference's ``nonzero``: the same sum
+order on every run); ``_quant_gather_kernel`` then quantizes each row with those columns zeroed (as bitsandbytes
+does for M > 1) and gathers the activations' outlier columns into ``xg``, while its other programs gather the
+weight's outlier columns, dequantized, into ``wg``.
 """
 
 import functools
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int8 as ref8
-from .common import USE_PTX, rcp_approx, rcp_table, rint, round_to
+from .common import USE_PTX, popc, rcp_approx, rcp_table, rint, round_to
 from .launch import launch
 
 #: The gathered outlier columns (xg, wg) are zero-padded to a multiple of this, so that the outlier kernel reads
@@ -30,7 +30,9 @@ _OUT_PAD = 128
 OUT_PAD = tl.constexpr(_OUT_PAD)
 #: Launch shapes of the outlier-flag kernel and of the row quantization with gathers, from
 #: bench/int8_quant_sweep.py (H200, FLUX and T5 activations, 0 and 350 outlier columns): the flag kernel scans 4 row
-#: tiles per program from 2048 rows up (one below: more programs); rows are quantized in 1024-column steps by 4 warps
+#: tiles per program from 2048 rows up (one below: more programs), 8 above K = 8192 (since each program ends with
+#: a barrier and an atomic: 0.0756 against 0.0822 ms at 4608 x 15360, 0.0702 against 0.0712 at 4608 x 12288, the
+#: same at K = 3072; H100, session 13); rows are quantized in 1024-column steps by 4 warps
 #: up to K = 4096, in 2048-column steps by 8 warps above (the former 4096 x 8 warps took 1.2-1.45x as long).
 #: Settable for the sweep; None = by shape.
 _FLAG_CONFIG: dict | None = None
@@ -40,7 +42,7 @@ _QUANT_CONFIG: dict | None = None
 def _flag_config(rows: int, K: int) -> dict:
     if _FLAG_CONFIG is not None:
         return _FLAG_CONFIG
-    return dict(block_m=32, block_k=256, row_iters=4 if rows >= 2048 else 1, num_warps=4)
+    return dict(block_m=32, block_k=256, row_iters=(8 if K > 8192 else 4) if rows >= 2048 else 1, num_warps=4)
 
 
 def _quant_config(K: int) -> dict:
@@ -75,9 +77,10 @@ def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_pt
                thr_f, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, GATHER: tl.constexpr,
                USE_PTX: tl.constexpr):
     """One row: absmax over the non-outlier elements, codes with outlier elements 0. Without GATHER, flags (K,)
-    marks outlier columns. With GATHER the columns are known (``pos[k]`` = 1 + the column's place in the outlier
-    list, 0 if none, ``flags_ptr[3K]`` their count): their codes are 0 in every row, the row's values there go to
-    ``xg[row, pos - 1]``, and xg's columns from the count up to the next multiple of OUT_PAD are zeroed."""
+    marks outlier columns. With GATHER the columns are known (``pos_ptr``: the outlier workspace's bit words and
+    prefix counts, see ``_place``; ``flags_ptr``: their count): their codes are 0 in every row, the row's values
+    there go to ``xg[row, place]``, and xg's columns from the count up to the next multiple of OUT_PAD are
+    zeroed."""
     row = row.to(tl.int64)
     a_row = a_ptr + row * stride_am
     STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
@@ -105,13 +108,13 @@ def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_pt
         if HAS_THR:
             q = tl.where(tl.abs(a) < thr_f, q, 0.0)  # outlier elements are 0 (float32 test, as the reference)
             if GATHER:
-                pos = tl.load(pos_ptr + k, mask=k < K, other=0) - 1
+                pos = _place(pos_ptr, k, K, USE_PTX)
                 q = tl.where(pos >= 0, 0.0, q)  # bitsandbytes zeroes outlier columns whole
                 scatter_store(xg_ptr + row * stride_xg + pos, raw, pos >= 0, USE_PTX)  # the input's own value
         tl.store(ca_ptr + row * K + k, q.to(tl.int8), mask=k < K)
     tl.store(sca_ptr + row, absmax)
     if GATHER:
-        n_out = tl.load(flags_ptr + 3 * K)
+        n_out = tl.load(flags_ptr)
         z = n_out + tl.arange(0, OUT_PAD)
         tl.store(xg_ptr + row * stride_xg + z, tl.zeros((OUT_PAD,), xg_ptr.dtype.element_ty),
                  mask=z < tl.cdiv(n_out, OUT_PAD) * OUT_PAD)
@@ -155,11 +158,43 @@ def _quant_rows(A2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
 
 
 @triton.jit
-def _flag_kernel(a_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr):
-    """Outlier columns (float16 |a| >= threshold in any row; NaN never is): ws[k] = 1 in the int32 workspace
-    (zeroed before). A program scans ROW_ITERS x BLOCK_M rows of BLOCK_K columns. Programs that flag the same
-    column store the same value: plain stores, no atomics."""
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _place(ws_ptr, k, K: tl.constexpr, USE_PTX: tl.constexpr):
+    """Each column k's place in the ascending outlier list, -1 if not an outlier, from the workspace's bit words
+    ws[:W] and their exclusive prefix counts ws[W:2W] (W = ceil(K / 32)): two gathers of a few words (cached)
+    and a popcount of the bits below k."""
+    W: tl.constexpr = (K + 31) // 32
+    inside = k < K
+    word = tl.load(ws_ptr + (k >> 5), mask=inside, other=0)
+    before = tl.load(ws_ptr + W + (k >> 5), mask=inside, other=0)
+    bit = k & 31
+    below = popc(word & ((1 << bit) - 1), USE_PTX)
+    return tl.where(((word >> bit) & 1) != 0, before + below, -1)
+
+
+@triton.jit
+def _flag_kernel(a_ptr, state_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr, WB: tl.constexpr):
+    """Outlier columns (float16 |a| >= threshold in any row; NaN never is) and their ascending list, in one launch.
+
+    A program scans ROW_ITERS x BLOCK_M rows of BLOCK_K columns, or-ing each element's test into a (BLOCK_M,
+    BLOCK_K) tile, reduced once at the end. (Keeping each column's largest |a| instead, reduced across the warps
+    on every row step, took 40 registers where this takes 108, but 1.3-1.5x the time on an H100: each step's
+    barriers expose its loads' latency.) Its flagged columns are or-ed as bits into the persistent
+    ``state``: W = ceil(K / 32) words, then a counter of finished programs, all zero between launches. The last
+    program to finish (the counter, acquire/release) writes the outlier workspace (``workspace_size``):
+    ws[:W] the bit words, ws[W:2W] the set bits before each word, ws[2W:2W + K] the list of outlier columns in
+    ascending order (as the reference's ``nonzero``: the outlier products are summed in the same order on every
+    run), ws[2W + K] its length; and returns the state to zero. (The list was a launch of its own after a launch
+    that zeroed the flags: two launches and their gaps per layer. The barrier and counter cost 0.5 us at 4608 x
+    3072 and ~5 us at 4608 x 12288, relaxed or acq_rel alike; the last program's list costs nothing measurable;
+    H100, BENCHMARKS.md session 13.)"""
+    W: tl.constexpr = (K + 31) // 32
+    NW: tl.constexpr = BLOCK_K // 32
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     seen = tl.zeros((BLOCK_M, BLOCK_K), tl.int1)
     for i in range(ROW_ITERS):
@@ -168,22 +203,37 @@ def _flag_kernel(a_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr, BLOCK_M: t
         a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + k[None, :], mask=inside, other=0.0)
         seen = seen | (tl.abs(a.to(tl.float32).to(tl.float16).to(tl.float32)) >= thr_h)
     hit = (tl.max(seen.to(tl.int32), axis=0) > 0) & (k < K)
-    tl.store(ws_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=hit)
+    bits = tl.reshape(hit.to(tl.int32), (NW, 32)) << tl.arange(0, 32)[None, :]
+    words = tl.reduce(bits, 1, _or)
+    w = tl.program_id(1) * NW + tl.arange(0, NW)
+    tl.atomic_or(state_ptr + w, words, mask=(words != 0) & (w < W), sem="relaxed")
+    tl.debug_barrier()  # every thread's bits are in before the release below
+    done = tl.atomic_add(state_ptr + W, 1, sem="acq_rel")
+    if done == tl.num_programs(0) * tl.num_programs(1) - 1:
+        _list_outliers(state_ptr, ws_ptr, K, WB)
 
 
 @triton.jit
-def _list_kernel(ws_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
-    """The outlier columns in ascending order, from the flags ws[:K]: ws[K + k] = 1 + column k's place in the list
-    (0 if not an outlier), ws[2K:] the list, ws[3K] its length. One program scans all K flags at once (BLOCK >= K):
-    one load round trip. (The former one program per 1024 columns, each summing the blocks before its own one load
-    after another, took 4.5 us at K = 3072 and 9 us at K = 12288 on an H100, ncu.) Ascending like the reference's
-    ``nonzero``, so the outlier products are summed in the same order on every run."""
-    k = tl.arange(0, BLOCK)
-    f = tl.load(ws_ptr + k, mask=k < K, other=0)
-    place = tl.cumsum(f, axis=0)  # 1-based place of each flagged column
-    tl.store(ws_ptr + K + k, tl.where(f > 0, place, 0), mask=k < K)
-    tl.store(ws_ptr + 2 * K + place - 1, k, mask=f > 0)
-    tl.store(ws_ptr + 3 * K, tl.sum(f, axis=0))
+def _list_outliers(state_ptr, ws_ptr, K: tl.constexpr, WB: tl.constexpr):
+    """The last flag program: state's bit words -> the workspace (``_flag_kernel``); state back to zero. The
+    words are read from L2 (``.cg``: other programs' atomics never pass through this SM's L1)."""
+    W: tl.constexpr = (K + 31) // 32
+    w = tl.arange(0, WB)
+    words = tl.load(state_ptr + w, mask=w < W, other=0, cache_modifier=".cg")
+    n = tl.zeros((WB,), tl.int32)
+    for b in tl.static_range(32):
+        n += (words >> b) & 1
+    before = tl.cumsum(n, axis=0) - n
+    tl.store(ws_ptr + w, words, mask=w < W)
+    tl.store(ws_ptr + W + w, before, mask=w < W)
+    place = before
+    for b in tl.static_range(32):  # each word's b-th set bit, for every word at once
+        hit = ((words >> b) & 1) != 0
+        tl.store(ws_ptr + 2 * W + place, w * 32 + b, mask=hit)
+        place += hit.to(tl.int32)
+    tl.store(ws_ptr + 2 * W + K, tl.sum(n, axis=0))
+    tl.store(state_ptr + w, tl.zeros((WB,), tl.int32), mask=w < W)
+    tl.store(state_ptr + W, 0)
 
 
 @triton.jit
@@ -222,17 +272,30 @@ def _quant_gather_kernel(a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, cb_p
     on a few SMs after the row programs (up to ~25 us per FLUX layer)."""
     pid = tl.program_id(0)
     G = tl.cdiv(N, BLOCK_N)
+    W: tl.constexpr = (K + 31) // 32
     if pid < G:
-        _gather_w(pid, cb_ptr, scb_ptr, ws_ptr + 2 * K, ws_ptr + 3 * K, wg_ptr, N, stride_cb, stride_wg,
+        _gather_w(pid, cb_ptr, scb_ptr, ws_ptr + 2 * W, ws_ptr + 2 * W + K, wg_ptr, N, stride_cb, stride_wg,
                   BLOCK_N, 32, USE_PTX)
     else:
-        _quant_row(pid - G, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, ws_ptr + K, xg_ptr, stride_am, stride_xg,
-                   thr_h, thr_f, K, BLOCK_K, True, True, USE_PTX)
+        _quant_row(pid - G, a_ptr, ca_ptr, sca_ptr, ws_ptr + 2 * W + K, delta_ptr, ws_ptr, xg_ptr, stride_am,
+                   stride_xg, thr_h, thr_f, K, BLOCK_K, True, True, USE_PTX)
 
 
 def workspace_size(K: int) -> int:
-    """int32 elements of the outlier workspace ``_flag_kernel`` fills (zeroed before it runs)."""
-    return 3 * K + 1
+    """int32 elements of the outlier workspace that ``_flag_kernel`` writes (bit words, their prefix counts, the
+    list, its length; see there): nothing needs zeroing."""
+    return 2 * state_size(K) - 2 + K + 1
+
+
+def state_size(K: int) -> int:
+    """int32 elements of ``_flag_kernel``'s persistent state (bit words, a counter): zeroed once, before the first
+    launch; every launch leaves it zero. Launches that may overlap (other streams) need a state each."""
+    return triton.cdiv(K, 32) + 1
+
+
+def count_offset(K: int) -> int:
+    """Where the workspace holds the number of outlier columns."""
+    return workspace_size(K) - 1
 
 
 def padded_width(K: int) -> int:
@@ -240,22 +303,16 @@ def padded_width(K: int) -> int:
     return triton.cdiv(K, _OUT_PAD) * _OUT_PAD
 
 
-def flag_launch(A2: torch.Tensor, ws: torch.Tensor, threshold: float):
-    """(fn, grid, args, kwargs) of ``_flag_kernel``: A2 (rows, K), unit column stride; ws the int32 workspace
-    (``workspace_size(K)``) with its first K entries zeroed."""
+def flag_launch(A2: torch.Tensor, state: torch.Tensor, ws: torch.Tensor, threshold: float):
+    """(fn, grid, args, kwargs) of ``_flag_kernel``: A2 (rows, K), unit column stride; state the zeroed int32
+    persistent state (``state_size(K)``), ws the int32 workspace it fills (``workspace_size(K)``)."""
     rows, K = A2.shape
     fc = _flag_config(rows, K)
-    bm, bk, iters = fc["block_m"], min(fc["block_k"], triton.next_power_of_2(K)), fc["row_iters"]
+    bm, bk, iters = fc["block_m"], max(32, min(fc["block_k"], triton.next_power_of_2(K))), fc["row_iters"]
     return (_flag_kernel, (triton.cdiv(rows, bm * iters), triton.cdiv(K, bk)),
-            (A2, ws, rows, A2.stride(0), _thresholds(threshold)[0]),
-            dict(K=K, BLOCK_M=bm, BLOCK_K=bk, ROW_ITERS=iters, num_warps=fc["num_warps"]))
-
-
-def list_launch(ws: torch.Tensor, K: int):
-    """(fn, grid, args, kwargs) of ``_list_kernel`` on the workspace ``flag_launch`` flagged: one program, ~32 flags
-    per thread (4 to 32 warps)."""
-    block = triton.next_power_of_2(K)
-    return _list_kernel, (1,), (ws,), dict(K=K, BLOCK=block, num_warps=min(32, max(4, block // 1024)))
+            (A2, state, ws, rows, A2.stride(0), _thresholds(threshold)[0]),
+            dict(K=K, BLOCK_M=bm, BLOCK_K=bk, ROW_ITERS=iters, WB=max(16, triton.next_power_of_2(triton.cdiv(K, 32))),
+                 num_warps=fc["num_warps"]))
 
 
 #: Rows of the weight per weight-gather program of ``_quant_gather_kernel``: many small programs, spread over the SMs.
@@ -281,12 +338,13 @@ def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, 
     """(rows, K) float, threshold > 0 -> CA (rows, K) int8 (outlier columns zeroed whole, as the reference),
     SCA (rows,) float32, and (xg, wg, count): the first ``count`` columns of xg (rows, Kp) / wg (N, Kp), A2's
     dtype, hold A2's outlier columns and the dequantized weight columns, zeros up to the next multiple of
-    OUT_PAD (Kp = K rounded up to one). Three launches, no host sync."""
+    OUT_PAD (Kp = K rounded up to one). Two launches, no host sync."""
     rows, K = A2.shape
     N = CB.shape[0]
-    ws = torch.zeros(workspace_size(K), dtype=torch.int32, device=A2.device)
-    for fn, grid, args, kwargs in (flag_launch(A2, ws, threshold), list_launch(ws, K)):
-        launch(fn, grid, *args, **kwargs)
+    state = torch.zeros(state_size(K), dtype=torch.int32, device=A2.device)
+    ws = torch.empty(workspace_size(K), dtype=torch.int32, device=A2.device)
+    fn, grid, args, kwargs = flag_launch(A2, state, ws, threshold)
+    launch(fn, grid, *args, **kwargs)
     ca = torch.empty((rows, K), dtype=torch.int8, device=A2.device)
     sca = torch.empty(rows, dtype=torch.float32, device=A2.device)
     kp = padded_width(K)
@@ -294,7 +352,7 @@ def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, 
     wg = torch.empty((N, kp), dtype=A2.dtype, device=A2.device)
     fn, grid, args, kwargs = quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold)
     launch(fn, grid, *args, **kwargs)
-    return ca, sca, (xg, wg, ws[3 * K:])
+    return ca, sca, (xg, wg, ws[count_offset(K):])
 
 
 def _rows_of(A: torch.Tensor) -> torch.Tensor:

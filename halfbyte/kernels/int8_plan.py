@@ -6,14 +6,15 @@ keys, six allocations, argument checks): on an H100's host a FLUX step's 504 int
 compiled regions (host 190 ms against 136 ms of GPU work) and left gaps in eager steps; a T5-XXL encode ran
 host-bound (BENCHMARKS.md). A plan binds the launches of one call shape (``launch.Bound``): a call is then
 two allocations (the output, one scratch buffer for the workspace, codes, scales and gathered outlier columns)
-and five bound launches (two without a threshold; six with ``MMConfig.fuse_outliers`` off): the same kernels
-with the same arguments as ``int8_mm.int8_mixed_mm``, hence its bits, plus the workspace's zeroing, which that path
-leaves to ``torch.zeros``.
+and three bound launches (two without a threshold; four with ``MMConfig.fuse_outliers`` off): the same kernels
+with the same arguments as ``int8_mm.int8_mixed_mm``, hence its bits. The outlier flag kernel's persistent state
+(a few hundred bytes, zero between launches) is the plan's own, one per stream; that path makes a zeroed one per
+call.
 
 Plans are cached here, not in the layers, so that calls from compiled graphs (which reach this kernel through the
-op with plain tensors) use them too. A plan holds no tensor, only the addresses, shapes and dtypes it was built
-for, and the cache key is exactly those of the call: a plan found for a call is by construction the plan of that
-call, whatever tensor now sits at an address. A key gets a plan the second time it is seen (a one-off call
+op with plain tensors) use them too. A plan holds no tensor of a call, only the addresses, shapes and dtypes it was
+built for, and the cache key is exactly those of the call: a plan found for a call is by construction the plan of
+that call, whatever tensor now sits at an address. A key gets a plan the second time it is seen (a one-off call
 shape does not pay the build), and the cache is emptied when full.
 """
 
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from . import int8 as k8
 from . import int8_mm as km
-from .common import INTERPRET, zero_launch
+from .common import INTERPRET
 from .launch import PlanCache, bind, hooks_installed
 
 #: Alignment of the scratch buffer's parts: bound launches were compiled for 16-byte aligned pointers.
@@ -30,7 +31,7 @@ _ALIGN = 256
 #: The cached plans (one per layer and token count in use; a FLUX step uses 504), keyed by ``plan_key``.
 PLANS = PlanCache()
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_A, _OUT, _SCRATCH = 0, 1, 2  # per-call base addresses
+_A, _OUT, _SCRATCH, _STATE = 0, 1, 2, 3  # per-call base addresses (the state: per stream)
 
 
 def _aligned(n: int) -> int:
@@ -45,7 +46,7 @@ class Plan:
     shape, row stride, dtype and 16-byte alignment on the current stream and returns (M, N) in A2's dtype.
     """
 
-    __slots__ = ("out_shape", "dtype", "device", "index", "nbytes", "_launches")
+    __slots__ = ("out_shape", "dtype", "device", "index", "nbytes", "state_size", "_states", "_launches")
 
     def __init__(self, A2: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float):
         M, K = A2.shape
@@ -71,16 +72,19 @@ class Plan:
         where = {id(A2): (_A, 0), id(out): (_OUT, 0), id(ws): (_SCRATCH, offs["ws"]), id(ca): (_SCRATCH, offs["ca"]),
                  id(sca): (_SCRATCH, offs["sca"])}
         cfg = km.mm_config(M, N, K)
+        self.state_size = k8.state_size(K) if thr else 0
+        self._states = {}
         if thr:
             xg, wg = part("xg", A2.dtype, M, kp), part("wg", A2.dtype, N, kp)
-            flags, count = ws[:K], ws[3 * K:]
+            count = ws[k8.count_offset(K):]
+            state = torch.zeros(self.state_size, dtype=torch.int32, device=dev)
             where.update({id(xg): (_SCRATCH, offs["xg"]), id(wg): (_SCRATCH, offs["wg"]),
-                          id(flags): (_SCRATCH, offs["ws"]), id(count): (_SCRATCH, offs["ws"] + 4 * 3 * K)})
-            launches = [zero_launch(flags), k8.flag_launch(A2, ws, threshold), k8.list_launch(ws, K),
+                          id(count): (_SCRATCH, offs["ws"] + 4 * k8.count_offset(K)), id(state): (_STATE, 0)})
+            launches = [k8.flag_launch(A2, state, ws, threshold),
                         k8.quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold),
                         *km.mm_launches(ca, CB, sca, SCB, bias, out, cfg, (xg, wg, count))]
         else:
-            launches = [k8.row_quant_launch(A2, ca, sca, ws, threshold),
+            launches = [k8.row_quant_launch(A2, ca, sca, ws, threshold),  # flags unread without a threshold
                         km.mm_launch(ca, CB, sca, SCB, bias, out, cfg)]
         self._launches = []
         for fn, grid, args, kwargs in launches:
@@ -90,11 +94,26 @@ class Plan:
                 raise RuntimeError("kernels.int8_plan.Plan: launches cannot be bound here (interpreter, launch hooks)")
             self._launches.append((bound, tuple(where[id(args[i])] for i in free)))
 
+    def _state(self, stream: int) -> Tensor | None:
+        """The flag kernel's persistent state for launches on ``stream`` (None without a threshold): one per
+        stream, so that launches on two streams never share one; zero between launches. While a CUDA graph is
+        being captured nothing runs, so a state made then would stay unzeroed outside the graph: a capture gets a
+        fresh state, zeroed by a node of the graph on each replay (a temporary of the graph, like the scratch)."""
+        if not self.state_size:
+            return None
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(self.state_size, dtype=torch.int32, device=self.device)
+        state = self._states.get(stream)
+        if state is None:
+            state = self._states[stream] = torch.zeros(self.state_size, dtype=torch.int32, device=self.device)
+        return state
+
     def __call__(self, A2: Tensor) -> Tensor:
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         scratch = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-        bases = (A2.data_ptr(), out.data_ptr(), scratch.data_ptr())
         stream = torch._C._cuda_getCurrentRawStream(self.index)
+        state = self._state(stream)
+        bases = (A2.data_ptr(), out.data_ptr(), scratch.data_ptr(), 0 if state is None else state.data_ptr())
         for bound, spec in self._launches:
             bound(stream, *[bases[k] + off for k, off in spec])
         return out  # the scratch goes back to the allocator, reusable by later work on this stream

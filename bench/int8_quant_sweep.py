@@ -20,9 +20,10 @@ from halfbyte.kernels import int8 as k8  # noqa: E402
 from halfbyte.kernels import int8_mm as km  # noqa: E402
 
 DEV, DT = "cuda", torch.bfloat16
-FLAGS = [(32, 256, 1, 4), (32, 256, 2, 4), (32, 256, 4, 4), (32, 256, 8, 8), (64, 256, 4, 8), (16, 256, 4, 4),
-         (16, 256, 8, 4), (32, 128, 4, 4), (64, 128, 2, 4), (16, 512, 8, 4), (32, 512, 4, 8), (8, 512, 16, 4),
-         (8, 1024, 16, 4)]
+# (block_m = rows unrolled per step, block_k, row_iters = steps per program, warps); 8 bf16 columns per thread
+# where block_k = 256 x warps
+FLAGS = [(8, 1024, 1, 4), (8, 1024, 2, 4), (8, 1024, 4, 4), (8, 1024, 8, 4), (4, 1024, 8, 4), (16, 1024, 2, 4),
+         (16, 1024, 4, 4), (8, 2048, 4, 8), (8, 512, 4, 2), (8, 512, 8, 2), (4, 2048, 8, 8)]
 QUANTS = [(4096, 8), (1024, 4), (1024, 8), (2048, 4), (2048, 8), (4096, 16)]  # (block_k, warps)
 
 

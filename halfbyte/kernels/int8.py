@@ -30,9 +30,9 @@ _OUT_PAD = 128
 OUT_PAD = tl.constexpr(_OUT_PAD)
 #: Launch shapes of the outlier-flag kernel and of the row quantization with gathers, from
 #: bench/int8_quant_sweep.py (H200, FLUX and T5 activations, 0 and 350 outlier columns): the flag kernel scans 4 row
-#: tiles per program from 2048 rows up (one below: more programs), 8 above K = 8192 (since each program ends with
-#: a barrier and an atomic: 0.0756 against 0.0822 ms at 4608 x 15360, 0.0702 against 0.0712 at 4608 x 12288, the
-#: same at K = 3072; H100, session 13); rows are quantized in 1024-column steps by 4 warps
+#: steps per program from 2048 rows up (one below: more programs), 8 above K = 8192 (each program ends with a
+#: barrier and an atomic: with the former tile layout 0.0756 against 0.0822 ms at 4608 x 15360, 0.0702 against
+#: 0.0712 at 4608 x 12288, the same at K = 3072; H100, session 13); rows are quantized in 1024-column steps by 4 warps
 #: up to K = 4096, in 2048-column steps by 8 warps above (the former 4096 x 8 warps took 1.2-1.45x as long).
 #: Settable for the sweep; None = by shape.
 _FLAG_CONFIG: dict | None = None
@@ -42,7 +42,7 @@ _QUANT_CONFIG: dict | None = None
 def _flag_config(rows: int, K: int) -> dict:
     if _FLAG_CONFIG is not None:
         return _FLAG_CONFIG
-    return dict(block_m=32, block_k=256, row_iters=(8 if K > 8192 else 4) if rows >= 2048 else 1, num_warps=4)
+    return dict(block_m=8, block_k=1024, row_iters=(8 if K > 8192 else 4) if rows >= 2048 else 1, num_warps=4)
 
 
 def _quant_config(K: int) -> dict:
@@ -181,12 +181,14 @@ def _flag_kernel(a_ptr, state_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr,
                  BLOCK_K: tl.constexpr, ROW_ITERS: tl.constexpr, WB: tl.constexpr):
     """Outlier columns (float16 |a| >= threshold in any row; NaN never is) and their ascending list, in one launch.
 
-    A program scans ROW_ITERS x BLOCK_M rows of BLOCK_K columns, or-ing each element's test into a (BLOCK_M,
-    BLOCK_K) tile, reduced once at the end. (Keeping each column's largest |a| instead, reduced across the warps
-    on every row step, took 40 registers where this takes 108, but 1.3-1.5x the time on an H100: each step's
-    barriers expose its loads' latency.) Its flagged columns are or-ed as bits into the persistent
-    ``state``: W = ceil(K / 32) words, then a counter of finished programs, all zero between launches. The last
-    program to finish (the counter, acquire/release) writes the outlier workspace (``workspace_size``):
+    A program scans ROW_ITERS x BLOCK_M rows of BLOCK_K columns one row at a time: each thread owns a few columns
+    and keeps their largest |a| (exact in float32, NaN skipped), rounded to float16 once at the end (float16
+    rounding is monotonic, so that is the reference's per-element test); BLOCK_M row loads are unrolled, in flight
+    at once, and no value crosses threads before the end. (The former (32, 256) tile of per-element tests, reduced
+    across the warps once, took 119 registers against 54 and 1.13-1.30x this kernel's time on bfloat16 activations,
+    1.0-1.12x on float32; H100, BENCHMARKS.md session 13.) Its flagged columns are or-ed as bits into the
+    persistent ``state``: W = ceil(K / 32) words, then a counter of finished programs, all zero between launches.
+    The last program to finish (the counter, acquire/release) writes the outlier workspace (``workspace_size``):
     ws[:W] the bit words, ws[W:2W] the set bits before each word, ws[2W:2W + K] the list of outlier columns in
     ascending order (as the reference's ``nonzero``: the outlier products are summed in the same order on every
     run), ws[2W + K] its length; and returns the state to zero. (The list was a launch of its own after a launch
@@ -196,13 +198,14 @@ def _flag_kernel(a_ptr, state_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr,
     W: tl.constexpr = (K + 31) // 32
     NW: tl.constexpr = BLOCK_K // 32
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    seen = tl.zeros((BLOCK_M, BLOCK_K), tl.int1)
+    m = tl.zeros((BLOCK_K,), tl.float32)
     for i in range(ROW_ITERS):
-        rm = (tl.program_id(0) * ROW_ITERS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        inside = (rm < M)[:, None] & (k < K)[None, :]
-        a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * stride_am + k[None, :], mask=inside, other=0.0)
-        seen = seen | (tl.abs(a.to(tl.float32).to(tl.float16).to(tl.float32)) >= thr_h)
-    hit = (tl.max(seen.to(tl.int32), axis=0) > 0) & (k < K)
+        r0 = (tl.program_id(0) * ROW_ITERS + i) * BLOCK_M
+        for r in tl.static_range(BLOCK_M):  # BLOCK_M independent row loads in flight
+            a = tl.load(a_ptr + (r0 + r).to(tl.int64) * stride_am + k, mask=(k < K) & (r0 + r < M), other=0.0)
+            a = tl.abs(a.to(tl.float32))
+            m = tl.maximum(m, tl.where(a == a, a, 0.0))
+    hit = (m.to(tl.float16).to(tl.float32) >= thr_h) & (k < K)
     bits = tl.reshape(hit.to(tl.int32), (NW, 32)) << tl.arange(0, 32)[None, :]
     words = tl.reduce(bits, 1, _or)
     w = tl.program_id(1) * NW + tl.arange(0, NW)

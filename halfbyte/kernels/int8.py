@@ -202,7 +202,9 @@ def _flag_kernel(a_ptr, state_ptr, ws_ptr, M, stride_am, thr_h, K: tl.constexpr,
     for i in range(ROW_ITERS):
         r0 = (tl.program_id(0) * ROW_ITERS + i) * BLOCK_M
         for r in tl.static_range(BLOCK_M):  # BLOCK_M independent row loads in flight
-            a = tl.load(a_ptr + (r0 + r).to(tl.int64) * stride_am + k, mask=(k < K) & (r0 + r < M), other=0.0)
+            # the row test as a tensor: triton 3.9's interpreter turns "tensor & scalar bool" into an int32 mask
+            inside = (k < K) & (tl.zeros_like(k) + (r0 + r) < M)
+            a = tl.load(a_ptr + (r0 + r).to(tl.int64) * stride_am + k, mask=inside, other=0.0)
             a = tl.abs(a.to(tl.float32))
             m = tl.maximum(m, tl.where(a == a, a, 0.0))
     hit = (m.to(tl.float16).to(tl.float32) >= thr_h) & (k < K)

@@ -82,18 +82,6 @@ def mul_rn(a, b, USE_PTX: tl.constexpr):
 
 
 @triton.jit
-def popc(x, USE_PTX: tl.constexpr):
-    """Set bits of each int32 (``popc.b32``); the emulation is the SWAR sum (arithmetic shifts are masked off)."""
-    if USE_PTX:
-        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        x = x - ((x >> 1) & 0x55555555)
-        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-        x = (x + (x >> 4)) & 0x0F0F0F0F
-        return (x + (x >> 8) + (x >> 16) + (x >> 24)) & 0x3F
-
-
-@triton.jit
 def load_absmax(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, blk, mask, NESTED: tl.constexpr,
                 USE_PTX: tl.constexpr):
     """float32 absmax of 4-bit blocks ``blk`` (any shape, int), decoding double quantization when NESTED:

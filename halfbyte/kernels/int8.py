@@ -3,8 +3,8 @@ and the gathers of the 16-bit outlier path; bit-exact with ``formats.int8`` (bit
 int8 GEMM and the outlier products are in ``int8_mm``.
 
 ``int8_vectorwise_quant``: one program per row. The first sweep over the row takes the absmax over the
-non-outlier elements and flags outlier columns in an int32 (K,) array; the second sweep (the row is still in L1/L2)
-writes ``rint(a * fdividef(127, absmax))``. Only the flagged columns are then zeroed across all rows (bitsandbytes
+non-outlier elements; the second (the row is still in L1/L2) writes ``rint(a * fdividef(127, absmax))`` and flags
+outlier columns in an int32 (K,) array. Only the flagged columns are then zeroed across all rows (bitsandbytes
 zeroes whole outlier columns when M > 1), which needs every row's flags and so runs after the kernel.
 
 The LLM.int8() matmul's activation side, no host sync, two launches: ``_flag_kernel`` marks the outlier columns and
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int8 as ref8
-from .common import USE_PTX, popc, rcp_approx, rcp_table, rint, round_to
+from .common import USE_PTX, rcp_approx, rcp_table, rint, round_to
 from .launch import launch
 
 #: The gathered outlier columns (xg, wg) are zero-padded to a multiple of this, so that the outlier kernel reads
@@ -33,8 +33,10 @@ OUT_PAD = tl.constexpr(_OUT_PAD)
 #: steps per program from 2048 rows up (one below: more programs), 8 above K = 8192 (each program ends with a
 #: barrier and an atomic: with the former tile layout 0.0756 against 0.0822 ms at 4608 x 15360, 0.0702 against
 #: 0.0712 at 4608 x 12288, the same at K = 3072; H100, session 13); rows are quantized in 1024-column steps by 4 warps
-#: up to K = 4096, in 2048-column steps by 8 warps above (the former 4096 x 8 warps took 1.2-1.45x as long).
-#: Settable for the sweep; None = by shape.
+#: up to K = 4096, in 2048-column steps by 8 warps above (the former 4096 x 8 warps took 1.2-1.45x as long); once
+#: the outlier columns are known (``_quant_row_listed``), in 4096-column steps by 16 warps above K = 4096 (0.1437
+#: against 0.1513 ms for flags and quantization at 4608 x 12288 with 350 outlier columns, 0.1351 against 0.1404
+#: without; H100, session 14). Settable for the sweep; None = by shape.
 _FLAG_CONFIG: dict | None = None
 _QUANT_CONFIG: dict | None = None
 
@@ -45,86 +47,102 @@ def _flag_config(rows: int, K: int) -> dict:
     return dict(block_m=8, block_k=1024, row_iters=(8 if K > 8192 else 4) if rows >= 2048 else 1, num_warps=4)
 
 
-def _quant_config(K: int) -> dict:
+def _quant_config(K: int, listed: bool = False) -> dict:
     if _QUANT_CONFIG is not None:
         return _QUANT_CONFIG
+    if listed and K > 4096:
+        return dict(block_k=4096, num_warps=16)
     return dict(block_k=1024, num_warps=4) if K <= 4096 else dict(block_k=2048, num_warps=8)
 
 
 @triton.jit
-def scatter_store(ptrs, vals, mask, USE_PTX: tl.constexpr):
-    """``tl.store(ptrs, vals, mask=mask)`` for scattered addresses, 16- or 32-bit values. On the GPU each element is
-    stored from the layout it was computed in: triton gives a store it cannot vectorize a one-element-per-thread
-    layout of its own and converted the pointers, values and mask to it through shared memory (three conversions,
-    six barriers per 1024 elements in the row quantization's second sweep, where few elements are stored)."""
-    if USE_PTX:
-        addr = ptrs.to(tl.int64, bitcast=True)
-        live = mask.to(tl.int32)
-        if vals.dtype.primitive_bitwidth == 16:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b16 [$1], $2; mov.b32 $0, 0; }", "=r,l,h,r",
-                [addr, vals.to(tl.int16, bitcast=True), live], dtype=tl.int32, is_pure=False, pack=1)
-        else:
-            tl.inline_asm_elementwise(
-                "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }", "=r,l,r,r",
-                [addr, vals.to(tl.int32, bitcast=True), live], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.store(ptrs, vals, mask=mask)
+def _row_absmax(a_row, thr_h, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr):
+    """A row's absmax over its non-outlier elements (float16 |a| < threshold; NaN never counts), float32 scalar."""
+    run_max = tl.zeros((BLOCK_K,), tl.float32)
+    for c in range((K + BLOCK_K - 1) // BLOCK_K):
+        k = c * BLOCK_K + tl.arange(0, BLOCK_K)
+        # bitsandbytes quantizes float16: round once to half, then compare and scale in float32
+        mag = tl.abs(tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32))
+        keep = mag == mag  # fmaxf ignores NaN
+        if HAS_THR:
+            keep = keep & (mag < thr_h)  # the absmax test compares in half precision
+        run_max = tl.maximum(run_max, tl.where(keep, mag, 0.0))
+    return tl.max(run_max, axis=0)
 
 
 @triton.jit
-def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, pos_ptr, xg_ptr, stride_am, stride_xg, thr_h,
-               thr_f, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, GATHER: tl.constexpr,
-               USE_PTX: tl.constexpr):
-    """One row: absmax over the non-outlier elements, codes with outlier elements 0. Without GATHER, flags (K,)
-    marks outlier columns. With GATHER the columns are known (``pos_ptr``: the outlier workspace's bit words and
-    prefix counts, see ``_place``; ``flags_ptr``: their count): their codes are 0 in every row, the row's values
-    there go to ``xg[row, place]``, and xg's columns from the count up to the next multiple of OUT_PAD are
-    zeroed."""
+def _codes(a, scale, thr_f, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
+    """float32 values (already rounded to float16) -> float32 codes ``rint(a * scale)``: NaN -> 0, outlier
+    elements (|a| >= threshold, a float32 test as the reference) -> 0."""
+    q = rint(a * scale, USE_PTX)
+    q = tl.where(q == q, q, 0.0)  # NaN (a NaN input, or 0 * inf in an all-zero row) converts to 0 on CUDA
+    if HAS_THR:
+        q = tl.where(tl.abs(a) < thr_f, q, 0.0)
+    return q
+
+
+@triton.jit
+def _quant_row(row, a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, thr_h, thr_f, K: tl.constexpr,
+               BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
+    """One row: absmax over the non-outlier elements, codes with outlier elements 0; with a threshold, flags (K,)
+    int32 marks the outlier columns (1)."""
     row = row.to(tl.int64)
     a_row = a_ptr + row * stride_am
-    STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    run_max = tl.zeros((BLOCK_K,), tl.float32)
-    for c in range(STEPS):
-        k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        # bitsandbytes quantizes float16: round once to half, then compare and scale in float32
-        a = tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32)
-        mag = tl.abs(a)
-        keep = mag == mag  # fmaxf ignores NaN
-        if HAS_THR:
-            outlier = mag >= thr_h  # the column/absmax test compares in half precision
-            if not GATHER:
-                tl.store(flags_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=outlier & (k < K))
-            keep = keep & (mag < thr_h)
-        run_max = tl.maximum(run_max, tl.where(keep, mag, 0.0))
-    absmax = tl.max(run_max, axis=0)
+    absmax = _row_absmax(a_row, thr_h, K, BLOCK_K, HAS_THR)
     scale = 127.0 * rcp_approx(absmax, delta_ptr, USE_PTX)  # __fdividef(127, absmax)
-    for c in range(STEPS):
+    for c in range((K + BLOCK_K - 1) // BLOCK_K):
         k = c * BLOCK_K + tl.arange(0, BLOCK_K)
-        raw = tl.load(a_row + k, mask=k < K, other=0.0)
-        a = raw.to(tl.float32).to(tl.float16).to(tl.float32)
-        q = rint(a * scale, USE_PTX)
-        q = tl.where(q == q, q, 0.0)  # NaN (a NaN input, or 0 * inf in an all-zero row) converts to 0 on CUDA
+        a = tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32)
         if HAS_THR:
-            q = tl.where(tl.abs(a) < thr_f, q, 0.0)  # outlier elements are 0 (float32 test, as the reference)
-            if GATHER:
-                pos = _place(pos_ptr, k, K, USE_PTX)
-                q = tl.where(pos >= 0, 0.0, q)  # bitsandbytes zeroes outlier columns whole
-                scatter_store(xg_ptr + row * stride_xg + pos, raw, pos >= 0, USE_PTX)  # the input's own value
+            tl.store(flags_ptr + k, tl.full((BLOCK_K,), 1, tl.int32), mask=(tl.abs(a) >= thr_h) & (k < K))
+        tl.store(ca_ptr + row * K + k, _codes(a, scale, thr_f, HAS_THR, USE_PTX).to(tl.int8), mask=k < K)
+    tl.store(sca_ptr + row, absmax)
+
+
+@triton.jit
+def _quant_row_listed(row, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, stride_am, stride_xg, thr_h, thr_f,
+                      K: tl.constexpr, BLOCK_K: tl.constexpr, USE_PTX: tl.constexpr):
+    """One row once the outlier columns are known (``_flag_kernel``'s workspace ws): codes as ``_quant_row``,
+    the outlier columns' codes 0 (bitsandbytes zeroes them whole), and the row's values in those columns (the
+    input's own) at xg[row, :count] in list order, zeros up to the next multiple of OUT_PAD.
+
+    The codes are made in groups of 8 columns, one group per thread, so that a column's outlier bit costs a shift
+    and a test of the group's byte of the bit words; the gather walks the short list (L1 hits: the row was just
+    read) instead of placing every column. (Placing each column by a popcount of the words, with a predicated
+    store per element, took about half of this kernel's instructions.)"""
+    W: tl.constexpr = (K + 31) // 32
+    G: tl.constexpr = BLOCK_K // 8
+    row = row.to(tl.int64)
+    a_row = a_ptr + row * stride_am
+    absmax = _row_absmax(a_row, thr_h, K, BLOCK_K, True)
+    scale = 127.0 * rcp_approx(absmax, delta_ptr, USE_PTX)  # __fdividef(127, absmax)
+    j = tl.arange(0, 8)
+    for c in range((K + BLOCK_K - 1) // BLOCK_K):
+        g = c * G + tl.arange(0, G)  # groups of 8 columns: group g is byte g % 4 of bit word g // 4
+        k = g[:, None] * 8 + j[None, :]
+        a = tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32)
+        q = _codes(a, scale, thr_f, True, USE_PTX)
+        byte = (tl.load(ws_ptr + (g >> 2), mask=g < (K + 7) // 8, other=0) >> ((g & 3) * 8)) & 0xFF
+        q = tl.where(((byte[:, None] >> j[None, :]) & 1) != 0, 0.0, q)
         tl.store(ca_ptr + row * K + k, q.to(tl.int8), mask=k < K)
     tl.store(sca_ptr + row, absmax)
-    if GATHER:
-        n_out = tl.load(flags_ptr)
-        z = n_out + tl.arange(0, OUT_PAD)
-        tl.store(xg_ptr + row * stride_xg + z, tl.zeros((OUT_PAD,), xg_ptr.dtype.element_ty),
-                 mask=z < tl.cdiv(n_out, OUT_PAD) * OUT_PAD)
+    n_out = tl.load(ws_ptr + 2 * W + K)
+    n_pad = tl.cdiv(n_out, OUT_PAD) * OUT_PAD
+    x_row = xg_ptr + row * stride_xg
+    j0 = 0
+    while j0 < n_pad:  # a while loop: its bound is data (the interpreter's range() wants a Python int)
+        jj = j0 + tl.arange(0, OUT_PAD)
+        listed = jj < n_out
+        col = tl.load(ws_ptr + 2 * W + jj, mask=listed, other=0)
+        tl.store(x_row + jj, tl.load(a_row + col, mask=listed, other=0.0))
+        j0 += OUT_PAD
 
 
 @triton.jit
 def _row_quant_kernel(a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, thr_h, thr_f,
                       K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
-    _quant_row(tl.program_id(0), a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, flags_ptr, a_ptr, stride_am, 0,
-               thr_h, thr_f, K, BLOCK_K, HAS_THR, False, USE_PTX)
+    _quant_row(tl.program_id(0), a_ptr, ca_ptr, sca_ptr, flags_ptr, delta_ptr, stride_am, thr_h, thr_f, K, BLOCK_K,
+               HAS_THR, USE_PTX)
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,20 +178,6 @@ def _quant_rows(A2: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
 @triton.jit
 def _or(a, b):
     return a | b
-
-
-@triton.jit
-def _place(ws_ptr, k, K: tl.constexpr, USE_PTX: tl.constexpr):
-    """Each column k's place in the ascending outlier list, -1 if not an outlier, from the workspace's bit words
-    ws[:W] and their exclusive prefix counts ws[W:2W] (W = ceil(K / 32)): two gathers of a few words (cached)
-    and a popcount of the bits below k."""
-    W: tl.constexpr = (K + 31) // 32
-    inside = k < K
-    word = tl.load(ws_ptr + (k >> 5), mask=inside, other=0)
-    before = tl.load(ws_ptr + W + (k >> 5), mask=inside, other=0)
-    bit = k & 31
-    below = popc(word & ((1 << bit) - 1), USE_PTX)
-    return tl.where(((word >> bit) & 1) != 0, before + below, -1)
 
 
 @triton.jit
@@ -282,8 +286,8 @@ def _quant_gather_kernel(a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, cb_p
         _gather_w(pid, cb_ptr, scb_ptr, ws_ptr + 2 * W, ws_ptr + 2 * W + K, wg_ptr, N, stride_cb, stride_wg,
                   BLOCK_N, 32, USE_PTX)
     else:
-        _quant_row(pid - G, a_ptr, ca_ptr, sca_ptr, ws_ptr + 2 * W + K, delta_ptr, ws_ptr, xg_ptr, stride_am,
-                   stride_xg, thr_h, thr_f, K, BLOCK_K, True, True, USE_PTX)
+        _quant_row_listed(pid - G, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, stride_am, stride_xg, thr_h,
+                          thr_f, K, BLOCK_K, USE_PTX)
 
 
 def workspace_size(K: int) -> int:
@@ -331,7 +335,7 @@ def quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold: float):
     rows, K = A2.shape
     N = CB.shape[0]
     thr_h, thr_f = _thresholds(threshold)
-    qc = _quant_config(K)
+    qc = _quant_config(K, listed=True)
     return (_quant_gather_kernel, (rows + triton.cdiv(N, _GATHER_ROWS),),
             (A2, ca, sca, ws, rcp_table(A2.device), xg, CB, SCB, wg, rows, N, A2.stride(0), CB.stride(0),
              xg.stride(0), wg.stride(0), thr_h, thr_f),

@@ -7,7 +7,9 @@ config, built on the meta device and materialised on the GPU in bf16 with weight
 image (4096 latent tokens), 512 text tokens, batch 1, guidance 3.5; one step = one forward under
 ``torch.inference_mode()``, median of 5 after 2 warm-ups. Variants swap every ``nn.Linear`` for bitsandbytes'
 ``Linear4bit`` (nf4, bf16 compute) / ``Linear8bitLt`` (threshold 6) or halfbyte's ``Linear4bit`` / ``Linear8bit``,
-quantized on the GPU from the same bf16 weights, one variant at a time. "peak" is the variant's own peak GPU
+quantized on the GPU from the same bf16 weights, one variant at a time; halfbyte's int8 variants then get the
+groups of layers that share their input's quantization (``halfbyte.share_int8_inputs``, as ``quantize_`` and the
+loaders do; ``hb-int8-unshared`` without). "peak" is the variant's own peak GPU
 memory: the allocator's peak during its steps minus the bf16 linear weights held aside (allocated before and
 untouched; exact accounting). ``--compile`` compiles the repeated blocks (``compile_repeated_blocks(fullgraph=
 True)``, diffusers' regional compilation: one graph per block class, the way diffusers recommends compiling FLUX)
@@ -107,7 +109,7 @@ def quantized(kind: str, lin: nn.Linear) -> nn.Module:
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
     if kind == "hb-nf4-dq":
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
-    if kind in ("hb-int8", "hb-int8-fused", "hb-int8-separate"):
+    if kind in ("hb-int8", "hb-int8-fused", "hb-int8-separate", "hb-int8-unshared"):
         return halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
     if kind == "bnb-nf4":
         q = bnb.nn.Linear4bit(K, N, bias=lin.bias is not None, compute_dtype=BF16, quant_type="nf4",
@@ -185,6 +187,8 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 layers = {n: quantized(kind, m) for n, m in base.items()}
                 halfbyte.nn.release_scratch()  # layers quantized one by one: the scratch pool goes back
                 swap(model, layers)
+                if "int8" in kind and kind.startswith("hb") and kind != "hb-int8-unshared":
+                    halfbyte.share_int8_inputs(model)  # as quantize_ and the loaders do
             sync()
             reset_peak()
             weights = allocated() - (held if kind != "bf16" else 0)

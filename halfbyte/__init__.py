@@ -9,6 +9,7 @@ from .config import BitsAndBytesConfig
 from .convert import dequantize_, memory_footprint, quantize_
 from .io import bitsandbytes_state_dict, from_pretrained, load_bitsandbytes_state_dict, save_pretrained
 from .nn import Linear4bit, Linear8bit
+from .sharing import share_int8_inputs
 
 __version__ = "0.1.0"
 
@@ -27,4 +28,5 @@ __all__ = [
     "nn",
     "quantize_",
     "save_pretrained",
+    "share_int8_inputs",
 ]

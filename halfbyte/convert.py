@@ -6,6 +6,7 @@ from torch import nn
 from . import transfer
 from .config import BitsAndBytesConfig
 from .nn import Linear4bit, Linear8bit, release_scratch
+from .sharing import share_int8_inputs
 
 QUANTIZED_LINEARS = (Linear4bit, Linear8bit)
 
@@ -101,6 +102,8 @@ def quantize_(
         # replaced float layers would live until the next garbage collection
         targets.clear()
         release_scratch()
+    if config.load_in_8bit:
+        share_int8_inputs(model)  # a block's q/k/v (and other groups) quantize their common input once
     model._halfbyte_config = config  # read back by quantization_config_of (saving, inspection)
     return model
 

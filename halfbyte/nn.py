@@ -417,6 +417,8 @@ class Linear8bit(_QuantizedLinear):
                                    requires_grad=False)
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.int32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        #: ``kernels.share.Share`` of the layers that read this layer's input too (``share_int8_inputs``)
+        self.share = None
 
     @classmethod
     def from_linear(
@@ -455,6 +457,8 @@ class Linear8bit(_QuantizedLinear):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         fn = _ops.direct_kernel("int8_mixed_mm", x, self.bias) or torch.ops.halfbyte.int8_mixed_mm
+        if self.share is not None and fn is _ops.cuda_kernel("int8_mixed_mm"):  # eager inference on CUDA
+            return fn(x, self.weight, self.SCB.view(torch.float32), self.bias, self.threshold, share=self.share)
         return fn(x, self.weight, self.SCB.view(torch.float32), self.bias, self.threshold)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:

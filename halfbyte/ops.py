@@ -371,6 +371,11 @@ def direct_kernel(op: str, x: Tensor, *params: Tensor | None):
     return _DIRECT.get(op) if x.is_cuda else None
 
 
+def cuda_kernel(op: str):
+    """The CUDA kernel registered for ``halfbyte::<op>`` (None without triton)."""
+    return _DIRECT.get(op)
+
+
 def plan_usable(op: str, x: Tensor, bias: Tensor | None) -> bool:
     """Whether a call of ``halfbyte::<op>`` with input ``x`` and ``bias`` may use an inference plan: the call is
     one that ``direct_kernel`` sends to the CUDA kernel itself (eager, nothing recorded, plain CUDA tensors), and no

@@ -64,6 +64,15 @@ def test_plan_binds_the_launches_int8_mixed_mm_makes(monkeypatch, threshold, M, 
     monkeypatch.setattr(int8_plan, "bind", lambda fn, grid, a, kw, free: bound.append((fn, grid, a, kw, free)) or 1)
     km.int8_mixed_mm(x, cb, scb, b, threshold)
     plan = int8_plan.Plan(x, cb, scb, b, threshold)
+    reuse, bound = bound[len(plan._launches):], bound[:len(plan._launches)]
+    if threshold:  # a share's later members: the weight gathers over no rows, then the very same GEMM launch
+        assert [r[0] for r in reuse] == [k8._quant_gather_kernel, km._int8_mm_kernel]
+        assert tuple(reuse[0][1]) == (-(-N // k8._GATHER_ROWS),) and reuse[0][2][9] == 0  # grid, M
+        assert reuse[1][2] is bound[-1][2] and plan._reuse[1][1] == plan._launches[-1][1]
+        wg = [k for k, _ in plan._reuse[0][1]]
+        assert int8_plan._WG in wg and int8_plan._STATE not in wg
+    else:
+        assert not reuse and not plan._reuse
     if threshold:  # the flag kernel's persistent state: the plan's own, one per stream
         state = bound[0][2][1]
         assert bound[0][0] is k8._flag_kernel and state.numel() == k8.state_size(K) and 1 in bound[0][4]
@@ -86,7 +95,10 @@ def test_plan_binds_the_launches_int8_mixed_mm_makes(monkeypatch, threshold, M, 
     spans = {(off, off + v.numel() * v.element_size()) for (_, _, a, _, free), (_, spec) in
              zip(bound, plan._launches) for i, (k, off) in zip(free, spec)
              for v in [a[i]] if k == int8_plan._SCRATCH}
-    assert all(0 <= s0 < e0 <= plan.nbytes for s0, e0 in spans)
+    assert all(0 <= s0 < e0 <= plan.act_bytes for s0, e0 in spans)
+    wg_spans = {(off, off + v.numel() * v.element_size()) for (_, _, a, _, free), (_, spec) in
+                zip(bound, plan._launches) for i, (k, off) in zip(free, spec) for v in [a[i]] if k == int8_plan._WG}
+    assert all(0 <= s0 < e0 <= plan.wg_bytes for s0, e0 in wg_spans) and bool(wg_spans) == bool(threshold)
     assert all(e1 <= s2 or e2 <= s1 or (s1 <= s2 and e2 <= e1) or (s2 <= s1 and e1 <= e2)
                for s1, e1 in spans for s2, e2 in spans)
 

@@ -22,6 +22,7 @@ from ..config import BitsAndBytesConfig
 from ..convert import dequantize_, is_skipped
 from ..io.bnb import bitsandbytes_state_dict
 from ..nn import Linear4bit, release_scratch
+from ..sharing import share_int8_inputs
 from . import _layers
 
 
@@ -176,6 +177,7 @@ class HalfbyteDiffusersQuantizer(DiffusersQuantizer):
             names = sorted({k.rpartition(".weight")[0] or k for k in self._pending})
             raise ValueError(f"checkpoint ended with incomplete quantized layers: {names[:5]}")
         _layers.check_all_filled(model)
+        share_int8_inputs(model)
         return model
 
     # --- saving, dequantizing, capabilities --------------------------------------------------------------------

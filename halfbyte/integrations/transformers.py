@@ -16,6 +16,7 @@ from ..config import BitsAndBytesConfig
 from ..convert import dequantize_
 from ..io.bnb import bitsandbytes_state_dict
 from ..nn import release_scratch
+from ..sharing import share_int8_inputs
 from . import _layers
 
 _BNB_4BIT_PATTERNS = sorted(_layers.BNB_4BIT_SUFFIXES, key=len, reverse=True) + ["weight"]
@@ -135,6 +136,7 @@ class HalfbyteHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         release_scratch()
         _layers.check_all_filled(model)
+        share_int8_inputs(model)
         _layers.refuse_dtype_casts(model)
         conversions = getattr(model, "_weight_conversions", None)
         if conversions:

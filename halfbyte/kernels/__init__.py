@@ -5,5 +5,5 @@ One module per kernel family: ``fourbit`` (4-bit quantize/dequantize with the ne
 (the int8 GEMM, outlier products and the whole layer), ``int8_plan`` (the layer through cached prebuilt launches:
 the op's CUDA kernel). ``launch`` holds the cached and bound launchers, ``common`` the
 CUDA fast-math pieces (``rcp.approx``, ``rint``) and their exact emulation for ``TRITON_INTERPRET=1``.
-Importing this package imports triton; ``import halfbyte`` never does.
+Importing these modules imports triton (``share`` excepted: plain Python); ``import halfbyte`` never does.
 """

@@ -343,11 +343,13 @@ def quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold: float):
                  num_warps=qc["num_warps"]))
 
 
-def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float):
+def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, threshold: float,
+                         return_ws: bool = False):
     """(rows, K) float, threshold > 0 -> CA (rows, K) int8 (outlier columns zeroed whole, as the reference),
     SCA (rows,) float32, and (xg, wg, count): the first ``count`` columns of xg (rows, Kp) / wg (N, Kp), A2's
     dtype, hold A2's outlier columns and the dequantized weight columns, zeros up to the next multiple of
-    OUT_PAD (Kp = K rounded up to one). Two launches, no host sync."""
+    OUT_PAD (Kp = K rounded up to one). Two launches, no host sync. ``return_ws``: the outlier workspace too,
+    fourth."""
     rows, K = A2.shape
     N = CB.shape[0]
     state = torch.zeros(state_size(K), dtype=torch.int32, device=A2.device)
@@ -361,7 +363,8 @@ def _quant_with_outliers(A2: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, 
     wg = torch.empty((N, kp), dtype=A2.dtype, device=A2.device)
     fn, grid, args, kwargs = quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold)
     launch(fn, grid, *args, **kwargs)
-    return ca, sca, (xg, wg, ws[count_offset(K):])
+    outliers = (xg, wg, ws[count_offset(K):])
+    return (ca, sca, outliers, ws) if return_ws else (ca, sca, outliers)
 
 
 def _rows_of(A: torch.Tensor) -> torch.Tensor:

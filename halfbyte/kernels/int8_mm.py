@@ -21,7 +21,8 @@ import triton.language as tl
 
 from ..formats import int8 as ref8
 from .common import INTERPRET, USE_PTX, mul_rn, round_to
-from .int8 import _OUT_PAD, _quant_rows, _quant_with_outliers, _rows_of
+from .int8 import _OUT_PAD, _quant_rows, _quant_with_outliers, _rows_of, count_offset
+from .int8 import quant_gather_launch as _qg_launch
 from .launch import launch
 
 
@@ -250,6 +251,12 @@ def outlier_launch(out, xg, wg, count, cfg: MMConfig):
                  STAGES=cfg.out_stages, USE_PTX=USE_PTX, num_warps=cfg.out_warps))
 
 
+def _weight_gather_launch(A2, CA, SCA, ws, xg, CB, SCB, wg, threshold):
+    """``quant_gather_launch`` over no rows: only the weight's outlier columns into wg (the activations' side came
+    from a share)."""
+    return _qg_launch(A2[:0], CA, SCA, ws, xg, CB, SCB, wg, threshold)
+
+
 def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
             out_dtype: torch.dtype, config: MMConfig | None = None,
             outliers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -268,14 +275,16 @@ def int8_mm(CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor, SCB: torch.Te
 
 
 def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: torch.Tensor | None,
-                  threshold: float, config: MMConfig | None = None) -> torch.Tensor:
+                  threshold: float, config: MMConfig | None = None, share=None) -> torch.Tensor:
     """LLM.int8() linear on CUDA, launched directly (``int8_plan.int8_mixed_mm``, the op's CUDA kernel, runs the
     same launches through cached plans and comes here for everything else): A (..., K) float, CB (N, K) int8, SCB
     (N,) float32 ->
     (..., N) in A's dtype: ``formats.int8.int8_linear``, bit-identical without outliers (integer GEMM is exact);
     with outlier columns the float32 sum of their products may be ordered differently (at most one rounding
     apart; the same on every run). No host sync; four launches (outlier flags; their list; row quantization +
-    gathers; GEMM with the outlier products), two without a threshold (five with ``fuse_outliers`` off)."""
+    gathers; GEMM with the outlier products), two without a threshold (five with ``fuse_outliers`` off).
+    ``share`` (``kernels.share.Share``, threshold > 0): A's quantization is taken from it (then only the weight's
+    outlier columns are gathered) or left in it for the group's next layers."""
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
     shape = A.shape
@@ -288,7 +297,19 @@ def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: to
     bias = None if bias is None else bias.to(A.dtype)
     A2 = _rows_of(A)
     if threshold > 0:
-        CA, SCA, outliers = _quant_with_outliers(A2, CB, SCB, threshold)
+        stream = torch.cuda.current_stream(A.device).cuda_stream if A.is_cuda else 0
+        key = share and share.key(A, threshold, stream, "direct")
+        hit = share.take(A, key) if share else None
+        if hit is not None:
+            CA, SCA, ws, xg = hit
+            wg = torch.empty((N, xg.shape[1]), dtype=A2.dtype, device=A2.device)
+            fn, grid, args, kwargs = _weight_gather_launch(A2, CA, SCA, ws, xg, CB, SCB, wg, threshold)
+            launch(fn, grid, *args, **kwargs)
+            outliers = (xg, wg, ws[count_offset(K):])
+        else:
+            CA, SCA, outliers, ws = _quant_with_outliers(A2, CB, SCB, threshold, return_ws=True)
+            if share:
+                share.put(A, key, (CA, SCA, ws, outliers[0]))
     else:
         (CA, SCA, _), outliers = _quant_rows(A2, threshold), None
     out = int8_mm(CA, CB, SCA, SCB, bias, A.dtype, config, outliers)

@@ -25,13 +25,14 @@ from . import int8 as k8
 from . import int8_mm as km
 from .common import INTERPRET
 from .launch import PlanCache, bind, hooks_installed
+from .share import Share
 
 #: Alignment of the scratch buffer's parts: bound launches were compiled for 16-byte aligned pointers.
 _ALIGN = 256
 #: The cached plans (one per layer and token count in use; a FLUX step uses 504), keyed by ``plan_key``.
 PLANS = PlanCache()
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_A, _OUT, _SCRATCH, _STATE = 0, 1, 2, 3  # per-call base addresses (the state: per stream)
+_A, _OUT, _SCRATCH, _STATE, _WG = 0, 1, 2, 3, 4  # per-call base addresses (the state: per stream)
 
 
 def _aligned(n: int) -> int:
@@ -43,10 +44,16 @@ class Plan:
 
     Built from a call's own tensors: A2 (M, K) float with unit column stride, CB (N, K) int8 and SCB (N,) float32
     contiguous, bias (N,) in A2's dtype or None, threshold >= 0. ``plan(A2)`` runs it for an input of the same
-    shape, row stride, dtype and 16-byte alignment on the current stream and returns (M, N) in A2's dtype.
+    shape, row stride, dtype and 16-byte alignment on the current stream and returns (M, N) in A2's dtype; with a
+    ``Share`` (threshold > 0) the activation side comes from, or goes to, the share.
+
+    Scratch: the activation part (workspace, codes, scales, gathered activation columns; ``act_bytes``) then the
+    weight's gathered columns (``wg_bytes``), one allocation per call; a call that starts a share allocates the
+    two apart and leaves the first in the share, and a call served by one allocates only the second.
     """
 
-    __slots__ = ("out_shape", "dtype", "device", "index", "nbytes", "state_size", "_states", "_launches")
+    __slots__ = ("out_shape", "dtype", "device", "index", "act_bytes", "wg_bytes", "state_size", "_states",
+                 "_launches", "_reuse")
 
     def __init__(self, A2: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float):
         M, K = A2.shape
@@ -55,12 +62,13 @@ class Plan:
         self.out_shape, self.dtype, self.device, self.index = (M, N), A2.dtype, dev, dev.index
         kp, es, thr = k8.padded_width(K), A2.element_size(), threshold > 0
         sizes = {"ws": 4 * k8.workspace_size(K) if thr else 4, "ca": M * K, "sca": 4 * M,
-                 "xg": M * kp * es if thr else 0, "wg": N * kp * es if thr else 0}
+                 "xg": M * kp * es if thr else 0}
         offs, total = {}, 0
         for name, size in sizes.items():
             offs[name], total = total, total + _aligned(size)
-        self.nbytes = total
-        scratch = torch.empty(total, dtype=torch.uint8, device=dev)
+        self.act_bytes, self.wg_bytes = total, _aligned(N * kp * es if thr else 0)
+        scratch = torch.empty(self.act_bytes, dtype=torch.uint8, device=dev)
+        wgs = torch.empty(self.wg_bytes, dtype=torch.uint8, device=dev)
 
         def part(name, dtype, *shape):
             n = sizes[name] // dtype.itemsize
@@ -74,25 +82,33 @@ class Plan:
         cfg = km.mm_config(M, N, K)
         self.state_size = k8.state_size(K) if thr else 0
         self._states = {}
+        reuse = []
         if thr:
-            xg, wg = part("xg", A2.dtype, M, kp), part("wg", A2.dtype, N, kp)
+            xg, wg = part("xg", A2.dtype, M, kp), wgs.view(A2.dtype)[:N * kp].view(N, kp)
             count = ws[k8.count_offset(K):]
             state = torch.zeros(self.state_size, dtype=torch.int32, device=dev)
-            where.update({id(xg): (_SCRATCH, offs["xg"]), id(wg): (_SCRATCH, offs["wg"]),
+            A0 = A2[:0]  # no rows: the weight gathers alone, for a share's later members
+            where.update({id(xg): (_SCRATCH, offs["xg"]), id(wg): (_WG, 0), id(A0): (_A, 0),
                           id(count): (_SCRATCH, offs["ws"] + 4 * k8.count_offset(K)), id(state): (_STATE, 0)})
+            mm = km.mm_launches(ca, CB, sca, SCB, bias, out, cfg, (xg, wg, count))
             launches = [k8.flag_launch(A2, state, ws, threshold),
-                        k8.quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold),
-                        *km.mm_launches(ca, CB, sca, SCB, bias, out, cfg, (xg, wg, count))]
+                        k8.quant_gather_launch(A2, ca, sca, ws, xg, CB, SCB, wg, threshold), *mm]
+            reuse = [k8.quant_gather_launch(A0, ca, sca, ws, xg, CB, SCB, wg, threshold), *mm]
         else:
             launches = [k8.row_quant_launch(A2, ca, sca, ws, threshold),  # flags unread without a threshold
                         km.mm_launch(ca, CB, sca, SCB, bias, out, cfg)]
-        self._launches = []
+        self._launches, self._reuse = self._bind(launches, where), self._bind(reuse, where)
+
+    @staticmethod
+    def _bind(launches, where) -> list:
+        bound_launches = []
         for fn, grid, args, kwargs in launches:
             free = tuple(i for i, a in enumerate(args) if id(a) in where)
             bound = bind(fn, grid, args, kwargs, free)
             if bound is None:
                 raise RuntimeError("kernels.int8_plan.Plan: launches cannot be bound here (interpreter, launch hooks)")
-            self._launches.append((bound, tuple(where[id(args[i])] for i in free)))
+            bound_launches.append((bound, tuple(where[id(args[i])] for i in free)))
+        return bound_launches
 
     def _state(self, stream: int) -> Tensor | None:
         """The flag kernel's persistent state for launches on ``stream`` (None without a threshold): one per
@@ -108,12 +124,27 @@ class Plan:
             state = self._states[stream] = torch.zeros(self.state_size, dtype=torch.int32, device=self.device)
         return state
 
-    def __call__(self, A2: Tensor) -> Tensor:
+    def __call__(self, A2: Tensor, share: Share | None = None, threshold: float = 0.0) -> Tensor:
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
-        scratch = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
+        if share is not None and self.state_size and not torch.cuda.is_current_stream_capturing():
+            key = Share.key(A2, threshold, stream, "plan")
+            act = share.take(A2, key)
+            wg = torch.empty(self.wg_bytes, dtype=torch.uint8, device=self.device)
+            if act is not None:
+                bases = (A2.data_ptr(), out.data_ptr(), act.data_ptr(), 0, wg.data_ptr())
+                for bound, spec in self._reuse:
+                    bound(stream, *[bases[k] + off for k, off in spec])
+                return out
+            act = torch.empty(self.act_bytes, dtype=torch.uint8, device=self.device)
+            share.put(A2, key, act)
+            act_base, wg_base = act.data_ptr(), wg.data_ptr()
+        else:
+            scratch = torch.empty(self.act_bytes + self.wg_bytes, dtype=torch.uint8, device=self.device)
+            act_base = scratch.data_ptr()
+            wg_base = act_base + self.act_bytes
         state = self._state(stream)
-        bases = (A2.data_ptr(), out.data_ptr(), scratch.data_ptr(), 0 if state is None else state.data_ptr())
+        bases = (A2.data_ptr(), out.data_ptr(), act_base, 0 if state is None else state.data_ptr(), wg_base)
         for bound, spec in self._launches:
             bound(stream, *[bases[k] + off for k, off in spec])
         return out  # the scratch goes back to the allocator, reusable by later work on this stream
@@ -158,14 +189,16 @@ def plan_key(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold:
             0 if bias is None else bias.data_ptr(), float(threshold), dev)
 
 
-def int8_mixed_mm(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float) -> Tensor:
+def int8_mixed_mm(A: Tensor, CB: Tensor, SCB: Tensor, bias: Tensor | None, threshold: float,
+                  share: Share | None = None) -> Tensor:
     """CUDA kernel of ``halfbyte::int8_mixed_mm`` (contract in ``int8_mm.int8_mixed_mm``): through a cached plan
-    when the call allows one, else ``int8_mm.int8_mixed_mm``; both give the same bits."""
+    when the call allows one, else ``int8_mm.int8_mixed_mm``; both give the same bits. ``share``: the quantized
+    activations of A shared with the other layers of a group (``Share``; eager calls of ``nn.Linear8bit`` only)."""
     key = plan_key(A, CB, SCB, bias, threshold)
     if key is None:
-        return km.int8_mixed_mm(A, CB, SCB, bias, threshold)
+        return km.int8_mixed_mm(A, CB, SCB, bias, threshold, share=share)
     plan = PLANS.get(key, lambda: Plan(_rows(A, key[3]), CB, SCB, bias, threshold))
     if plan is None:  # first sighting
-        return km.int8_mixed_mm(A, CB, SCB, bias, threshold)
-    return plan(A).view(*A.shape[:-1], key[2])
+        return km.int8_mixed_mm(A, CB, SCB, bias, threshold, share=share)
+    return plan(A, share, threshold).view(*A.shape[:-1], key[2])
 

@@ -23,18 +23,19 @@ pytestmark = IGNORE_NUMPY_WARNINGS
 
 
 @triton.jit
-def _fastmath_kernel(x_ptr, rcp_ptr, rint_ptr, delta_ptr, n, BLOCK: tl.constexpr, USE_PTX: tl.constexpr):
+def _fastmath_kernel(x_ptr, rcp_ptr, rint_ptr, s32_ptr, delta_ptr, n, BLOCK: tl.constexpr, USE_PTX: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n)
     tl.store(rcp_ptr + offs, common.rcp_approx(x, delta_ptr, USE_PTX), mask=offs < n)
     tl.store(rint_ptr + offs, common.rint(x, USE_PTX), mask=offs < n)
+    tl.store(s32_ptr + offs, common.rint_s32(x, USE_PTX), mask=offs < n)
 
 
-def _fastmath(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    r, q = torch.empty_like(x), torch.empty_like(x)
-    _fastmath_kernel[(triton.cdiv(x.numel(), 4096),)](x, r, q, common.rcp_table(x.device), x.numel(), BLOCK=4096,
+def _fastmath(x: torch.Tensor, s32: bool = False):
+    r, q, i = torch.empty_like(x), torch.empty_like(x), torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    _fastmath_kernel[(triton.cdiv(x.numel(), 4096),)](x, r, q, i, common.rcp_table(x.device), x.numel(), BLOCK=4096,
                                                       USE_PTX=common.USE_PTX)
-    return r, q
+    return (r, q, i) if s32 else (r, q)
 
 
 def _special_floats() -> torch.Tensor:
@@ -55,6 +56,16 @@ def test_fastmath_matches_emulation():
     assert edge.any() and torch.equal(r[edge], torch.copysign(torch.full_like(r[edge], 2.0**-126), x[edge]))
     assert torch.equal(bits(r), bits(rcp_approx(x)))
     assert torch.equal(q.nan_to_num(), torch.round(x).nan_to_num())
+
+
+def test_rint_s32_rounds_saturates_and_zeroes_nan():
+    """``cvt.rni.s32.f32`` (the int8 codes' rounding): half to even, NaN -> 0, past the int32 range saturated."""
+    big = [2.0**31, -(2.0**31), 2.0**31 - 128, -(2.0**31) - 256, 3e9, -3e9]
+    x = torch.cat([_special_floats(), torch.tensor(big), torch.randn(3000) * 10.0 ** torch.randint(-3, 10, (3000,))])
+    x = x.to(DEV)
+    q = _fastmath(x, s32=True)[2]
+    want = torch.round(x.double()).nan_to_num(0.0, posinf=2**31 - 1, neginf=-(2**31)).clamp(-(2**31), 2**31 - 1)
+    assert torch.equal(q.long(), want.long())
 
 
 @pytest.mark.parametrize("n", [1, 1000, 3073])

@@ -71,6 +71,20 @@ def rint(x, USE_PTX: tl.constexpr):
 
 
 @triton.jit
+def rint_s32(x, USE_PTX: tl.constexpr):
+    """float32 -> int32 rounded half to even in one conversion (``cvt.rni.s32.f32``): NaN -> 0, values past the
+    int32 range saturate. The emulation rounds with ``rint`` and maps NaN and the range the same way."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,f", [x], dtype=tl.int32, is_pure=True,
+                                         pack=1)
+    else:
+        r = rint(x, USE_PTX)
+        r = tl.where(r == r, r, 0.0)
+        q = tl.minimum(tl.maximum(r, -2147483648.0), 2147483520.0).to(tl.int32)  # the largest float32 < 2**31
+        return tl.where(r >= 2147483648.0, 2147483647, q)
+
+
+@triton.jit
 def mul_rn(a, b, USE_PTX: tl.constexpr):
     """float32 ``a * b`` rounded on its own: a following add must not fuse into an FMA (the reference rounds
     twice). PTX ``mul.rn`` with an explicit rounding mode is never contracted; the interpreter never contracts."""

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..formats import int8 as ref8
-from .common import USE_PTX, rcp_approx, rcp_table, rint, round_to
+from .common import USE_PTX, rcp_approx, rcp_table, rint_s32, round_to
 from .launch import launch
 
 #: The gathered outlier columns (xg, wg) are zero-padded to a multiple of this, so that the outlier kernel reads
@@ -63,21 +63,23 @@ def _row_absmax(a_row, thr_h, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_THR: t
         k = c * BLOCK_K + tl.arange(0, BLOCK_K)
         # bitsandbytes quantizes float16: round once to half, then compare and scale in float32
         mag = tl.abs(tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32))
-        keep = mag == mag  # fmaxf ignores NaN
         if HAS_THR:
-            keep = keep & (mag < thr_h)  # the absmax test compares in half precision
+            keep = mag < thr_h  # the absmax test compares in half precision; NaN fails it (fmaxf ignores NaN)
+        else:
+            keep = mag == mag
         run_max = tl.maximum(run_max, tl.where(keep, mag, 0.0))
     return tl.max(run_max, axis=0)
 
 
 @triton.jit
 def _codes(a, scale, thr_f, HAS_THR: tl.constexpr, USE_PTX: tl.constexpr):
-    """float32 values (already rounded to float16) -> float32 codes ``rint(a * scale)``: NaN -> 0, outlier
-    elements (|a| >= threshold, a float32 test as the reference) -> 0."""
-    q = rint(a * scale, USE_PTX)
-    q = tl.where(q == q, q, 0.0)  # NaN (a NaN input, or 0 * inf in an all-zero row) converts to 0 on CUDA
+    """float32 values (already rounded to float16) -> int32 codes ``rint(a * scale)``: NaN -> 0, outlier elements
+    (|a| >= threshold, a float32 test as the reference) -> 0. One ``cvt.rni.s32`` does the rounding, the conversion
+    and the NaN test (before: rint, a NaN test and select, and the conversion). Only outlier elements can leave
+    [-127, 127] (|a| <= absmax elsewhere), and those are zeroed."""
+    q = rint_s32(a * scale, USE_PTX)
     if HAS_THR:
-        q = tl.where(tl.abs(a) < thr_f, q, 0.0)
+        q = tl.where(tl.abs(a) < thr_f, q, 0)
     return q
 
 
@@ -121,9 +123,9 @@ def _quant_row_listed(row, a_ptr, ca_ptr, sca_ptr, ws_ptr, delta_ptr, xg_ptr, st
         g = c * G + tl.arange(0, G)  # groups of 8 columns: group g is byte g % 4 of bit word g // 4
         k = g[:, None] * 8 + j[None, :]
         a = tl.load(a_row + k, mask=k < K, other=0.0).to(tl.float32).to(tl.float16).to(tl.float32)
-        q = _codes(a, scale, thr_f, True, USE_PTX)
         byte = (tl.load(ws_ptr + (g >> 2), mask=g < (K + 7) // 8, other=0) >> ((g & 3) * 8)) & 0xFF
-        q = tl.where(((byte[:, None] >> j[None, :]) & 1) != 0, 0.0, q)
+        live = (tl.abs(a) < thr_f) & (((byte[:, None] >> j[None, :]) & 1) == 0)  # as _codes, one select for both
+        q = tl.where(live, rint_s32(a * scale, USE_PTX), 0)
         tl.store(ca_ptr + row * K + k, q.to(tl.int8), mask=k < K)
     tl.store(sca_ptr + row, absmax)
     n_out = tl.load(ws_ptr + 2 * W + K)

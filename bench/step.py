@@ -281,28 +281,35 @@ def t5(variants, compile_: bool) -> list[dict]:
 
 
 def int8_plan_share(call) -> str:
-    """How many of one step's LLM.int8() calls ran through cached plans (kernels.int8_plan), counted by wrapping
-    the plan call and the direct path for one extra step."""
+    """How many of one step's LLM.int8() calls ran through cached plans (kernels.int8_plan), and how many took
+    their quantized input from a share (kernels.share), counted by wrapping the plan call, the direct path and
+    the share's lookup for one extra step."""
     from halfbyte.kernels import int8_plan
+    from halfbyte.kernels.share import Share
 
-    hits = [0, 0]
-    plan_call, direct = int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm
+    hits = [0, 0, 0]
+    plan_call, direct, take = int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm, Share.take
 
-    def counted_plan(self, A2):
+    def counted_plan(self, *a, **kw):
         hits[0] += 1
-        return plan_call(self, A2)
+        return plan_call(self, *a, **kw)
 
     def counted_direct(*a, **kw):
         hits[1] += 1
         return direct(*a, **kw)
 
-    int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm = counted_plan, counted_direct
+    def counted_take(self, *a):
+        value = take(self, *a)
+        hits[2] += value is not None
+        return value
+
+    int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm, Share.take = counted_plan, counted_direct, counted_take
     try:
         call()
         sync()
     finally:
-        int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm = plan_call, direct
-    return f"({hits[0]} of {sum(hits)} int8 calls through plans)"
+        int8_plan.Plan.__call__, int8_plan.km.int8_mixed_mm, Share.take = plan_call, direct, take
+    return f"({hits[0]} of {hits[0] + hits[1]} int8 calls through plans, {hits[2]} served by a share)"
 
 
 def table(rows: list[dict]) -> str:

@@ -2,14 +2,14 @@
 16-bit products, and ``int8_mixed_mm``, the whole layer launched directly (``int8_plan`` runs the same launches
 through cached plans); bit-exact with ``formats.int8`` where no column is an outlier.
 
-``int8_mixed_mm``: no host sync, four launches. (1) The outlier flags and (2) their ascending list, then (3) the row
-quantization with the gathers of the outlier columns (``int8``'s activation kernels). (4) ``_int8_mm_kernel``: one
+``int8_mixed_mm``: no host sync, three launches. (1) The outlier flags with their ascending list, then (2) the row
+quantization with the gathers of the outlier columns (``int8``'s activation kernels). (3) ``_int8_mm_kernel``: one
 Triton int8 GEMM (int32 accumulation on the tensor cores: exact, hence the reference's C) whose epilogue applies
 ``fp16(C * SCA * SCB * 6.200012e-05 + bias)`` in the reference's operation order to the tile in registers (the
 int32 C never reaches memory: at 4608 x 12288 that round trip alone was 226 MB) and rounds to the activation dtype,
 then adds ``xg @ wg.T`` over the ``count`` outlier columns (tensor cores, float32) to that result and rounds once
 more, as the reference's ``addmm`` does; only that float32 sum's order differs from the reference. The loop is
-skipped when no column is an outlier. ``MMConfig.fuse_outliers = False`` runs the products as (5)
+skipped when no column is an outlier. ``MMConfig.fuse_outliers = False`` runs the products as (4)
 ``_outlier_add_kernel`` instead, which reads the output back and writes it again (same bits).
 """
 
@@ -281,8 +281,8 @@ def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: to
     (N,) float32 ->
     (..., N) in A's dtype: ``formats.int8.int8_linear``, bit-identical without outliers (integer GEMM is exact);
     with outlier columns the float32 sum of their products may be ordered differently (at most one rounding
-    apart; the same on every run). No host sync; four launches (outlier flags; their list; row quantization +
-    gathers; GEMM with the outlier products), two without a threshold (five with ``fuse_outliers`` off).
+    apart; the same on every run). No host sync; three launches (outlier flags and their list; row quantization
+    + gathers; GEMM with the outlier products), two without a threshold (four with ``fuse_outliers`` off).
     ``share`` (``kernels.share.Share``, threshold > 0): A's quantization is taken from it (then only the weight's
     outlier columns are gathered) or left in it for the group's next layers."""
     if threshold < 0:

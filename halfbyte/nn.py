@@ -397,6 +397,9 @@ class Linear8bit(_QuantizedLinear):
     """
 
     _f32_buffers = ("SCB",)
+    #: ``kernels.share.Share`` of the layers that read this layer's input too (``share_int8_inputs``); a class
+    #: default, so that layers unpickled from before it existed have one
+    share = None
 
     def __init__(
         self,
@@ -417,8 +420,6 @@ class Linear8bit(_QuantizedLinear):
                                    requires_grad=False)
         self.register_buffer("SCB", torch.empty(out_features, dtype=torch.int32, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        #: ``kernels.share.Share`` of the layers that read this layer's input too (``share_int8_inputs``)
-        self.share = None
 
     @classmethod
     def from_linear(

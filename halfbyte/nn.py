@@ -457,7 +457,10 @@ class Linear8bit(_QuantizedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        fn = _ops.direct_kernel("int8_mixed_mm", x, self.bias) or torch.ops.halfbyte.int8_mixed_mm
+        fn = _ops.direct_kernel("int8_mixed_mm", x, self.bias)
+        if fn is None:  # traced (torch.compile: never reads ``share``, so block instances share one graph), CPU
+            return torch.ops.halfbyte.int8_mixed_mm(x, self.weight, self.SCB.view(torch.float32), self.bias,
+                                                    self.threshold)
         if self.share is not None and fn is _ops.cuda_kernel("int8_mixed_mm"):  # eager inference on CUDA
             return fn(x, self.weight, self.SCB.view(torch.float32), self.bias, self.threshold, share=self.share)
         return fn(x, self.weight, self.SCB.view(torch.float32), self.bias, self.threshold)

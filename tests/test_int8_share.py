@@ -152,3 +152,28 @@ def test_flux_and_t5_blocks_get_their_groups():
     assert halfbyte.share_int8_inputs(t5q, enable=False) == groups
     assert all(m.share is None for m in t5q.modules() if isinstance(m, halfbyte.Linear8bit))
     assert torch.equal(got, _outputs(t5q, ids).last_hidden_state)
+
+
+def test_regional_compile_keeps_one_graph_per_block_class():
+    """diffusers' regional compilation (one compiled forward per block class, shared by its instances) is not split
+    per instance by the layers' shares: traced code never reads them. (The first single block recompiles once in
+    any case: its input arrives with other strides.)"""
+    diffusers = pytest.importorskip("diffusers")
+    from lora_helpers import flux_inputs
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    frames = []
+    for share in (False, True):
+        torch.manual_seed(0)
+        model = diffusers.FluxTransformer2DModel(**tiny_flux_transformer_config(num_layers=2, num_single_layers=3))
+        cfg = halfbyte.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+        model = halfbyte.quantize_(model.eval(), cfg)
+        assert halfbyte.share_int8_inputs(model, enable=share) == 2 * 2 + 3
+        torch._dynamo.reset()
+        backend = CompileCounterWithBackend("eager")
+        model.compile_repeated_blocks(fullgraph=True, backend=backend)
+        with torch.no_grad():
+            for seed in (0, 1):
+                model(**flux_inputs(seed=seed))
+        frames.append(backend.frame_count)
+    assert frames[1] == frames[0] <= 3

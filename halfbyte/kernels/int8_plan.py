@@ -9,7 +9,8 @@ two allocations (the output, one scratch buffer for the workspace, codes, scales
 and three bound launches (two without a threshold; four with ``MMConfig.fuse_outliers`` off): the same kernels
 with the same arguments as ``int8_mm.int8_mixed_mm``, hence its bits. The outlier flag kernel's persistent state
 (a few hundred bytes, zero between launches) is the plan's own, one per stream; that path makes a zeroed one per
-call.
+call. With a ``Share`` (eager layers of a group reading one input), the first member's call keeps its activation
+scratch in the share and the others run two bound launches (the weight's outlier-column gathers, the GEMM) on it.
 
 Plans are cached here, not in the layers, so that calls from compiled graphs (which reach this kernel through the
 op with plain tensors) use them too. A plan holds no tensor of a call, only the addresses, shapes and dtypes it was

@@ -23,7 +23,7 @@ class Share:
     between the members' calls, which is what the groups there are checked for.
     """
 
-    __slots__ = ("members", "_x", "_key", "_value", "_left")
+    __slots__ = ("members", "_entry", "_left")
 
     def __init__(self, members: int):
         if members < 2:
@@ -31,10 +31,16 @@ class Share:
         self.members = members
         self.clear()
 
+    @property
+    def _x(self) -> Tensor | None:
+        """The tensor the entry was stored for (None without an entry)."""
+        entry = self._entry
+        return None if entry is None else entry[0]
+
     def clear(self) -> None:
-        self._x = self._key = self._value = None
+        self._entry = None  # one attribute, replaced whole: a reader on another thread sees an entry or none
         self._left = 0
-        if _LIVE and _LIVE[0] is self:
+        if _LIVE[:1] == [self]:  # a slice: another thread may empty the list in between
             _LIVE.clear()
 
     def __reduce__(self):  # copies and pickles start empty (an entry holds device buffers and a tensor)
@@ -47,16 +53,18 @@ class Share:
 
     def take(self, A: Tensor, key: tuple):
         """The value an earlier member stored for this input, else None."""
-        if self._x is not A or self._key != key:
+        entry = self._entry
+        if entry is None or entry[0] is not A or entry[1] != key:
             return None
-        value = self._value
         self._left -= 1
-        if self._left <= 0:
+        if self._left <= 0 and self._entry is entry:
             self.clear()
-        return value
+        return entry[2]
 
     def put(self, A: Tensor, key: tuple, value) -> None:
-        if _LIVE and _LIVE[0] is not self:
-            _LIVE[0].clear()  # one entry in the process: a group whose last member is never called frees its own
-        self._x, self._key, self._value, self._left = A, key, value, self.members - 1
+        for other in _LIVE[:1]:  # one entry in the process: a group whose last member is never called frees its own
+            if other is not self:
+                other.clear()
+        self._left = self.members - 1
+        self._entry = (A, key, value)
         _LIVE[:] = [self]

@@ -297,9 +297,11 @@ def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: to
     bias = None if bias is None else bias.to(A.dtype)
     A2 = _rows_of(A)
     if threshold > 0:
-        stream = torch.cuda.current_stream(A.device).cuda_stream if A.is_cuda else 0
-        key = share and share.key(A, threshold, stream, "direct")
-        hit = share.take(A, key) if share else None
+        hit = key = None
+        if share is not None:
+            stream = torch.cuda.current_stream(A.device).cuda_stream if A.is_cuda else 0
+            key = share.key(A, threshold, stream, "direct")
+            hit = share.take(A, key)
         if hit is not None:
             CA, SCA, ws, xg = hit
             wg = torch.empty((N, xg.shape[1]), dtype=A2.dtype, device=A2.device)
@@ -308,7 +310,7 @@ def int8_mixed_mm(A: torch.Tensor, CB: torch.Tensor, SCB: torch.Tensor, bias: to
             outliers = (xg, wg, ws[count_offset(K):])
         else:
             CA, SCA, outliers, ws = _quant_with_outliers(A2, CB, SCB, threshold, return_ws=True)
-            if share:
+            if share is not None:
                 share.put(A, key, (CA, SCA, ws, outliers[0]))
     else:
         (CA, SCA, _), outliers = _quant_rows(A2, threshold), None

@@ -1,5 +1,6 @@
 """Where an LLM.int8() layer's GPU time goes: each launch of ``int8_mixed_mm`` timed alone (CUDA graph replay,
-ms), for FLUX/T5 shapes with 0 and 350 outlier columns, against bf16 ``F.linear``.
+ms), for FLUX/T5 shapes with 0 and 350 outlier columns, against bf16 ``F.linear``; and a layer whose input a share
+had quantized (weight gathers + GEMM).
 
     python bench/int8_parts.py
 """
@@ -36,17 +37,21 @@ def main():
                 fn, grid, args, kwargs = k8.flag_launch(x, state, ws, 6.0)
                 k8.launch(fn, grid, *args, **kwargs)
             r["flag+list"] = timed_graph(flag)
-            ca, sca, outl = k8._quant_with_outliers(x, CB, SCB, 6.0)
+            ca, sca, outl, ws_l = k8._quant_with_outliers(x, CB, SCB, 6.0, return_ws=True)
             r["flag+quant_gather(+allocs)"] = timed_graph(lambda: k8._quant_with_outliers(x, CB, SCB, 6.0))
             r["quant_rows(no outliers)"] = timed_graph(lambda: k8._quant_rows(x, 0.0))
             r["int8_mm(no outlier loop)"] = timed_graph(lambda: km.int8_mm(ca, CB, sca, SCB, lin.bias, DT))
             r["int8_mm(+outliers)"] = timed_graph(lambda: km.int8_mm(ca, CB, sca, SCB, lin.bias, DT, outliers=outl))
             r["whole"] = timed_graph(lambda: km.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
-            # the launch shapes before bench/int8_quant_sweep.py (session 5), same run
-            k8._FLAG_CONFIG = dict(block_m=32, block_k=256, row_iters=1, num_warps=4)
-            k8._QUANT_CONFIG = dict(block_k=4096, num_warps=8)
-            r["whole(old quant shapes)"] = timed_graph(lambda: km.int8_mixed_mm(x, CB, SCB, lin.bias, 6.0))
-            k8._FLAG_CONFIG = k8._QUANT_CONFIG = None
+            # a layer whose input a share already quantized (kernels.share): the weight's gathers, then the GEMM
+            wg = torch.empty_like(outl[1])
+            gather = km._weight_gather_launch(x, ca, sca, ws_l, outl[0], CB, SCB, wg, 6.0)
+            r["weight gathers only"] = timed_graph(lambda: k8.launch(gather[0], gather[1], *gather[2], **gather[3]))
+
+            def shared():
+                k8.launch(gather[0], gather[1], *gather[2], **gather[3])
+                return km.int8_mm(ca, CB, sca, SCB, lin.bias, DT, outliers=(outl[0], wg, outl[2]))
+            r["whole(shared input)"] = timed_graph(shared)
             print(f"{M}x{N}x{K} outliers={c}: " + " ".join(f"{k}={v:.4f}" for k, v in r.items()), flush=True)
 
 

@@ -144,7 +144,7 @@ def test_flux_and_t5_blocks_get_their_groups():
     assert all(m.share is None for m in off.modules() if isinstance(m, halfbyte.Linear8bit))  # threshold 0
 
     t5 = transformers.T5EncoderModel(transformers.T5Config(**tiny_t5_config())).eval()
-    t5q = halfbyte.quantize_(copy.deepcopy(t5), cfg8, device=DEV)
+    t5q = halfbyte.quantize_(copy.deepcopy(t5).to(DEV), cfg8)  # whole model: quantize_ moves only the linears
     groups = halfbyte.share_int8_inputs(t5q)
     assert groups == 2 * 2  # q/k/v and wi_0/wi_1 in each of 2 blocks
     ids = {"input_ids": torch.randint(2, 128, (2, 7), device=DEV)}

@@ -67,7 +67,7 @@ def test_plan_binds_the_launches_int8_mixed_mm_makes(monkeypatch, threshold, M, 
     reuse, bound = bound[len(plan._launches):], bound[:len(plan._launches)]
     if threshold:  # a share's later members: the weight gathers over no rows, then the very same GEMM launch
         assert [r[0] for r in reuse] == [k8._quant_gather_kernel, km._int8_mm_kernel]
-        assert tuple(reuse[0][1]) == (-(-N // k8._GATHER_ROWS),) and reuse[0][2][9] == 0  # grid, M
+        assert tuple(reuse[0][1]) == (-(-N // k8._GATHER_ONLY_TILE[0]),) and reuse[0][2][9] == 0  # grid, M
         assert reuse[1][2] is bound[-1][2] and plan._reuse[1][1] == plan._launches[-1][1]
         wg = [k for k, _ in plan._reuse[0][1]]
         assert int8_plan._WG in wg and int8_plan._STATE not in wg

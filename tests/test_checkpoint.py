@@ -283,7 +283,8 @@ def test_streaming_load_memory_bound(tmp_path):
     largest = max(t.numel() * t.element_size() for t in tensors.values())
     save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     del tensors
-    env = dict(os.environ, HALFBYTE_NO_PROGRESS="1", PYTHONPATH=str(Path(halfbyte.__file__).parent.parent))
+    path = [str(Path(halfbyte.__file__).parent.parent), os.environ.get("PYTHONPATH")]  # keep the caller's path too
+    env = dict(os.environ, HALFBYTE_NO_PROGRESS="1", PYTHONPATH=os.pathsep.join(p for p in path if p))
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path)], capture_output=True, text=True,
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -309,9 +310,9 @@ def test_models_from_the_streaming_loader_work_with_the_libraries_own_methods(tm
     cfg = halfbyte.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     model = halfbyte.from_pretrained(AutoModel, str(tmp_path / "fp"), quantization_config=cfg)
     model.save_pretrained(tmp_path / "q")  # the library's save: bitsandbytes layout, halfbyte config
-    again = AutoModel.from_pretrained(str(tmp_path / "q"))
+    again = AutoModel.from_pretrained(str(tmp_path / "q"))  # on the GPU where there is one (halfbyte's: the CPU)
     sa, sb = model.state_dict(), again.state_dict()
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].cpu()) for k in sa)
     with pytest.raises(ValueError, match="dtype"):
         model.to(torch.float16)
     model.dequantize()

@@ -101,7 +101,8 @@ def test_quantize_pipeline(flux_dir, quantized):
         halfbyte.quantize_(expected, halfbyte.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
         want = halfbyte.bitsandbytes_state_dict(expected)
         got = halfbyte.bitsandbytes_state_dict(loaded)
-        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+        # (loaded onto the GPU where there is one; the reference stays on the CPU)
+        assert got.keys() == want.keys() and all(torch.equal(got[k].cpu(), want[k]) for k in want), name
         assert rows[name]["output_bytes"] < rows[name]["source_bytes"]
     assert pipe.transformer.dtype == pipe.text_encoder_2.dtype == torch.float32  # as stored, not float16
     pipe.set_progress_bar_config(disable=True)
@@ -154,9 +155,12 @@ def test_generate(flux_dir, tmp_path):
     """Per-component formats on the fly from a Hub id; the PNG is the image the library makes for the same
     settings and seed, and carries prompt, seed and settings; seconds per step and memory are reported."""
     png = tmp_path / "cat.png"
+    # the reference image is made on the CPU in float32; on a GPU the command would run in bfloat16 there
+    on_cpu = ["--device", "cpu"] if torch.cuda.is_available() else []
     proc = halfbyte_cli("generate", "--model", REPO_ID, "--prompt", "a photo of a cat", "-o", str(png),
                         "--quant", "transformer=nf4", "--quant", "text_encoder_2=int8", "--steps", "3",
-                        "--height", "32", "--width", "48", "--seed", "7", "--max-sequence-length", "16", "--json")
+                        "--height", "32", "--width", "48", "--seed", "7", "--max-sequence-length", "16", "--json",
+                        *on_cpu)
     result = json.loads(proc.stdout)
     assert result["settings"]["quantized"] == {"transformer": "nf4", "text_encoder_2": "int8"}
     assert result["seconds_per_step"] > 0 and result["generate_seconds"] > 0

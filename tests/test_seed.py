@@ -191,7 +191,7 @@ def test_compute_data_type():
                                       quantization_config=quantization_config, torch_dtype=torch.float32)
     layer = model.transformer_blocks[0].attn.to_q
     assert layer.compute_dtype == torch.bfloat16
-    x = torch.randn(3, layer.in_features)
+    x = torch.randn(3, layer.in_features, device=layer.weight.device)  # loaded onto the GPU where there is one
     expected = (x.bfloat16() @ layer.dequantize(torch.bfloat16).t() + layer.bias.bfloat16()).float()
     torch.testing.assert_close(layer(x), expected, rtol=1e-2, atol=1e-2)  # bf16 output rounding
 
@@ -269,6 +269,7 @@ def test_torch_compile():
                   encoder_hidden_states=torch.randn(1, 8, 32, generator=g).half(),
                   pooled_projections=torch.randn(1, 32, generator=g).half(), timestep=torch.tensor([0.5]).half(),
                   img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), guidance=torch.tensor([3.5]).half())
+    inputs = {k: v.to(transformer_4bit.device) for k, v in inputs.items()}  # on the GPU where there is one
     with torch.no_grad():
         out = transformer_4bit(**inputs).sample
         eager = transformer_4bit.forward(**inputs).sample  # nn.Module.compile leaves forward itself eager

@@ -36,6 +36,21 @@ def cpu_machine(monkeypatch):
     models on the GPU when there is one (as bitsandbytes'), and peft re-dispatches models to it; the GPU tier
     (tests/test_gpu_hf.py) covers those paths on CUDA."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _clear_triton_probes()
+    yield
+    # torch caches "is triton usable" (torch.utils._triton.has_triton & co) on first use: a probe made while the
+    # GPU was hidden would leave later GPU-tier tests of the same process unable to compile for CUDA
+    # (inductor: TritonMissing). Drop what was probed under the patch.
+    monkeypatch.undo()
+    _clear_triton_probes()
+
+
+def _clear_triton_probes() -> None:
+    import torch.utils._triton as probes
+
+    for value in vars(probes).values():
+        if callable(getattr(value, "cache_clear", None)):
+            value.cache_clear()
 
 
 def pytest_configure(config):

@@ -268,6 +268,67 @@ def _config(text: str) -> dict:
                 num_warps=8 if bm == 256 or bn == 256 else 4)
 
 
+def nf4_tables(device="cuda") -> torch.Tensor:
+    """The 8 ``prmt`` pair-table words of the NF4 codes rounded to bf16 (int32, on ``device``)."""
+    from halfbyte.formats import fourbit as ref4
+
+    code = ref4.code_4bit("nf4", torch.device("cpu"))
+    words = [w - (1 << 32) if w >= 1 << 31 else w for w in lut.pair_tables(tuple(code.tolist()), torch.bfloat16)]
+    return torch.tensor(words, dtype=torch.int32, device=device)
+
+
+def bench_cases(cases, variants: dict, once: bool = False, json_path=None, prepare=None) -> list[dict]:
+    """Per (M, N, K, name) case: bf16 ``F.linear``, the library's dequantize + cuBLAS and each variant
+    (name -> fn(x, packed, absmax, tables)), CUDA-graph replay, ms; every variant's output checked against float64
+    within 2^-7 of |x| @ |W|^T (bf16 output plus the bf16 roundings of code and absmax). ``prepare(packed, N, K)``
+    gives the packed bytes the variants take (a repacked order); ``once``: one call each, no timing (for ncu)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchutil import timed_graph
+
+    import halfbyte  # noqa: F401
+    from halfbyte.kernels import fourbit
+
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    tables = nf4_tables()
+    rows = []
+    for M, N, K, name in cases:
+        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
+        packed, absmax = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
+        vp = prepare(packed, N, K) if prepare else packed
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        if once:
+            for fn in variants.values():
+                fn(x, vp, absmax, tables)
+            torch.cuda.synchronize()
+            continue
+
+        def deq():
+            return fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", N * K, torch.bfloat16).view(N, K)
+
+        W = deq()
+        exact = x.double() @ W.double().T
+        bound = (x.double().abs() @ W.double().abs().T) * 2 ** -7 + 1e-6
+        r = {"shape": f"{M}x{N}x{K}", "layer": name}
+        r["bf16"] = timed_graph(lambda: torch.nn.functional.linear(x, w), rep=200)
+        r["dequant+cublas"] = timed_graph(lambda: torch.nn.functional.linear(x, deq()), rep=200)
+        for key, fn in variants.items():
+            try:
+                out = fn(x, vp, absmax, tables)
+                torch.cuda.synchronize()
+                ratio = float(((out.double() - exact).abs() / bound).max())
+                r[key + " ok"] = ratio <= 1
+                if ratio > 1:
+                    print(f"  {name} {key}: WRONG, max err/bound {ratio:.2f}")
+                r[key] = timed_graph(lambda: fn(x, vp, absmax, tables), rep=200)
+            except Exception as e:  # a config that does not compile or run: report and go on
+                print(f"  {name} {key}: {type(e).__name__}: {str(e)[:300]}")
+        rows.append(r)
+        print(json.dumps(r))
+    if json_path:
+        Path(json_path).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile-only", action="store_true")
@@ -279,60 +340,14 @@ def main():
     args = ap.parse_args()
     configs = {c: _config(c) for c in args.configs}
     if args.compile_only:
-        for name, kw in configs.items():
-            kw = dict(kw)
-            kw.pop("loader")
-            k = compile_only(**{k: v for k, v in kw.items()}, loader=_config(name)["loader"])
-            ptx = k.asm["ptx"]
+        for kw in configs.values():
+            ptx = compile_only(**kw).asm["ptx"]
             print("  wgmma:", ptx.count("wgmma.mma_async"), "prmt:", ptx.count("prmt.b32"),
                   "setmaxnreg:", ptx.count("setmaxnreg"))
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchutil import timed_graph
-
-    import halfbyte  # noqa: F401
-    from halfbyte.formats import fourbit as ref4
-    from halfbyte.kernels import fourbit
-
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    code = ref4.code_4bit("nf4", torch.device("cpu"))
-    tabs = [w - (1 << 32) if w >= 1 << 31 else w for w in lut.pair_tables(tuple(code.tolist()), torch.bfloat16)]
-    tables = torch.tensor(tabs, dtype=torch.int32, device="cuda")
-    rows = []
-    for si in args.shapes if args.shapes is not None else range(len(SHAPES)):
-        M, N, K, name = SHAPES[si]
-        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
-        packed, absmax = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        if args.once:
-            for kw in configs.values():
-                nf4_gemm(x, packed, absmax, tables, **kw)
-            torch.cuda.synchronize()
-            continue
-        W = fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", N * K, torch.bfloat16).view(N, K)
-        exact = x.double() @ W.double().T
-        bound = (x.double().abs() @ W.double().abs().T) * 2 ** -7  # bf16 output + ~3 roundings of each weight
-        r = {"shape": f"{M}x{N}x{K}", "layer": name}
-        r["bf16"] = timed_graph(lambda: torch.nn.functional.linear(x, w), rep=200)
-        r["dequant+cublas"] = timed_graph(lambda: torch.nn.functional.linear(
-            x, fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", N * K, torch.bfloat16).view(N, K)),
-            rep=200)
-        for key, kw in configs.items():
-            try:
-                out = nf4_gemm(x, packed, absmax, tables, **kw)
-                torch.cuda.synchronize()
-                err = (out.double() - exact).abs()
-                ok = bool((err <= bound + 1e-6).all())
-                r[key + " ok"] = ok
-                if not ok:
-                    print(f"  {name} {key}: WRONG, max err/bound {float((err / (bound + 1e-6)).max()):.2f}")
-                r[key] = timed_graph(lambda: nf4_gemm(x, packed, absmax, tables, **kw), rep=200)
-            except Exception as e:  # a config that does not compile or run: report and go on
-                print(f"  {name} {key}: {type(e).__name__}: {str(e)[:300]}")
-        rows.append(r)
-        print(json.dumps(r))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    cases = [SHAPES[i] for i in (args.shapes if args.shapes is not None else range(len(SHAPES)))]
+    variants = {key: (lambda x, p, a, t, kw=kw: nf4_gemm(x, p, a, t, **kw)) for key, kw in configs.items()}
+    bench_cases(cases, variants, args.once, args.json)
 
 
 if __name__ == "__main__":

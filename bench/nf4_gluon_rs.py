@@ -24,7 +24,6 @@ in rotation (DEPTH 3, wait(1)) need more than the 168 registers a 12-warp progra
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,20 +41,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from halfbyte.kernels import lut  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nf4_gluon import DECODE_ASM, DECODE_CONSTRAINTS  # noqa: E402
 
-
-def _word_decode_asm() -> str:
-    """$0..$3: the scaled bf16 pairs of bytes 0..3 of word $4; $5..$12 the pair tables; $13 the scale pair."""
-    lines = ["{", ".reg .b32 %o0, %o1, %o2, %o3;"]
-    lines += lut.pair_decode_lines(tuple(f"${5 + i}" for i in range(8)), "$4", ("%o0", "%o1", "%o2", "%o3"), "%u")
-    lines += [f"mul.rn.bf16x2 ${i}, %o{i}, $13;" for i in range(4)]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-WORD_ASM = gl.constexpr(_word_decode_asm())
-WORD_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
+# the shared-memory bench's decode: word -> four bf16 pairs scaled by the absmax pair
+WORD_ASM = DECODE_ASM
+WORD_CONSTRAINTS = DECODE_CONSTRAINTS
 
 
 def repack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
@@ -252,72 +243,28 @@ def _config(text: str) -> dict:
 
 
 def main():
-    from nf4_gluon import SHAPES
+    from nf4_gluon import SHAPES, bench_cases
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile-only", action="store_true")
-    ap.add_argument("--configs", nargs="*", default=["256,4,168,232,2", "128,4,168,232,2"])
-    ap.add_argument("--shapes", nargs="*", type=int)
+    ap.add_argument("--configs", nargs="*", default=["256,4,168,232,2", "128,4,168,232,2"],
+                    help="BT,STAGES,maxnreg,consumer registers,DEPTH")
+    ap.add_argument("--shapes", nargs="*", type=int, help="indices into nf4_gluon.SHAPES (default: all)")
     ap.add_argument("--mnk", nargs="*", default=[], help="extra shapes M,N,K")
-    ap.add_argument("--once", action="store_true")
+    ap.add_argument("--once", action="store_true", help="one call per config, no timing (for ncu)")
     ap.add_argument("--json")
     args = ap.parse_args()
     configs = {c: _config(c) for c in args.configs}
     if args.compile_only:
         for kw in configs.values():
-            k = compile_only(**kw)
-            ptx = k.asm["ptx"]
+            ptx = compile_only(**kw).asm["ptx"]
             print("  wgmma:", ptx.count("wgmma.mma_async"), "prmt:", ptx.count("prmt.b32"), "shfl:",
                   ptx.count("shfl."), "st.shared:", ptx.count("st.shared"), "ld.shared:", ptx.count("ld.shared"))
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchutil import timed_graph
-
-    import halfbyte  # noqa: F401
-    from halfbyte.formats import fourbit as ref4
-    from halfbyte.kernels import fourbit
-
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    code = ref4.code_4bit("nf4", torch.device("cpu"))
-    tabs = [w - (1 << 32) if w >= 1 << 31 else w for w in lut.pair_tables(tuple(code.tolist()), torch.bfloat16)]
-    tables = torch.tensor(tabs, dtype=torch.int32, device="cuda")
-    rows = []
     cases = [SHAPES[i] for i in (args.shapes if args.shapes is not None else range(len(SHAPES)))]
     cases += [(*(int(v) for v in t.split(",")), "extra") for t in args.mnk]
-    for M, N, K, name in cases:
-        w = (torch.randn(N, K, device="cuda") / K ** 0.5).to(torch.bfloat16)
-        packed, absmax = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
-        rp = repack(packed, N, K)
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-        if args.once:
-            for kw in configs.values():
-                nf4_gemm_rs(x, rp, absmax, tables, **kw)
-            torch.cuda.synchronize()
-            continue
-        W = fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", N * K, torch.bfloat16).view(N, K)
-        exact = x.double() @ W.double().T
-        bound = (x.double().abs() @ W.double().abs().T) * 2 ** -7  # bf16 output + ~3 roundings of each weight
-        r = {"shape": f"{M}x{N}x{K}", "layer": name}
-        r["bf16"] = timed_graph(lambda: torch.nn.functional.linear(x, w), rep=200)
-        r["dequant+cublas"] = timed_graph(lambda: torch.nn.functional.linear(
-            x, fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", N * K, torch.bfloat16).view(N, K)),
-            rep=200)
-        for key, kw in configs.items():
-            try:
-                out = nf4_gemm_rs(x, rp, absmax, tables, **kw)
-                torch.cuda.synchronize()
-                err = (out.double() - exact).abs()
-                ok = bool((err <= bound + 1e-6).all())
-                r["rs " + key + " ok"] = ok
-                if not ok:
-                    print(f"  {name} {key}: WRONG, max err/bound {float((err / (bound + 1e-6)).max()):.2f}")
-                r["rs " + key] = timed_graph(lambda: nf4_gemm_rs(x, rp, absmax, tables, **kw), rep=200)
-            except Exception as e:  # a config that does not compile or run: report and go on
-                print(f"  {name} {key}: {type(e).__name__}: {str(e)[:300]}")
-        rows.append(r)
-        print(json.dumps(r))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+    variants = {"rs " + key: (lambda x, p, a, t, kw=kw: nf4_gemm_rs(x, p, a, t, **kw)) for key, kw in configs.items()}
+    bench_cases(cases, variants, args.once, args.json, prepare=repack)
 
 
 if __name__ == "__main__":

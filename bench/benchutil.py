@@ -97,3 +97,14 @@ def sweep(row: dict, name: str, configs, make, check, ws, copies: int) -> None:
             best = (ms, cfg)
     if best:
         row[name], row[name + "_cfg"] = best
+
+
+def report_row(row: dict, nbytes: int, results: list) -> None:
+    """Prints a GEMV bench's ``row`` (best time and TB/s per variant, best configs, every config) and appends it
+    to ``results``."""
+    cells = " ".join(f"{k}={v:.4f}ms({nbytes / v / 1e9:.2f}TB/s)" for k, v in row.items()
+                     if isinstance(v, float) and "/" not in k)
+    print(f"{row['N']}x{row['K']}: {cells}")
+    print("   best cfgs:", {k: v for k, v in row.items() if k.endswith("_cfg")})
+    print("   all:", " ".join(f"{k}={v:.4f}" for k, v in row.items() if "/" in k))
+    results.append(row)

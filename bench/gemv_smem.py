@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchutil import bnb_gemv_ms, gemv_case, sweep, timed_graph  # noqa: E402
+from benchutil import bnb_gemv_ms, gemv_case, report_row, sweep, timed_graph  # noqa: E402
 
 import halfbyte  # noqa: E402, F401  (registers the halfbyte:: ops)
 from halfbyte.formats.codebooks import code_4bit  # noqa: E402
@@ -230,12 +230,7 @@ def main():
                     return out
                 return call
             sweep(row, "smem", SMEM_CONFIGS, make_smem, check, ws, copies)
-        cells = " ".join(f"{k}={v:.4f}ms({nbytes / v / 1e9:.2f}TB/s)" for k, v in row.items()
-                         if isinstance(v, float) and "/" not in k)
-        print(f"{N}x{K}: {cells}")
-        print("   best cfgs:", {k: v for k, v in row.items() if k.endswith("_cfg")})
-        print("   all:", " ".join(f"{k}={v:.4f}" for k, v in row.items() if "/" in k))
-        results.append(row)
+        report_row(row, nbytes, results)
         ws = None
         torch.cuda.empty_cache()
     if args.json:

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fourbit as ref4
-from . import gemm_small, gemv_mma, lut
+from . import gemm_small, gemv_mma, gemv_ring, lut
 from .common import INTERPRET, USE_PTX, gemv_rows, gemv_split, gemv_store, load_absmax_inbounds
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
@@ -221,13 +221,17 @@ def gemv_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, de
 
 
 def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
-         config: Config | None = None, use_mma: bool = True) -> torch.Tensor:
+         config: Config | None = None, use_mma: bool = True, use_ring: bool = True) -> torch.Tensor:
     """x (1, K) fp16/bf16/fp32 (unit column stride), packed 4-bit W (N, K), bias (N,) in x's dtype or None
-    -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats. Kernel: the
-    tensor-core one (``gemv_mma``) where it applies and ``use_mma``, else the register-table one for bf16, else the
-    table-load one; ``config`` shapes the latter two."""
+    -> (1, N) in x's dtype. absmax: (N*K/blocksize,) float32, or uint8 with nested float32 stats. Kernel, where
+    ``use_mma``: the TMA-ring one (``gemv_ring``) where it applies and ``use_ring``, else the tensor-core one
+    (``gemv_mma``) where it applies; else the register-table one for bf16, else the table-load one; ``config``
+    shapes the latter two."""
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+    if (use_mma and use_ring
+            and gemv_ring.supported(x.dtype, N, K, blocksize, nested_absmax is not None, absmax, x, data)):
+        return gemv_ring.RingGemv(data, absmax, N, K, quant_type, x.dtype)(x, bias)
     if use_mma and gemv_mma.mma_supported(x.dtype, K, blocksize, x, data):
         return gemv_mma.gemv_mma(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                  quant_type)
@@ -293,7 +297,7 @@ class Plan:
     addresses, ``plan_key``). Results are those of ``gemm_4bit``'s direct path (same kernels, same arguments).
     """
 
-    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_atomic", "_small", "_small_args")
+    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_ring", "_atomic", "_small", "_small_args")
 
     def __init__(self, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
                  dtype: torch.dtype):
@@ -308,9 +312,11 @@ class Plan:
         self._deq = bind(_dequant_kernel, grid, args, kwargs, free=(6,))
         if self._deq is None:
             raise RuntimeError("kernels.gemm4bit.Plan: launches cannot be bound here (interpreter or launch hooks)")
-        self._gemv, self._atomic = None, False
+        self._gemv, self._ring, self._atomic = None, None, False
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
+            if gemv_ring.supported(dtype, N, K, blocksize, nested_absmax is not None, absmax, x, data):
+                self._ring = gemv_ring.RingGemv(data, absmax, N, K, quant_type, dtype)
             if gemv_mma.mma_supported(dtype, K, blocksize, x, data):
                 fn, launcher = gemv_mma._gemv_mma_kernel, functools.partial(gemv_mma.mma_launch, dtype=dtype)
                 tables = gemv_mma.mma_tables(quant_type, B.device, dtype)
@@ -336,6 +342,8 @@ class Plan:
         stream = torch._C._cuda_getCurrentRawStream(self.device.index)
         if self._gemv is not None and x.numel() == self.K and x.shape[-1] == self.K:
             if x.stride(-1) == 1 and x.data_ptr() % 16 == 0:
+                if self._ring is not None:
+                    return self._ring(x.reshape(1, self.K), bias).view(x.shape[:-1] + (self.N,))
                 if not self._atomic:
                     out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
                     self._gemv(stream, x.data_ptr(), out.data_ptr())

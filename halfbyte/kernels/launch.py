@@ -33,6 +33,8 @@ def _arg_key(a):
         return (a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63)
     if isinstance(a, float):
         return float
+    if hasattr(a, "block_shape") and hasattr(a, "base"):  # a TMA descriptor: typed by dtype, block and layout
+        return ("desc", a.base.dtype, tuple(a.block_shape), repr(getattr(a, "layout", None)))
     raise TypeError(f"launch: unsupported kernel argument of type {type(a).__name__}")
 
 

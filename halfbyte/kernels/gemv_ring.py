@@ -1,0 +1,291 @@
+"""4-bit GEMV (M = 1) for Hopper: weights streamed by TMA into a shared-memory ring, decoded through a
+shared-memory code table, summed on the tensor cores (Gluon, warp-specialized).
+
+Why: the register-table GEMVs (``gemv_mma``, ``gemm4bit._gemv_lut_kernel``) spend ~22 integer instructions per
+32-bit word of 8 codes on the ``prmt`` decode, and their loads hold registers; on an H100 they reach 1.29-1.49x
+bitsandbytes' speed. Here (BENCHMARKS.md, session 17: 1.65-1.94x at the FLUX/T5 widths):
+* the default partition (4 warps, one thread issues) loads each (BN-row, KT-word) tile's packed words, float32
+  absmax and x into a STAGES-deep ring by TMA; no load touches a register;
+* each of the 4 consumer warps is a partition of its own, so that it waits for a stage and releases it alone (a
+  multi-warp partition's barrier arrive is one thread's, and needed a barrier of its warps first: the largest
+  stall measured). A warp owns BN / 4 rows of every tile, half of them its mma rows a, half rows b;
+* a byte of two codes decodes with one ``ld.shared`` from a 256-entry byte -> (code, code) table replicated per
+  lane (entry e of lane l at word 32 e + l: a warp's 32 lookups never share a bank), 2 integer instructions for
+  the address; the pairs feed ``mma.m16n8k16`` exactly as in ``gemv_mma`` (rows a / b in A rows g / g+8, x in B;
+  the diagonal entry C[g][g] of an mma lane group is the sum over its absmax group), and a per-lane float mask
+  folded into the absmax multiply keeps the diagonal;
+* the table (32 KB of static shared memory declared in the PTX) is written from immediates by the consumer warps
+  while the first loads are in flight.
+Persistent programs walk BN-row tiles, spread so that every program gets the same number or one fewer.
+
+Opt-in (``ENABLED``, ``HALFBYTE_GEMV_RING=1``): the launch costs ~5x the host time of the tensor-core GEMV's.
+Serves: float16/bfloat16 x, blocksize 64 with float32 absmax (not double-quantized: its uint8 rows of a 64-word
+tile are 8 bytes, under TMA's 16-byte minimum), K % 512 == 0, N a multiple of the row tile, on compute capability
+9.x, with triton's Gluon; ``supported`` says where, and each device runs it once against the tensor-core GEMV
+before use (``verdict``: it compares with the dequantized float32 product). Where not served the other
+GEMVs are. Gluon does not run under the interpreter: the CPU
+tier checks that the kernel compiles for sm_90 and that ``table_words`` holds the decode it assumes.
+"""
+
+import ctypes
+import functools
+import os
+import warnings
+
+import torch
+
+from ..formats import fourbit as ref4
+from .common import INTERPRET
+from .launch import launch
+
+try:  # Gluon and its Hopper TMA API (triton >= 3.5)
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ._gemv_ring_kernel import gemv_ring_kernel
+    AVAILABLE = True
+except Exception:  # noqa: BLE001  (no Gluon, or one this code does not know: the other GEMVs serve)
+    AVAILABLE = False
+
+#: Whether GEMVs take the ring where it serves. Off by default: its GPU time is 0.74-0.85x the tensor-core GEMV's
+#: at the FLUX/T5 widths, but its host cost per call is ~5x (``RingGemv``), which an eager host-bound loop (an LLM
+#: decoding one token at a time) would pay; CUDA graphs and GPU-bound steps do not. ``HALFBYTE_GEMV_RING=1`` or
+#: setting this to True turns it on.
+ENABLED = os.environ.get("HALFBYTE_GEMV_RING", "0") == "1"
+
+TABLE = "hb_ring_tab"
+BAR_ID = 14  # the named barrier of the table build (warp specialization uses the low ids)
+WARPS = 4  # consumer warps per program
+STAGES = 4
+MIN_WORK = 1 << 24  # N * K from which the ring is used: at 3072 x 3072 it only equalled gemv_mma
+
+
+def table_words(quant_type: str, dtype: torch.dtype) -> tuple[int, ...]:
+    """The 256 table entries: entry b = code[b >> 4] | code[b & 15] << 16 as ``dtype`` bits (byte b of a packed
+    row holds element 2j in its high nibble; an x pair keeps the first element in its low half)."""
+    h = ref4.code_4bit(quant_type, torch.device("cpu")).to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+    b = torch.arange(256)
+    return tuple((h[b >> 4] | (h[b & 15] << 16)).tolist())
+
+
+def declare_asm() -> str:
+    """Declares the table (function scope, so emitted once: in the parent region) and returns its address."""
+    return f".shared .align 16 .b32 {TABLE}[8192];\nmov.u32 $0, {TABLE};"
+
+
+def build_asm(words: tuple[int, ...]) -> str:
+    """Writes the table from immediates with the consumer warps (warp w of them entries w, w + 4, ...; one store
+    of 32 lanes per entry), then a named barrier of those warps; returns 0, which the lookups' lane offset ORs in:
+    a data dependency that orders every lookup after the build (nothing else stops the compiler from moving the
+    lookups' pure assembly before it; a constant such as ``t & 0`` would fold away). ($1 is unused.)"""
+    lines = ["{", ".reg .b32 %ln, %w, %tb, %v;", f".reg .pred %p<{WARPS}>;", "mov.u32 %ln, %laneid;",
+             "shl.b32 %ln, %ln, 2;", f"mov.u32 %tb, {TABLE};", "add.u32 %tb, %tb, %ln;", "mov.u32 %w, %tid.x;",
+             "shr.u32 %w, %w, 5;", f"rem.u32 %w, %w, {WARPS};"]
+    lines += [f"setp.eq.u32 %p{w}, %w, {w};" for w in range(WARPS)]
+    for e, v in enumerate(words):
+        p = f"@%p{e % WARPS}"
+        lines += [f"{p} mov.b32 %v, {v};", f"{p} st.shared.b32 [%tb+{128 * e}], %v;"]
+    lines += [f"bar.sync {BAR_ID}, {32 * WARPS};", "mov.u32 $0, 0;", "}"]
+    return "\n".join(lines)
+
+
+def step_asm(dtype: torch.dtype) -> str:
+    """$0,$1 / $2,$3: (d0, d1) / (d2, d3) of the accumulators (rows a / b: C[g][2t], C[g][2t+1]); $4,$5 / $6,$7
+    two consecutive words of rows a / b; $8 + 2m + w: x pair m of word w; $16 laneid * 4."""
+    ty = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
+    lines = ["{", ".reg .f32 %d<4>;", ".reg .b32 %t<16>, %tb;", f"mov.u32 %tb, {TABLE};"]
+    for name, words in (("a", ("$4", "$5")), ("b", ("$6", "$7"))):
+        for w, reg in enumerate(words):
+            lines.append(".reg .b32 " + ", ".join(f"%{name}{w}_{k}" for k in range(4)) + ";")
+            for k in range(4):  # byte k -> its pair: address table + byte * 128 + lane * 4
+                t = f"%t{(0 if name == 'a' else 8) + 4 * w + k}"
+                lines.append(f"shl.b32 {t}, {reg}, 7;" if k == 0 else f"shr.u32 {t}, {reg}, {8 * k - 7};")
+                lines += [f"and.b32 {t}, {t}, 0x7F80;", f"or.b32 {t}, {t}, $16;", f"add.u32 {t}, {t}, %tb;",
+                          f"ld.shared.b32 %{name}{w}_{k}, [{t}];"]
+    lines += [f"mov.f32 %d{i}, 0f00000000;" for i in range(4)]
+    d = "{%d0, %d1, %d2, %d3}"
+    for w in range(2):
+        for m0, m1 in ((0, 1), (2, 3)):  # A rows g (row a) / g+8 (row b) at this lane's k slots; B = x
+            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{ty}.{ty}.f32 {d}, "
+                         f"{{%a{w}_{m0}, %b{w}_{m0}, %a{w}_{m1}, %b{w}_{m1}}}, "
+                         f"{{${8 + 2 * m0 + w}, ${8 + 2 * m1 + w}}}, {d};")
+    lines += ["mov.b32 $0, %d0;", "mov.b32 $1, %d1;", "mov.b32 $2, %d2;", "mov.b32 $3, %d3;", "}"]
+    return "\n".join(lines)
+
+
+def config(N: int, K: int) -> tuple[int, int, int]:
+    """(BN rows, KT words, programs per SM), from bench/gemv_gluon.py on an H100: 8 x 128 from K = 8192, else
+    16 x 64."""
+    return (8, 128, 3) if K >= 8192 else (16, 64, 3)
+
+
+def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested: bool, absmax: torch.Tensor,
+              *tensors: torch.Tensor) -> bool:
+    """Whether this kernel serves a GEMV (see the module doc): ``ENABLED``, the device's ``verdict`` included."""
+    if not (ENABLED and AVAILABLE) or INTERPRET or dtype not in (torch.float16, torch.bfloat16) or blocksize != 64:
+        return False
+    if nested:
+        return False
+    if absmax.dtype != torch.float32 or K % 512 or N * K < MIN_WORK or N % config(N, K)[0]:
+        return False
+    if any(t.data_ptr() % 16 for t in tensors):
+        return False
+    device = absmax.device
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+        return False
+    return verdict(device, dtype)
+
+
+_SHARED_OK: set = set()
+
+
+def _open_shared(compiled) -> None:
+    """Lets ``compiled`` (a triton CompiledKernel) use its dynamic shared memory beside the 32 KB static table:
+    triton raises the limit only when the dynamic part alone passes 48 KB. Carveout: all shared memory, so that
+    three programs fit on an SM."""
+    compiled._init_handles()
+    key = compiled.function
+    if key in _SHARED_OK:
+        return
+    cuda = ctypes.CDLL("libcuda.so.1")
+    for attr, value in ((8, compiled.metadata.shared), (9, 100)):  # MAX_DYNAMIC_SHARED_SIZE_BYTES, CARVEOUT
+        rc = cuda.cuFuncSetAttribute(ctypes.c_void_p(compiled.function), attr, ctypes.c_int(value))
+        if rc:
+            raise RuntimeError(f"gemv_ring: cuFuncSetAttribute({attr}, {value}) failed with CUDA error {rc}")
+    _SHARED_OK.add(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _asm(quant_type: str, dtype: torch.dtype) -> tuple[str, str, str]:
+    return declare_asm(), build_asm(table_words(quant_type, dtype)), step_asm(dtype)
+
+
+def _launch_kwargs(quant_type: str, dtype: torch.dtype, stages: int, ctas: int, mode: int = 0) -> dict:
+    """The kernel's constexprs and options (HAS_BIAS aside) for ``ctas`` programs per SM."""
+    # registers for ctas programs of 8 warps (the producer partition pads to a warpgroup); the producer gives its
+    # share back down to 24 per thread, the consumer warps take the rest
+    maxnreg = min(255, 65536 // (ctas * 32 * (4 + WARPS)) // 8 * 8)
+    cons_regs = min(248, (maxnreg * (4 + WARPS) - 24 * 4) // WARPS // 8 * 8)
+    declare, build, step = _asm(quant_type, dtype)
+    return dict(STAGES=stages, MODE=mode, CONS_REGS=cons_regs, DECLARE=declare, BUILD=build, ASM=step, num_warps=4,
+                maxnreg=maxnreg)
+
+
+def compile_offline(dtype: torch.dtype = torch.bfloat16, cfg: tuple[int, int, int, int] = (16, 64, STAGES, 3),
+                    quant_type: str = "nf4", has_bias: bool = True):
+    """Compiles the kernel for sm_90 without a GPU (``triton.compile``; the launch would specialize the same way:
+    16-byte aligned pointers) -> the CompiledKernel. For the CPU tests and the bench's ``--compile-only``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    BN, KT, stages, ctas = cfg
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    ty = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    sig = {"out_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "w_desc": f"tensordesc<i32[{BN}, {KT}],{layout!r}>",
+           "a_desc": f"tensordesc<fp32[{BN}, {KT // 8}],{layout!r}>",
+           "x_desc": f"tensordesc<i32[{KT // 64}, 256],{layout!r}>", "N": "i32", "n_items": "i32", "KTILES": "i32"}
+    kw = _launch_kwargs(quant_type, dtype, stages, ctas)
+    opts = {"num_warps": kw.pop("num_warps"), "maxnreg": kw.pop("maxnreg")}
+    consts = dict(kw, HAS_BIAS=has_bias)
+    sig.update({k: "constexpr" for k in consts})
+    src = GluonASTSource(gemv_ring_kernel, sig, constexprs=consts, attrs={(0,): [["tt.divisibility", 16]],
+                                                                          (1,): [["tt.divisibility", 16]]})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+class _Address:
+    """What a TMA descriptor needs of its base tensor: the address and the element type."""
+
+    __slots__ = ("_ptr", "dtype")
+
+    def __init__(self, ptr: int, dtype: torch.dtype):
+        self._ptr, self.dtype = ptr, dtype
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+class RingGemv:
+    """The launch of one (N, K) weight in one activation dtype: the weight and absmax descriptors are built once;
+    a call builds x's. ``__call__(x, bias)``: x (1, K) 16-byte aligned, bias (N,) in x's dtype or None -> (1, N).
+    Holds the weight's addresses, not its tensors (as ``gemm4bit.Plan``): its owner checks that they still hold
+    the weight. Host cost: ~60 us a call on an H100's host (triton encodes the three TMA descriptors at every
+    launch), against ~12 us for the tensor-core GEMV's bound launch: why the ring is opt-in (``ENABLED``)."""
+
+    def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
+                 dtype: torch.dtype, cfg: tuple[int, int, int, int] | None = None, mode: int = 0):
+        """``cfg`` (BN, KT, STAGES, programs per SM) and ``mode`` (the kernel's MODE) are for the bench."""
+        self.N, self.K, self.dtype = N, K, dtype
+        BN, KT, stages, ctas = cfg or (*config(N, K)[:2], STAGES, config(N, K)[2])
+        if N % BN or K % 512 or (K // 8) % KT or KT not in (64, 128) or BN < 8 or BN & (BN - 1):
+            raise ValueError(f"gemv_ring: a {N}x{K} weight does not tile by {BN} rows x {KT} words")
+        self.KT = KT
+        layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+        self.layout = layout
+        # descriptors over the weight's addresses, not its tensors: a plan must not keep a layer's weights alive
+        self.w_desc = TensorDescriptor(_Address(data.data_ptr(), torch.int32), [N, K // 8], [K // 8, 1], [BN, KT],
+                                       layout)
+        self.a_desc = TensorDescriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
+                                       [BN, KT // 8], layout)
+        n_items = N // BN
+        sms = torch.cuda.get_device_properties(data.device).multi_processor_count
+        rounds = -(-n_items // (ctas * sms))
+        self.grid = (-(-n_items // rounds),)  # every program rounds or rounds - 1 tiles
+        self.n_items, self.ktiles = n_items, (K // 8) // KT
+        self.kwargs = _launch_kwargs(quant_type, dtype, stages, ctas, mode)
+        self._opened: set[bool] = set()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        out = torch.empty(1, self.N, dtype=self.dtype, device=x.device)
+        x_desc = TensorDescriptor.from_tensor(x.view(torch.int32).reshape(self.K // 512, 256),
+                                              [self.KT // 64, 256], self.layout)
+        has_bias = bias is not None
+        args = (out, bias if has_bias else out, self.w_desc, self.a_desc, x_desc, self.N, self.n_items, self.ktiles)
+        kw = dict(self.kwargs, HAS_BIAS=has_bias)
+        if has_bias not in self._opened:  # compile (no launch) and open the shared memory before the first launch
+            compiled = gemv_ring_kernel.warmup(*args, grid=self.grid, **kw)
+            _open_shared(compiled.result() if hasattr(compiled, "result") else compiled)
+            self._opened.add(has_bias)
+        launch(gemv_ring_kernel, self.grid, *args, **kw)
+        return out
+
+
+_VERDICTS: dict[tuple, bool] = {}
+
+
+def verdict(device: torch.device, dtype: torch.dtype) -> bool:
+    """Runs the kernel once on ``device`` for ``dtype`` (a 64 x 1024 weight; every call path compiles and opens
+    the shared memory first) against the dequantized float32 product; False, with a warning, if it fails or
+    disagrees, and the other GEMVs serve. While a CUDA graph is being captured an unchecked device answers False
+    and is checked on a later call."""
+    key = (device, dtype)
+    if key not in _VERDICTS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _VERDICTS[key] = _check(device, dtype)
+    return _VERDICTS[key]
+
+
+def _check(device: torch.device, dtype: torch.dtype) -> bool:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    N, K = 64, 1024
+    w = torch.randn(N, K, generator=g) / K**0.5
+    packed, absmax = ref4.quantize_4bit(w, 64, "nf4")
+    x = torch.randn(1, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype)
+    W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float32)
+    exact = x.float() @ W.T + bias.float()
+    bound = 2.0**-7 * (x.float().abs() @ W.abs().T + bias.float().abs()) + 1e-3
+    try:
+        with torch.cuda.device(device):
+            data, am = packed.reshape(-1).to(device), absmax.to(device)  # alive while the ring reads them
+            out = RingGemv(data, am, N, K, "nf4", dtype)(x.to(device), bias.to(device))
+        ok = bool(((out.float().cpu() - exact).abs() <= bound).all())
+        reason = "disagreed with the reference"
+    except Exception as e:  # noqa: BLE001  (a triton or driver without what it needs: the other GEMVs serve)
+        ok, reason = False, f"failed ({type(e).__name__}: {str(e)[:200]})"
+    if not ok:
+        warnings.warn(f"halfbyte: the TMA-ring GEMV {reason} on {device}; GEMVs use the register-table kernels",
+                      RuntimeWarning, stacklevel=4)
+    return ok

@@ -1,7 +1,8 @@
 """The TMA-ring 4-bit GEMV (``halfbyte.kernels.gemv_ring``). Gluon does not run under the interpreter, so the CPU
-tier checks what it can without a GPU: the table the kernel decodes through, and that the kernel compiles for sm_90
-with the installed triton. The GPU tier runs it over the FLUX/T5 shapes it serves, against the GEMV's derived
-bound (``test_kernels.assert_within_fp32_sum_bound``), through the registered op, a plan and a CUDA graph."""
+tier checks what it can without a GPU: the table the kernel decodes through, its two assembly blocks emulated for
+a warp (the table build and the lookups + mma), and that the kernel compiles for sm_90 with the installed triton.
+The GPU tier runs it over the FLUX/T5 shapes it serves, against the GEMV's derived bound
+(``test_kernels.assert_within_fp32_sum_bound``), through the registered op, a plan and a CUDA graph."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from kernel_helpers import DEV, FLUX_T5, gpu
@@ -154,3 +156,154 @@ def test_ring_plan_in_a_cuda_graph(qt, ring_on):
         assert torch.equal(y, plan(x, bias))
     W = fourbit.dequantize_4bit(packed, am, 64, qt, (N, K), dtype)
     assert_within_fp32_sum_bound(y, x, W, bias, unrounded_weights=True)
+
+
+def _run_step_warp(asm: str, operands: list[dict[int, int]], table: dict[int, int], base: int) -> None:
+    """Runs ``gemv_ring.step_asm`` for the 32 lanes of a warp in lockstep (its integer ops, ``ld.shared`` from
+    ``table`` {address: word}, the table symbol at ``base``, and ``mma.m16n8k16`` with the PTX ISA's fragment
+    layout: lane = 4 g + t; A regs (row g, k 2t..2t+1), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..); B regs
+    (k 2t.., col g), (k 2t + 8.., col g); C (g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1); the lower-indexed
+    element in a register's low half). ``operands[lane]`` {index: 32-bit value} gets the outputs."""
+    regs = [dict() for _ in range(32)]
+
+    def val(lane, tok):
+        tok = tok.strip().rstrip(";")
+        if tok.startswith("$"):
+            return operands[lane][int(tok[1:])]
+        if tok.startswith("%"):
+            return regs[lane][tok]
+        if tok == gemv_ring.TABLE:
+            return base
+        return int(tok[2:], 16) if tok.startswith("0f") else int(tok, 0)
+
+    def halves(word, dtype):
+        h = torch.tensor([word & 0xFFFF, word >> 16], dtype=torch.int32).to(torch.int16).view(dtype)
+        return h.double().tolist()
+
+    dtype = torch.bfloat16 if ".bf16." in asm else torch.float16
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op.startswith("mma.sync"):
+            groups = [g.strip("{} ").split(",") for g in rest.replace("}, {", "}|{").split("|")]
+            d, a, b, c = ([t.strip() for t in g] for g in groups)
+            A = torch.zeros(16, 16, dtype=torch.float64)
+            B = torch.zeros(16, 8, dtype=torch.float64)
+            C = torch.zeros(16, 8, dtype=torch.float64)
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for i, (r, k) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+                    A[r, k:k + 2] = torch.tensor(halves(val(lane, a[i]), dtype))
+                for i, k in enumerate((2 * t, 2 * t + 8)):
+                    B[k:k + 2, g] = torch.tensor(halves(val(lane, b[i]), dtype))
+                for i, (r, n) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                    C[r, n] = float(np.array([val(lane, c[i])], dtype=np.uint32).view(np.float32)[0])
+            D = A @ B + C
+            for lane in range(32):
+                g, t = lane // 4, lane % 4
+                for i, (r, n) in enumerate(((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                    regs[lane][d[i]] = int(np.array([D[r, n]], dtype=np.float32).view(np.uint32)[0])
+            continue
+        dst, *srcs = [s.strip() for s in rest.split(",")]
+        for lane in range(32):
+            if op == "ld.shared.b32":
+                v = table[val(lane, srcs[0].strip("[]"))]
+            else:
+                x = [val(lane, s) for s in srcs]
+                v = {"mov.u32": lambda: x[0], "mov.f32": lambda: x[0], "mov.b32": lambda: x[0],
+                     "shl.b32": lambda: x[0] << x[1], "shr.u32": lambda: x[0] >> x[1], "and.b32": lambda: x[0] & x[1],
+                     "or.b32": lambda: x[0] | x[1], "add.u32": lambda: x[0] + x[1]}[op]()
+            v &= 0xFFFFFFFF
+            if dst.startswith("$"):
+                operands[lane][int(dst[1:])] = v
+            else:
+                regs[lane][dst] = v
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_step_asm_sums_each_lane_group(qt, dtype):
+    """The consumer's assembly, emulated for a warp: with the table laid out as the build writes it (entry e of
+    lane l at base + 128 e + 4 l), the element the kernel keeps (lane 4g + g/2, output (d0, d1)[g % 2]) is lane
+    group g's sum of code * x over its 8 words (2 per lane) of row a, and of row b in the second output pair."""
+    gen = torch.Generator().manual_seed(1)
+    words = gemv_ring.table_words(qt, dtype)
+    base = 0x8000
+    table = {base + 128 * e + 4 * lane: w for e, w in enumerate(words) for lane in range(32)}
+    code = code_4bit(qt).to(dtype).double()
+    qa = torch.randint(0, 2**32, (32, 2), generator=gen, dtype=torch.int64)
+    qb = torch.randint(0, 2**32, (32, 2), generator=gen, dtype=torch.int64)
+    xv = torch.randn(32, 2, 8, generator=gen).to(dtype)  # per lane, word j: its 8 x values in order
+    pairs = xv.view(torch.int16).to(torch.int64).view(32, 2, 4, 2) & 0xFFFF
+    xw = pairs[..., 0] | (pairs[..., 1] << 16)  # (lane, word, pair m): the low half holds the earlier element
+    ops = []
+    for lane in range(32):
+        o = {4: int(qa[lane, 0]), 5: int(qa[lane, 1]), 6: int(qb[lane, 0]), 7: int(qb[lane, 1]), 16: 4 * lane}
+        o.update({8 + 2 * m + w: int(xw[lane, w, m]) for m in range(4) for w in range(2)})
+        ops.append(o)
+    _run_step_warp(gemv_ring.step_asm(dtype), ops, table, base)
+
+    def word_dot(q, x):  # byte i holds weights 2i (high nibble) and 2i + 1 (low nibble)
+        idx = [(q >> (8 * i + 4 - 4 * h)) & 15 for i in range(4) for h in range(2)]
+        return sum(float(code[k]) * float(x[n]) for n, k in enumerate(idx))
+
+    for g in range(8):
+        lane = 4 * g + g // 2
+        got = [np.array([ops[lane][i]], dtype=np.uint32).view(np.float32)[0] for i in range(4)]
+        exp_a = sum(word_dot(int(qa[4 * g + t, j]), xv[4 * g + t, j].double()) for t in range(4) for j in range(2))
+        exp_b = sum(word_dot(int(qb[4 * g + t, j]), xv[4 * g + t, j].double()) for t in range(4) for j in range(2))
+        # float32 accumulation of 64 products: a few ulps of the magnitude
+        scale = sum(abs(float(v)) for v in xv[4 * g:4 * g + 4].flatten()) * 1.0
+        assert abs(got[g % 2] - exp_a) <= 1e-5 * scale + 1e-6, (g, got, exp_a)
+        assert abs(got[2 + g % 2] - exp_b) <= 1e-5 * scale + 1e-6, (g, got, exp_b)
+
+
+def _run_build(asm: str, base: int) -> dict[int, int]:
+    """Runs ``gemv_ring.build_asm`` for the 4 consumer warps (warps 4-7 of the program: thread ids 128-255) and
+    returns the shared words it stores {address: word} (the table symbol at ``base``)."""
+    memory: dict[int, int] = {}
+    for tid in range(128, 256):
+        regs = {"%laneid": tid % 32, "%tid.x": tid}
+        preds: dict[str, bool] = {}
+
+        def val(tok):
+            tok = tok.strip()
+            if tok in regs:
+                return regs[tok]
+            return base if tok == gemv_ring.TABLE else int(tok, 0)
+
+        for line in asm.splitlines():
+            line = line.strip().rstrip(";")
+            if line in ("{", "}") or line.startswith(".reg") or line.startswith("bar.sync") or "$0" in line:
+                continue
+            if line.startswith("@"):
+                p, line = line.split(None, 1)
+                if not preds[p[1:]]:
+                    continue
+            op, rest = line.split(None, 1)
+            dst, *srcs = [s.strip() for s in rest.split(",")]
+            if op == "st.shared.b32":
+                reg, off = dst.strip("[]").split("+")
+                assert regs[reg] + int(off) not in memory, "a table word written twice"
+                memory[regs[reg] + int(off)] = val(srcs[0])
+                continue
+            x = [val(s) for s in srcs]
+            if op == "setp.eq.u32":
+                preds[dst] = x[0] == x[1]
+                continue
+            regs[dst] = {"mov.u32": lambda: x[0], "mov.b32": lambda: x[0], "shl.b32": lambda: x[0] << x[1],
+                         "shr.u32": lambda: x[0] >> x[1], "add.u32": lambda: x[0] + x[1],
+                         "rem.u32": lambda: x[0] % x[1]}[op]() & 0xFFFFFFFF
+    return memory
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_build_asm_writes_the_replicated_table(qt):
+    """The table build, emulated for the 4 consumer warps: every word base + 128 e + 4 l (entry e, lane l) is
+    written, once, with entry e; nothing else."""
+    words = gemv_ring.table_words(qt, torch.bfloat16)
+    base = 0x8000
+    memory = _run_build(gemv_ring.build_asm(words), base)
+    assert memory == {base + 128 * e + 4 * lane: w for e, w in enumerate(words) for lane in range(32)}

@@ -24,7 +24,8 @@ tile are 8 bytes, under TMA's 16-byte minimum), K % 512 == 0, N a multiple of th
 9.x, with triton's Gluon; ``supported`` says where, and each device runs it once against the tensor-core GEMV
 before use (``verdict``: it compares with the dequantized float32 product). Where not served the other
 GEMVs are. Gluon does not run under the interpreter: the CPU
-tier checks that the kernel compiles for sm_90 and that ``table_words`` holds the decode it assumes.
+tier checks that the kernel compiles for sm_90, that ``table_words`` holds the decode it assumes, and emulates
+``build_asm`` and ``step_asm`` for a warp (tests/test_gemv_ring.py).
 """
 
 import ctypes

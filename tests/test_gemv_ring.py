@@ -20,7 +20,7 @@ from halfbyte.formats import fourbit
 from halfbyte.formats.codebooks import code_4bit
 from halfbyte.kernels import gemm4bit, gemv_ring
 
-needs_gluon = pytest.mark.skipif(not gemv_ring.AVAILABLE, reason="this triton has no Gluon: the ring is not built")
+needs_gluon = pytest.mark.skipif(not gemv_ring.available(), reason="this triton has no Gluon: the ring is not built")
 RING_SHAPES = [s for s in FLUX_T5 if s[0] * s[1] >= gemv_ring.MIN_WORK and s[1] % 512 == 0]
 
 
@@ -82,7 +82,7 @@ def ring_on(monkeypatch):
 
 
 def _ring_expected(device) -> bool:
-    return gemv_ring.AVAILABLE and torch.cuda.get_device_capability(device)[0] == 9
+    return gemv_ring.available() and torch.cuda.get_device_capability(device)[0] == 9
 
 
 @gpu

@@ -39,14 +39,26 @@ from ..formats import fourbit as ref4
 from .common import INTERPRET
 from .launch import launch
 
-try:  # Gluon and its Hopper TMA API (triton >= 3.5)
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from ._gemv_ring_kernel import gemv_ring_kernel
-    AVAILABLE = True
-except Exception:  # noqa: BLE001  (no Gluon, or one this code does not know: the other GEMVs serve)
-    AVAILABLE = False
+@functools.lru_cache(maxsize=None)
+def _gluon():
+    """(Gluon's language module, its TensorDescriptor, the kernel), or None where this triton has no Gluon (or one
+    this code does not know). Imported on first use, not with the module: only the opt-in path and the tests need
+    it (the import costs ~55 ms)."""
+    try:  # Gluon and its Hopper TMA API (triton >= 3.5)
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        from ._gemv_ring_kernel import gemv_ring_kernel
+    except Exception:  # noqa: BLE001  (the other GEMVs serve)
+        return None
+    return gl, TensorDescriptor, gemv_ring_kernel
+
+
+def available() -> bool:
+    """Whether this triton can build the kernel."""
+    return _gluon() is not None
+
 
 #: Whether GEMVs take the ring where it serves. Off by default: its GPU time is 0.74-0.85x the tensor-core GEMV's
 #: at the FLUX/T5 widths, but its host cost per call is ~5x (``RingGemv``), which an eager host-bound loop (an LLM
@@ -123,13 +135,13 @@ def config(N: int, K: int) -> tuple[int, int, int]:
 def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested: bool, absmax: torch.Tensor,
               *tensors: torch.Tensor) -> bool:
     """Whether this kernel serves a GEMV (see the module doc): ``ENABLED``, the device's ``verdict`` included."""
-    if not (ENABLED and AVAILABLE) or INTERPRET or dtype not in (torch.float16, torch.bfloat16) or blocksize != 64:
+    if not ENABLED or INTERPRET or dtype not in (torch.float16, torch.bfloat16) or blocksize != 64:
         return False
     if nested:
         return False
     if absmax.dtype != torch.float32 or K % 512 or N * K < MIN_WORK or N % config(N, K)[0]:
         return False
-    if any(t.data_ptr() % 16 for t in tensors):
+    if any(t.data_ptr() % 16 for t in tensors) or not available():
         return False
     device = absmax.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
@@ -181,6 +193,7 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, cfg: tuple[int, int, in
     from triton.experimental.gluon._runtime import GluonASTSource
 
     BN, KT, stages, ctas = cfg
+    gl, _, gemv_ring_kernel = _gluon()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     ty = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
     sig = {"out_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "w_desc": f"tensordesc<i32[{BN}, {KT}],{layout!r}>",
@@ -222,6 +235,8 @@ class RingGemv:
         if N % BN or K % 512 or (K // 8) % KT or KT not in (64, 128) or BN < 8 or BN & (BN - 1):
             raise ValueError(f"gemv_ring: a {N}x{K} weight does not tile by {BN} rows x {KT} words")
         self.KT = KT
+        gl, TensorDescriptor, self._kernel = _gluon()
+        self._descriptor = TensorDescriptor
         layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
         self.layout = layout
         # descriptors over the weight's addresses, not its tensors: a plan must not keep a layer's weights alive
@@ -239,16 +254,16 @@ class RingGemv:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = torch.empty(1, self.N, dtype=self.dtype, device=x.device)
-        x_desc = TensorDescriptor.from_tensor(x.view(torch.int32).reshape(self.K // 512, 256),
+        x_desc = self._descriptor.from_tensor(x.view(torch.int32).reshape(self.K // 512, 256),
                                               [self.KT // 64, 256], self.layout)
         has_bias = bias is not None
         args = (out, bias if has_bias else out, self.w_desc, self.a_desc, x_desc, self.N, self.n_items, self.ktiles)
         kw = dict(self.kwargs, HAS_BIAS=has_bias)
         if has_bias not in self._opened:  # compile (no launch) and open the shared memory before the first launch
-            compiled = gemv_ring_kernel.warmup(*args, grid=self.grid, **kw)
+            compiled = self._kernel.warmup(*args, grid=self.grid, **kw)
             _open_shared(compiled.result() if hasattr(compiled, "result") else compiled)
             self._opened.add(has_bias)
-        launch(gemv_ring_kernel, self.grid, *args, **kw)
+        launch(self._kernel, self.grid, *args, **kw)
         return out
 
 

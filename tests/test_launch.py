@@ -29,6 +29,32 @@ def test_cached_launcher_respects_alignment_specialization(misalign):
         assert torch.equal(out, expected)
 
 
+@gpu
+def test_bound_launch_layouts_agree(monkeypatch):
+    """A plan's bound launches (dequantize, GEMV) give the same bytes through triton's C launcher with triton
+    3.6's argument layout (``launch.DIRECT``, where this triton is 3.6) and through the compiled kernel's ``run``
+    (the layout every other triton version gets)."""
+    from halfbyte.formats import fourbit as ref
+    from halfbyte.kernels import gemm4bit, launch
+
+    N, K, dtype = 4096, 3072, torch.bfloat16
+    w = torch.randn(N, K, device="cuda") / K**0.5
+    packed, absmax = ref.quantize_4bit(w, 64, "nf4")
+    bias = torch.randn(N, device="cuda").to(dtype)
+    x1, xm = torch.randn(1, K, device="cuda").to(dtype), torch.randn(256, K, device="cuda").to(dtype)
+    outs = {}
+    for direct in sorted({launch.DIRECT, False}):
+        monkeypatch.setattr(launch, "DIRECT", direct)
+        plan = gemm4bit.Plan(packed, absmax, None, None, None, bias, N, K, 64, "nf4", dtype)
+        outs[direct] = (plan(x1, bias), plan(xm, bias))
+    W = ref.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), dtype)
+    ref_m = torch.nn.functional.linear(xm, W, bias)
+    for one, many in outs.values():
+        assert torch.equal(many, ref_m)  # the bound dequantize, then the same cuBLAS GEMM
+        assert torch.equal(one, outs[False][0])
+    assert (one.float() - (x1.float() @ W.float().T + bias.float())).abs().max() < 0.1
+
+
 def test_launch_keys_separate_what_triton_specializes():
     from halfbyte.kernels.launch import _arg_key
     assert _arg_key(1) != _arg_key(17) and _arg_key(16) == _arg_key(32) and _arg_key(17) != _arg_key(16)

@@ -19,6 +19,12 @@ from triton import knobs
 from .common import INTERPRET
 
 _CACHE: dict[tuple, tuple] = {}
+
+#: Whether bound launches call triton's C launcher directly, with the argument layout of triton 3.6 (the version on
+#: the machines this was measured and tested on). Elsewhere (triton 3.7+ passes the kernel's arguments as one tuple
+#: with C-side annotations) they call the compiled kernel's ``run``, as triton's own JIT does: the same layout in
+#: 3.6 and 3.9, ~1 us more per launch.
+DIRECT = tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
 _CONSTEXPR_POSITIONS: dict[triton.JITFunction, tuple[int, ...]] = {}
 
 
@@ -114,12 +120,8 @@ class Bound:
             raise TypeError(f"bind: {fn.__name__} needs arguments {missing}")
         fixed = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
         g = tuple(grid) + (1,) * (3 - len(grid))
-        # Positional layout of the C launcher: grid, stream, function, cooperative, pdl, two scratch buffers,
-        # packed metadata, launch metadata, the two hooks, then the kernel's parameters (constexprs included).
-        head = (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None, kernel.packed_metadata,
-                None, None, None)
         tail = tuple(kwargs[n] for n in names)
-        c_launch = run.launch
+        c_launch, head = launcher_head(kernel)
         if len(free) == 1:  # the common cases without a per-call list
             (i,) = free
             pre, post = tuple(fixed[:i]), tuple(fixed[i + 1:]) + tail
@@ -144,6 +146,41 @@ class Bound:
 
     def __call__(self, stream: int, *ptrs: int) -> None:
         self._call(stream, *ptrs)
+
+
+def launcher_head(kernel) -> tuple:
+    """(callable, head) such that ``callable(g0, g1, g2, stream, *head, *params)`` launches the compiled ``kernel``
+    with its parameters in signature order (constexprs included, as values; tensors or device addresses).
+
+    Triton 3.6 (``DIRECT``): its C launcher itself, whose layout is grid, stream, function, cooperative, pdl, two
+    scratch buffers, packed metadata, launch metadata, the two hooks, then the parameters. Other versions: the
+    kernel's ``run`` with triton's JIT layout (function, packed metadata, launch metadata, the two hooks)."""
+    run = kernel.run
+    if DIRECT:
+        return run.launch, (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                            kernel.packed_metadata, None, None, None)
+    return run, (kernel.function, kernel.packed_metadata, None, None, None)
+
+
+def descriptor_launcher(kernel) -> tuple:
+    """For a compiled ``kernel`` with TMA descriptor parameters: (callable, head, expand), as ``launcher_head``,
+    where ``expand(desc, i)`` is the list that stands in the parameters for ``desc``, its ``i``-th descriptor.
+
+    Triton's launcher wrapper encodes every descriptor (``cuTensorMapEncodeTiled``, from Python) at every call. With
+    triton 3.6 (``DIRECT``) this returns the C launcher under that wrapper, so that the caller encodes a descriptor
+    once (``expand``, triton's own encoding) and reuses it while its base, shape and block stay the same. Elsewhere,
+    or where the wrapper is not the one this code knows, the kernel's ``run`` and the descriptors themselves."""
+    c_launch, head = launcher_head(kernel)
+    if DIRECT:
+        free = dict(zip(c_launch.__code__.co_freevars, c_launch.__closure__ or ())) if hasattr(
+            c_launch, "__code__") else {}
+        if "launcher" in free and "tensordesc_meta" in free:
+            from triton.backends.nvidia.driver import make_tensordesc_arg
+
+            raw, metas = free["launcher"].cell_contents, free["tensordesc_meta"].cell_contents
+            return raw, head, lambda desc, i: list(make_tensordesc_arg(desc, metas[i] if metas else None))
+    run = kernel.run
+    return run, (kernel.function, kernel.packed_metadata, None, None, None), lambda desc, i: [desc]
 
 
 def bind(fn: triton.JITFunction, grid: tuple[int, ...], args: tuple, kwargs: dict,

@@ -4,9 +4,10 @@ reading: BENCHMARKS.md, session 17.
 
     python bench/gemv_gluon.py [--dtype bfloat16|float16] [--configs BN,KT,STAGES,CTAS ...] [--read-only]
     python bench/gemv_gluon.py --compile-only     # no GPU needed: compiles for sm_90 (triton 3.6 and 3.9)
+    python bench/gemv_gluon.py --host             # host time per call: ring vs tensor-core GEMV, eager loops
 
 Design: ``halfbyte/kernels/gemv_ring.py``. Columns: "routed" the library's GEMV as routed (the ring where it
-serves, with ``HALFBYTE_GEMV_RING=1``), "lib" the GEMV without the ring (``use_ring=False``), "bnb"
+serves: on by default), "lib" the GEMV without the ring (``use_ring=False``), "bnb"
 bitsandbytes' ``matmul_4bit``, "tma/..." the ring per launch shape; ``--read-only`` adds the same programs with
 the decode replaced by a trivial use of each stage ("read", MODE 1) and without the absmax and x loads ("read-w",
 MODE 2): the memory side's floor.
@@ -35,6 +36,7 @@ def main():
                                                    "stages, programs per SM)")
     ap.add_argument("--shapes", nargs="*", help="NxK")
     ap.add_argument("--read-only", action="store_true", help="also time the ring without the decode")
+    ap.add_argument("--host", action="store_true", help="host time per one-token call instead")
     ap.add_argument("--json")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
@@ -45,6 +47,9 @@ def main():
             ptx = k.asm["ptx"]
             print(f"cfg {cfg}: dynamic shared {k.metadata.shared} B (+ the 32 KB static table); PTX mma.sync "
                   f"{ptx.count('mma.sync')}, ld.shared {ptx.count('ld.shared')}")
+        return
+    if args.host:
+        host_costs(getattr(torch, args.dtype))
         return
     from benchutil import bnb_gemv_ms, gemv_case, report_row, sweep, timed_graph
 
@@ -83,12 +88,44 @@ def main():
             sweep(row, name, configs, make, check if mode == 0 else (lambda n, o: None), ws, copies)
         report_row(row, nbytes, results)
         if "bnb" in row:
-            print("   speed vs bnb:", ", ".join(f"{k} {row['bnb'] / row[k]:.2f}x" for k in ("routed", "lib", "tma")
-                                                 if k in row))
+            names = ("routed", "lib", "tma")
+            print("   speed vs bnb:", ", ".join(f"{k} {row['bnb'] / row[k]:.2f}x" for k in names if k in row))
         ws = None
         torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def host_costs(dt, N=12288, K=3072, n=2000):
+    """Host time per call (a loop of ``n`` calls, before the synchronize) and wall time per call (after it) of a
+    plan and of the registered op, with the ring and with the tensor-core GEMV, one token of a N x K weight."""
+    import time
+
+    from halfbyte.kernels import gemm4bit, launch
+
+    w = (torch.randn(N, K, device="cuda") / K**0.5).to(dt)
+    p, a = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
+    x = torch.randn(1, K, device="cuda", dtype=dt)
+    bias = torch.randn(N, device="cuda", dtype=dt)
+    print(f"{torch.cuda.get_device_name()}, triton {triton.__version__} (launch.DIRECT {launch.DIRECT}), "
+          f"{N}x{K} {dt}, host / wall us per call over {n} calls")
+    for ring in (True, False):
+        gemv_ring.ENABLED = ring
+        plan = gemm4bit.Plan(p, a, None, None, None, bias, N, K, 64, "nf4", dt)
+        assert (plan._ring is not None) == ring
+        gemv_ring._RINGS.clear()
+        op = lambda: torch.ops.halfbyte.gemm_4bit(x, p, a, None, None, None, bias, [N, K], 64, "nf4")  # noqa: E731
+        for name, fn in (("plan", lambda: plan(x, bias)), ("op", op)):
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            host = (time.perf_counter() - t) / n * 1e6
+            torch.cuda.synchronize()
+            wall = (time.perf_counter() - t) / n * 1e6
+            print(f"  {'ring' if ring else 'tensor-core'} {name}: host {host:.1f} us, wall {wall:.1f} us")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from test_kernels import _quantized_linear, assert_within_fp32_sum_bound
 
 from halfbyte.formats import fourbit
 from halfbyte.formats.codebooks import code_4bit
-from halfbyte.kernels import gemm4bit, gemv_ring
+from halfbyte.kernels import gemm4bit, gemv_ring, launch
 
 needs_gluon = pytest.mark.skipif(not gemv_ring.available(), reason="this triton has no Gluon: the ring is not built")
 RING_SHAPES = [s for s in FLUX_T5 if s[0] * s[1] >= gemv_ring.MIN_WORK and s[1] % 512 == 0]
@@ -77,7 +77,7 @@ def test_compiles_for_sm90(dtype, cfg, qt, has_bias):
 
 @pytest.fixture
 def ring_on(monkeypatch):
-    """The ring is opt-in (``gemv_ring.ENABLED``); the GPU tier turns it on for its tests."""
+    """The ring is on by default (``gemv_ring.ENABLED``), unless ``HALFBYTE_GEMV_RING=0``: its tests turn it on."""
     monkeypatch.setattr(gemv_ring, "ENABLED", True)
 
 
@@ -113,8 +113,8 @@ def test_ring_gemv_flux_t5_shapes(shape, dn, ring_on):
 
 @gpu
 def test_ring_serves_only_what_it_can(monkeypatch):
-    """Off by default; on, double-quantized absmax, blocksize 128, float32 x, a small weight and K % 512 != 0 take
-    the other GEMVs (still within the bound through the op)."""
+    """Off with ``ENABLED`` False; on, double-quantized absmax, blocksize 128, float32 x, a small weight and
+    K % 512 != 0 take the other GEMVs (still within the bound through the op)."""
     N, K = 3072, 12288
     x = torch.randn(1, K, device=DEV).to(torch.bfloat16)
     plain_packed, plain_stats, _ = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
@@ -133,6 +133,38 @@ def test_ring_serves_only_what_it_can(monkeypatch):
     W = fourbit.dequantize_4bit(packed, am, 64, "nf4", (N, K), torch.bfloat16)
     out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, None, [N, K], 64, "nf4")
     assert_within_fp32_sum_bound(out, x, W, None, unrounded_weights=True)
+
+
+@gpu
+@pytest.mark.parametrize("direct", sorted({launch.DIRECT, False}), ids=lambda d: "direct" if d else "run")
+def test_ring_bound_launch_over_x_addresses(direct, monkeypatch, ring_on):
+    """A ``RingGemv`` encodes x's descriptor once per address: calls with x at 70 addresses (past the 64 it keeps),
+    with and without bias in turn, each equal bit for bit to a fresh ``RingGemv``'s first call on a copy of x and
+    within the GEMV's bound, through triton's C launcher (triton 3.6) and through the kernel's ``run`` (the layout
+    other triton versions take); ``gemv``'s direct calls reuse one ``RingGemv`` per weight."""
+    if not _ring_expected(torch.device(DEV)):
+        pytest.skip("the ring is built for compute capability 9 with Gluon only")
+    monkeypatch.setattr(launch, "DIRECT", direct)
+    N, K, dtype = 12288, 3072, torch.bfloat16
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, dtype)
+    data = packed.reshape(-1).view(torch.uint8)
+    W = fourbit.dequantize_4bit(packed, am, 64, "nf4", (N, K), dtype)
+    bias = torch.randn(N, device=DEV).to(dtype)
+    ring = gemv_ring.RingGemv(data, stats[0], N, K, "nf4", dtype)
+    buf = torch.randn(70 * K + 8, device=DEV).to(dtype)
+    for i in range(70):
+        x = buf[i * K + 8 * (i % 2):][:K].view(1, K)  # 16-byte aligned, 70 addresses
+        b = bias if i % 2 else None
+        out = ring(x, b)
+        assert torch.equal(out, gemv_ring.RingGemv(data, stats[0], N, K, "nf4", dtype)(x.clone(), b))
+        if i % 17 == 0:
+            assert_within_fp32_sum_bound(out, x, W, b, unrounded_weights=True)
+    assert len(ring._x) <= 64
+    gemv_ring._RINGS.clear()
+    x = buf[:K].view(1, K)
+    first = gemm4bit.gemv(x, packed, *stats, bias, N, K, 64, "nf4")
+    assert len(gemv_ring._RINGS) == 1 and torch.equal(first, gemm4bit.gemv(x, packed, *stats, bias, N, K, 64, "nf4"))
+    assert len(gemv_ring._RINGS) == 1
 
 
 @gpu

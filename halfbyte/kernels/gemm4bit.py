@@ -231,7 +231,7 @@ def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
     if (use_mma and use_ring
             and gemv_ring.supported(x.dtype, N, K, blocksize, nested_absmax is not None, absmax, x, data)):
-        return gemv_ring.RingGemv(data, absmax, N, K, quant_type, x.dtype)(x, bias)
+        return gemv_ring.ring_for(data, absmax, N, K, quant_type, x.dtype)(x, bias)
     if use_mma and gemv_mma.mma_supported(x.dtype, K, blocksize, x, data):
         return gemv_mma.gemv_mma(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                  quant_type)
@@ -342,11 +342,12 @@ class Plan:
         stream = torch._C._cuda_getCurrentRawStream(self.device.index)
         if self._gemv is not None and x.numel() == self.K and x.shape[-1] == self.K:
             if x.stride(-1) == 1 and x.data_ptr() % 16 == 0:
-                if self._ring is not None:
-                    return self._ring(x.reshape(1, self.K), bias).view(x.shape[:-1] + (self.N,))
-                if not self._atomic:
+                if self._ring is not None or not self._atomic:
                     out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
-                    self._gemv(stream, x.data_ptr(), out.data_ptr())
+                    if self._ring is not None:
+                        self._ring.run(stream, x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr())
+                    else:
+                        self._gemv(stream, x.data_ptr(), out.data_ptr())
                     return out
                 acc = torch.zeros(x.shape[:-1] + (self.N,), dtype=torch.float32, device=self.device)
                 self._gemv(stream, x.data_ptr(), acc.data_ptr())

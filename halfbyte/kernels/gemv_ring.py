@@ -18,14 +18,15 @@ bitsandbytes' speed. Here (BENCHMARKS.md, session 17: 1.65-1.94x at the FLUX/T5 
   while the first loads are in flight.
 Persistent programs walk BN-row tiles, spread so that every program gets the same number or one fewer.
 
-Opt-in (``ENABLED``, ``HALFBYTE_GEMV_RING=1``): the launch costs ~5x the host time of the tensor-core GEMV's.
-Serves: float16/bfloat16 x, blocksize 64 with float32 absmax (not double-quantized: its uint8 rows of a 64-word
-tile are 8 bytes, under TMA's 16-byte minimum), K % 512 == 0, N a multiple of the row tile, on compute capability
-9.x, with triton's Gluon; ``supported`` says where, and each device runs it once against the tensor-core GEMV
-before use (``verdict``: it compares with the dequantized float32 product). Where not served the other
-GEMVs are. Gluon does not run under the interpreter: the CPU
-tier checks that the kernel compiles for sm_90, that ``table_words`` holds the decode it assumes, and emulates
-``build_asm`` and ``step_asm`` for a warp (tests/test_gemv_ring.py).
+On by default (``ENABLED``; ``HALFBYTE_GEMV_RING=0`` turns it off). ``RingGemv`` binds the launch: the weight's
+TMA descriptors are encoded once, x's once per address, and a call goes straight to triton's C launcher (triton
+3.6; elsewhere through the compiled kernel's ``run``: ``launch.descriptor_launcher``). Serves: float16/bfloat16 x,
+blocksize 64 with float32 absmax (not double-quantized: its uint8 rows of a 64-word tile are 8 bytes, under TMA's
+16-byte minimum), K % 512 == 0, N * K >= 2^24, N a multiple of the row tile, on compute capability 9.x, with
+triton's Gluon; ``supported`` says where, and each device runs it once before use (``verdict``: it compares with
+the dequantized float32 product). Where not served the other GEMVs are. Gluon does not run under the interpreter:
+the CPU tier checks that the kernel compiles for sm_90, that ``table_words`` holds the decode it assumes, and
+emulates ``build_asm`` and ``step_asm`` for a warp (tests/test_gemv_ring.py).
 """
 
 import ctypes
@@ -37,14 +38,14 @@ import torch
 
 from ..formats import fourbit as ref4
 from .common import INTERPRET
-from .launch import launch
+from .launch import descriptor_launcher
 
 
 @functools.lru_cache(maxsize=None)
 def _gluon():
     """(Gluon's language module, its TensorDescriptor, the kernel), or None where this triton has no Gluon (or one
-    this code does not know). Imported on first use, not with the module: only the opt-in path and the tests need
-    it (the import costs ~55 ms)."""
+    this code does not know). Imported on first use, not with the module: only Hopper GPUs and the tests need it
+    (the import costs ~55 ms)."""
     try:  # Gluon and its Hopper TMA API (triton >= 3.5)
         from triton.experimental.gluon import language as gl
         from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -60,11 +61,10 @@ def available() -> bool:
     return _gluon() is not None
 
 
-#: Whether GEMVs take the ring where it serves. Off by default: its GPU time is 0.74-0.85x the tensor-core GEMV's
-#: at the FLUX/T5 widths, but its host cost per call is ~5x (``RingGemv``), which an eager host-bound loop (an LLM
-#: decoding one token at a time) would pay; CUDA graphs and GPU-bound steps do not. ``HALFBYTE_GEMV_RING=1`` or
-#: setting this to True turns it on.
-ENABLED = os.environ.get("HALFBYTE_GEMV_RING", "0") == "1"
+#: Whether GEMVs take the ring where it serves (on by default; ``HALFBYTE_GEMV_RING=0`` or setting this to False
+#: turns it off). Its GPU time is 0.74-0.85x the tensor-core GEMV's at the FLUX/T5 widths, and its bound launch
+#: costs the host about what that GEMV's does (BENCHMARKS.md, session 18).
+ENABLED = os.environ.get("HALFBYTE_GEMV_RING", "1") != "0"
 
 TABLE = "hb_ring_tab"
 BAR_ID = 14  # the named barrier of the table build (warp specialization uses the low ids)
@@ -141,10 +141,10 @@ def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested: bool, 
         return False
     if absmax.dtype != torch.float32 or K % 512 or N * K < MIN_WORK or N % config(N, K)[0]:
         return False
-    if any(t.data_ptr() % 16 for t in tensors) or not available():
+    if any(t.data_ptr() % 16 for t in tensors):
         return False
     device = absmax.device
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or not available():
         return False
     return verdict(device, dtype)
 
@@ -221,16 +221,17 @@ class _Address:
 
 
 class RingGemv:
-    """The launch of one (N, K) weight in one activation dtype: the weight and absmax descriptors are built once;
-    a call builds x's. ``__call__(x, bias)``: x (1, K) 16-byte aligned, bias (N,) in x's dtype or None -> (1, N).
+    """The launch of one (N, K) weight in one activation dtype, bound: the weight and absmax descriptors are
+    encoded once, x's once per x address (kept, a few dozen at most), and a call is an allocation and one call of
+    triton's C launcher (``launch.descriptor_launcher``). ``__call__(x, bias)``: x (1, K) 16-byte aligned on the
+    weight's device, bias (N,) in x's dtype or None -> (1, N).
     Holds the weight's addresses, not its tensors (as ``gemm4bit.Plan``): its owner checks that they still hold
-    the weight. Host cost: ~60 us a call on an H100's host (triton encodes the three TMA descriptors at every
-    launch), against ~12 us for the tensor-core GEMV's bound launch: why the ring is opt-in (``ENABLED``)."""
+    the weight (or, as ``gemv``'s cache, keys it by them: the encoded descriptors depend on nothing else)."""
 
     def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
                  dtype: torch.dtype, cfg: tuple[int, int, int, int] | None = None, mode: int = 0):
         """``cfg`` (BN, KT, STAGES, programs per SM) and ``mode`` (the kernel's MODE) are for the bench."""
-        self.N, self.K, self.dtype = N, K, dtype
+        self.N, self.K, self.dtype, self.device = N, K, dtype, data.device
         BN, KT, stages, ctas = cfg or (*config(N, K)[:2], STAGES, config(N, K)[2])
         if N % BN or K % 512 or (K // 8) % KT or KT not in (64, 128) or BN < 8 or BN & (BN - 1):
             raise ValueError(f"gemv_ring: a {N}x{K} weight does not tile by {BN} rows x {KT} words")
@@ -250,21 +251,62 @@ class RingGemv:
         self.grid = (-(-n_items // rounds),)  # every program rounds or rounds - 1 tiles
         self.n_items, self.ktiles = n_items, (K // 8) // KT
         self.kwargs = _launch_kwargs(quant_type, dtype, stages, ctas, mode)
-        self._opened: set[bool] = set()
+        self._bound: dict[bool, tuple] = {}  # has_bias -> (C launcher, head, w / absmax params, tail, expand)
+        self._x: dict[tuple[int, bool], list] = {}  # (x address, has_bias) -> x descriptor params
+
+    def x_descriptor(self, ptr: int):
+        """The TMA descriptor of an x at ``ptr``: (K / 512, 256) int32, blocks of (KT / 64, 256)."""
+        return self._descriptor(_Address(ptr, torch.int32), [self.K // 512, 256], [256, 1], [self.KT // 64, 256],
+                                self.layout)
+
+    def _bind(self, has_bias: bool) -> tuple:
+        """Compiles (no launch) this specialization, opens its shared memory, encodes the weight's descriptors."""
+        out = torch.empty(1, self.N, dtype=self.dtype, device=self.device)  # only its dtype specializes
+        args = (out, out, self.w_desc, self.a_desc, self.x_descriptor(out.data_ptr()), self.N, self.n_items,
+                self.ktiles)
+        kw = dict(self.kwargs, HAS_BIAS=has_bias)
+        compiled = self._kernel.warmup(*args, grid=self.grid, **kw)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        _open_shared(compiled)
+        c_launch, head, expand = descriptor_launcher(compiled)
+        tail = (self.N, self.n_items, self.ktiles) + tuple(kw[n] for n in self._kernel.arg_names[len(args):])
+        bound = self._bound[has_bias] = (c_launch, head, (*expand(self.w_desc, 0), *expand(self.a_desc, 1)), tail,
+                                         expand)
+        return bound
+
+    def run(self, stream: int, x: int, out: int, bias: int | None) -> None:
+        """Launches on the raw CUDA ``stream`` with device addresses: x (K,) and out (N,) in the dtype, 16-byte
+        aligned; ``bias`` (N,) or None. (The plans' call: no tensor is made or reshaped.)"""
+        has_bias = bias is not None
+        c_launch, head, wa, tail, expand = self._bound.get(has_bias) or self._bind(has_bias)
+        xp = self._x.get((x, has_bias))
+        if xp is None:
+            if len(self._x) >= 64:
+                self._x.clear()
+            xp = self._x[(x, has_bias)] = expand(self.x_descriptor(x), 2)
+        c_launch(self.grid[0], 1, 1, stream, *head, out, bias if has_bias else out, *wa, *xp, *tail)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        out = torch.empty(1, self.N, dtype=self.dtype, device=x.device)
-        x_desc = self._descriptor.from_tensor(x.view(torch.int32).reshape(self.K // 512, 256),
-                                              [self.KT // 64, 256], self.layout)
-        has_bias = bias is not None
-        args = (out, bias if has_bias else out, self.w_desc, self.a_desc, x_desc, self.N, self.n_items, self.ktiles)
-        kw = dict(self.kwargs, HAS_BIAS=has_bias)
-        if has_bias not in self._opened:  # compile (no launch) and open the shared memory before the first launch
-            compiled = self._kernel.warmup(*args, grid=self.grid, **kw)
-            _open_shared(compiled.result() if hasattr(compiled, "result") else compiled)
-            self._opened.add(has_bias)
-        launch(self._kernel, self.grid, *args, **kw)
+        out = torch.empty(1, self.N, dtype=self.dtype, device=self.device)
+        self.run(torch._C._cuda_getCurrentRawStream(self.device.index), x.data_ptr(), out.data_ptr(),
+                 None if bias is None else bias.data_ptr())
         return out
+
+
+_RINGS: dict[tuple, RingGemv] = {}
+
+
+def ring_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
+             dtype: torch.dtype) -> RingGemv:
+    """A ``RingGemv`` for ``gemv``'s direct calls, kept by the weight's addresses and shape (what its encoded
+    descriptors depend on; at most 256, forgotten together when full)."""
+    key = (data.data_ptr(), absmax.data_ptr(), N, K, quant_type, dtype, data.device)
+    ring = _RINGS.get(key)
+    if ring is None:
+        if len(_RINGS) >= 256:
+            _RINGS.clear()
+        ring = _RINGS[key] = RingGemv(data, absmax, N, K, quant_type, dtype)
+    return ring
 
 
 _VERDICTS: dict[tuple, bool] = {}

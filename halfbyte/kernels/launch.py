@@ -148,15 +148,16 @@ class Bound:
         self._call(stream, *ptrs)
 
 
-def launcher_head(kernel) -> tuple:
+def launcher_head(kernel, direct: bool | None = None) -> tuple:
     """(callable, head) such that ``callable(g0, g1, g2, stream, *head, *params)`` launches the compiled ``kernel``
     with its parameters in signature order (constexprs included, as values; tensors or device addresses).
 
     Triton 3.6 (``DIRECT``): its C launcher itself, whose layout is grid, stream, function, cooperative, pdl, two
     scratch buffers, packed metadata, launch metadata, the two hooks, then the parameters. Other versions: the
-    kernel's ``run`` with triton's JIT layout (function, packed metadata, launch metadata, the two hooks)."""
+    kernel's ``run`` with triton's JIT layout (function, packed metadata, launch metadata, the two hooks).
+    ``direct``: False forces the latter (default: ``DIRECT``)."""
     run = kernel.run
-    if DIRECT:
+    if DIRECT if direct is None else direct:
         return run.launch, (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
                             kernel.packed_metadata, None, None, None)
     return run, (kernel.function, kernel.packed_metadata, None, None, None)
@@ -179,8 +180,7 @@ def descriptor_launcher(kernel) -> tuple:
 
             raw, metas = free["launcher"].cell_contents, free["tensordesc_meta"].cell_contents
             return raw, head, lambda desc, i: list(make_tensordesc_arg(desc, metas[i] if metas else None))
-    run = kernel.run
-    return run, (kernel.function, kernel.packed_metadata, None, None, None), lambda desc, i: [desc]
+    return (*launcher_head(kernel, direct=False), lambda desc, i: [desc])
 
 
 def bind(fn: triton.JITFunction, grid: tuple[int, ...], args: tuple, kwargs: dict,

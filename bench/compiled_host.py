@@ -100,6 +100,7 @@ def main() -> None:
     lin = torch.nn.Linear(1024, 1024, device=DEV, dtype=DT)
     q4 = halfbyte.Linear4bit.from_linear(lin)
     layers = {"bf16 nn.Linear": lin, "hb Linear4bit": q4, "hb Linear4bit, gemm_4bit op": q4,
+              "hb Linear4bit, dequantize_4bit_after": q4,
               "hb Linear8bit": halfbyte.Linear8bit.from_linear(lin, threshold=6.0)}
     x = torch.randn(a.m, 1024, device=DEV, dtype=DT)
     x[:, 3] = 20  # one outlier column
@@ -113,9 +114,11 @@ def main() -> None:
     with torch.inference_mode():
         for name, layer in layers.items():
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = "op" not in name  # read (and guarded on) when the graph is traced
+            halfbyte.nn.IN_GRAPH_DEQUANTIZE = "after" if "after" in name else "auto"
             c = compiled[name] = torch.compile(layer, fullgraph=True)
             print(f"| {name} | {per_call(layer, x):.1f} | {per_call(c, x):.1f} |", flush=True)
         halfbyte.nn.DEQUANTIZE_IN_GRAPH = True
+        halfbyte.nn.IN_GRAPH_DEQUANTIZE = "auto"
         if a.profile:
             for name in ("hb Linear8bit", "hb Linear4bit"):
                 print_cprofile(lambda c=compiled[name]: c(x), 200, f"cProfile, 200 compiled calls of {name}")

@@ -2,7 +2,7 @@
 widths and fewer blocks (``NL`` double, ``NS`` single; default 2 + 2), 1024x1024, compiled as ``bench/step.py``
 compiles it (``compile_repeated_blocks(fullgraph=True)``) or eager.
 
-    python bench/compiled_peak.py hb-nf4|bnb-nf4|bf16 [--eager] [--trace]
+    python bench/compiled_peak.py hb-nf4|hb-nf4-launch|hb-nf4-after|hb-nf4-op|bnb-nf4|bf16 [--eager] [--trace]
 
 Prints the first call's and a later call's peak above the memory allocated before the step (the weights). With
 ``--trace`` the later call's allocations are recorded (``torch.cuda.memory._record_memory_history``) and the
@@ -11,7 +11,9 @@ allocated them. Findings: BENCHMARKS.md, session 18.
 """
 
 import argparse
+import linecache
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,9 +26,10 @@ from step import BF16, DEV, linears, materialise, quantized, swap  # noqa: E402
 import halfbyte  # noqa: E402
 
 
-def live_at_peak(snap: dict, top: int = 12) -> None:
+def live_at_peak(snap: dict, top: int = 12, dump: str | None = None) -> None:
     """The allocations live at the largest total of a recorded trace, largest first, with their generated-code
-    line (the deepest frame in a file under Inductor's cache) where there is one."""
+    line (the deepest frame in a file outside site-packages: Inductor's generated code, else the library's) and
+    that line's text. ``dump``: a folder to copy the generated files named there into."""
     live, cur, best, best_live = {}, 0, -1, {}
     for e in snap["device_traces"][0]:
         if e["action"] == "alloc":
@@ -41,14 +44,19 @@ def live_at_peak(snap: dict, top: int = 12) -> None:
         code = [f for f in e.get("frames", [])
                 if f["filename"].endswith(".py") and "site-packages" not in f["filename"]]
         where = f"{Path(code[0]['filename']).name}:{code[0]['line']} {code[0]['name']}" if code else "?"
-        print(f"    {e['size'] / 1e6:8.1f} MB  {where}")
+        text = linecache.getline(code[0]["filename"], code[0]["line"]).strip()[:110] if code else ""
+        print(f"    {e['size'] / 1e6:8.1f} MB  {where}  {text}")
+        if dump and code and "torchinductor" in code[0]["filename"]:
+            os.makedirs(dump, exist_ok=True)
+            shutil.copy(code[0]["filename"], dump)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=["bf16", "hb-nf4", "hb-nf4-op", "bnb-nf4"])
+    ap.add_argument("variant", choices=["bf16", "hb-nf4", "hb-nf4-launch", "hb-nf4-after", "hb-nf4-op", "bnb-nf4"])
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--trace", action="store_true")
+    ap.add_argument("--dump", help="with --trace: copy the generated code named at the peak into this folder")
     args = ap.parse_args()
     from diffusers import FluxTransformer2DModel
 
@@ -73,6 +81,7 @@ def main():
         del base
         halfbyte.nn.release_scratch()
     halfbyte.nn.DEQUANTIZE_IN_GRAPH = args.variant != "hb-nf4-op"
+    halfbyte.nn.IN_GRAPH_DEQUANTIZE = {"hb-nf4-launch": "launch", "hb-nf4-after": "after"}.get(args.variant, "auto")
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     if not args.eager:
@@ -98,7 +107,7 @@ def main():
     print(f"{args.variant} {'eager' if args.eager else 'compiled'}: {a0 / 1e9:.3f} GB allocated before the step; "
           f"peak above it: first call {first / 1e6:.1f} MB, later call {later / 1e6:.1f} MB", flush=True)
     if args.trace:
-        live_at_peak(snap)
+        live_at_peak(snap, dump=args.dump)
 
 
 if __name__ == "__main__":

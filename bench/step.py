@@ -105,7 +105,7 @@ def materialise(model: nn.Module) -> nn.Module:
 def quantized(kind: str, lin: nn.Linear) -> nn.Module:
     w = lin.weight.detach()
     N, K = w.shape
-    if kind in ("hb-nf4", "hb-nf4-op"):
+    if kind in ("hb-nf4", "hb-nf4-op", "hb-nf4-launch", "hb-nf4-after"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
     if kind == "hb-nf4-dq":
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
@@ -194,6 +194,9 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             weights = allocated() - (held if kind != "bf16" else 0)
             # hb-nf4-op: compiled layers keep the opaque gemm_4bit op instead of dequantizing in the graph
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = kind != "hb-nf4-op"
+            # hb-nf4-launch / hb-nf4-after: every in-graph dequantize launched by Inductor itself / through the op
+            # that takes the layer's input (halfbyte.nn.IN_GRAPH_DEQUANTIZE; hb-nf4 keeps the default, "auto")
+            halfbyte.nn.IN_GRAPH_DEQUANTIZE = {"hb-nf4-launch": "launch", "hb-nf4-after": "after"}.get(kind, "auto")
             set_int8_fusion({"hb-int8-fused": True, "hb-int8-separate": False}.get(kind))
             if compile_:
                 model.compile_repeated_blocks(fullgraph=True)
@@ -222,6 +225,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             print(f"  {label} {kind}: error {type(e).__name__}: {str(e)[:300]}", flush=True)
         finally:
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = True
+            halfbyte.nn.IN_GRAPH_DEQUANTIZE = "auto"
             set_int8_fusion(None)
             for blk in model.modules():  # undo compile_repeated_blocks
                 if getattr(blk, "_compiled_call_impl", None) is not None:

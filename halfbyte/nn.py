@@ -52,6 +52,15 @@ _CODES: dict[tuple[str, torch.device], Tensor] = {}
 #: graph (``Linear4bit._dequantize_in_graph``). False keeps the opaque ``gemm_4bit`` op there (benches compare).
 DEQUANTIZE_IN_GRAPH = True
 
+#: How that in-graph dequantize is issued. "launch": ``ops.dequantize_4bit_fused``, a launch Inductor issues itself
+#: (the least host time), whose ``torch.empty`` output the scheduler may allocate early: in a FLUX single block it put
+#: the 94 MB proj_out weight beside the MLP activation, 94 MB above bitsandbytes' compiled peak. "after": the opaque
+#: op ``ops.dequantize_4bit_after``, which takes the layer's input and allocates the weight when it runs, so the
+#: weight lives from its input to its matmul (~15 us more host time per call). "auto" (the default): "after" for
+#: layers that narrow (in_features > out_features: MLP down-projections, FLUX's proj_out), whose input is the block's
+#: widest activation, the one an early weight would stack on; "launch" for the rest (BENCHMARKS.md, session 19).
+IN_GRAPH_DEQUANTIZE = "auto"
+
 
 def _code_table(quant_type: str, device: torch.device) -> Tensor:
     """The (16,) float32 NF4/FP4 code table on ``device``, one copy per device, as ``_nested_code``."""
@@ -319,10 +328,18 @@ class Linear4bit(_QuantizedLinear):
         cdt = self.compute_dtype or x.dtype
         if x.is_cuda and torch.compiler.is_compiling() and self._dequantize_in_graph(x):
             # The statistics go in as stored (int32 bits): the kernel reads them as float32, no view in the graph.
-            W = torch.ops.halfbyte.dequantize_4bit_fused(
-                self.weight, self.absmax, self.nested_absmax,
-                _nested_code(self.absmax.device) if self.double_quant else None, self.offset,
-                _code_table(self.quant_type, x.device), self.blocksize, self.quant_type, list(self.shape), cdt)
+            ncode = _nested_code(self.absmax.device) if self.double_quant else None
+            mode = IN_GRAPH_DEQUANTIZE
+            if mode == "auto":
+                mode = "after" if self.in_features > self.out_features else "launch"
+            if mode == "after":
+                W = torch.ops.halfbyte.dequantize_4bit_after(
+                    x, self.weight, self.absmax, self.nested_absmax, ncode, self.offset, self.blocksize,
+                    self.quant_type, list(self.shape), cdt)
+            else:
+                W = torch.ops.halfbyte.dequantize_4bit_fused(
+                    self.weight, self.absmax, self.nested_absmax, ncode, self.offset,
+                    _code_table(self.quant_type, x.device), self.blocksize, self.quant_type, list(self.shape), cdt)
             bias = None if self.bias is None else self.bias.to(cdt)
             return nn.functional.linear(x.to(cdt), W, bias).to(x.dtype)
         absmax, nested_absmax, nested_code, offset = self.quant_stats()

@@ -216,6 +216,53 @@ def dequantize_4bit_fused(
 
 _FUSED_LIB.impl("dequantize_4bit_fused", dequantize_4bit_fused, "CompositeImplicitAutograd")
 
+# The same weight from an opaque op that also takes the layer's input, so that its buffer exists only from the
+# input's computation to the matmul. ``dequantize_4bit_fused``'s output is a ``torch.empty`` node that depends on
+# nothing computed: Inductor's scheduler may allocate it long before the launch, and in a FLUX single block it did
+# (the 94 MB proj_out weight live beside the 113 MB MLP activation; BENCHMARKS.md, sessions 18-19). An opaque op
+# allocates its own output when it runs, and the input makes it run after that input exists.
+_FUSED_LIB.define(
+    "dequantize_4bit_after(Tensor x, Tensor B, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+    "Tensor? offset, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor",
+    # No layout constraint on the inputs: with the default (exact strides) Inductor stored the input a second time
+    # for the op, beside the copy the matmul reads (a FLUX double block's 100 MB MLP activation, twice).
+    tags=(torch.Tag.flexible_layout,))
+
+
+def dequantize_4bit_after(
+    x: Tensor,
+    B: Tensor,
+    absmax: Tensor,
+    nested_absmax: Tensor | None,
+    nested_code: Tensor | None,
+    offset: Tensor | None,
+    blocksize: int,
+    quant_type: str,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+) -> Tensor:
+    """``halfbyte::dequantize_4bit_after``: the weight of ``shape`` in ``dtype`` that ``dequantize_4bit_fused``
+    returns (same bytes; statistics as ``gemm_4bit`` takes them, float32 ones also as their int32 bits, nested code
+    None for the dynamic map), computed only once ``x`` exists. ``x`` (the input the weight will multiply) is never
+    read: it orders the op. This body is the reference (CPU, any device); CUDA runs the fused Triton kernel."""
+    fourbit.check_4bit_args(blocksize, quant_type)
+    absmax, nested_absmax, offset = (None if t is None else t.view(torch.float32) if t.dtype == torch.int32 else t
+                                     for t in (absmax, nested_absmax, offset))
+    am = decode_absmax(absmax, nested_absmax, nested_code, offset)
+    return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
+
+
+def _dequantize_4bit_after_fake(x, B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,
+                                dtype):
+    fourbit.check_4bit_args(blocksize, quant_type)
+    torch._check(len(shape) == 2, lambda: f"weight shape must be (N, K), got {shape}")
+    torch._check(x.shape[-1] == shape[1], lambda: f"input has {x.shape[-1]} features, weight expects {shape[1]}")
+    return B.new_empty(tuple(shape), dtype=dtype)
+
+
+_FUSED_LIB.impl("dequantize_4bit_after", dequantize_4bit_after, "CompositeExplicitAutograd")
+torch.library.register_fake("halfbyte::dequantize_4bit_after", _dequantize_4bit_after_fake, lib=_FUSED_LIB)
+
 
 # --- 8-bit (LLM.int8()) ------------------------------------------------------------------------------------------
 
@@ -316,6 +363,7 @@ if importlib.util.find_spec("triton") is not None:
         _DIRECT[_op] = _lazy_kernel(_module, _name)
         _CUDA_LIB.impl(_op, _DIRECT[_op], "CUDA")
     _DEQUANT_FUSED = _lazy_kernel("fourbit", "dequantize")
+    _CUDA_LIB.impl("dequantize_4bit_after", _lazy_kernel("gemm4bit", "dequantize_weight"), "CUDA")
 
 
 # --- eager autograd without the dispatcher -----------------------------------------------------------------------

@@ -228,6 +228,44 @@ def test_dynamic_map_under_compile_is_eagers():
     assert torch.equal(compiled(), dynamic_map())
 
 
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_dequantize_after_input_is_the_weight_and_compiles(double_quant):
+    """``halfbyte::dequantize_4bit_after`` (the weight of a compiled layer, ordered after its input) returns the
+    bytes of the layer's dequantize with the statistics in either storage (float32 or the layer's int32 bits), never
+    reads the input, and compiles with ``fullgraph=True`` as one opaque call whose output feeds the matmul."""
+    from halfbyte.nn import _code_table, _nested_code
+
+    torch.manual_seed(0)
+    layer = Linear4bit.from_linear(nn.Linear(96, 40), quant_type="fp4", double_quant=double_quant)
+    absmax, nested, ncode, offset = layer.quant_stats()
+    expected = layer.dequantize().to(torch.bfloat16)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    for stats in ((absmax, nested, ncode, offset), (layer.absmax, layer.nested_absmax, ncode, layer.offset)):
+        W = torch.ops.halfbyte.dequantize_4bit_after(x, layer.weight, *stats, 64, "fp4", [40, 96], torch.bfloat16)
+        assert W.shape == (40, 96) and W.dtype == torch.bfloat16
+        assert torch.equal(W, expected)
+        fused = torch.ops.halfbyte.dequantize_4bit_fused(layer.weight, *stats, _code_table("fp4", x.device), 64,
+                                                         "fp4", [40, 96], torch.bfloat16)
+        assert torch.equal(W, fused)
+    nan_input = torch.full_like(x, float("nan"))  # never read
+    assert torch.equal(torch.ops.halfbyte.dequantize_4bit_after(nan_input, layer.weight, *stats, 64, "fp4",
+                                                                [40, 96], torch.bfloat16), expected)
+    with pytest.raises(RuntimeError, match="input has 95 features, weight expects 96"):
+        torch.ops.halfbyte.dequantize_4bit_after(x[:, :95].to("meta"), layer.weight.to("meta"), *(
+            None if t is None else t.to("meta") for t in stats), 64, "fp4", [40, 96], torch.bfloat16)
+
+    def forward(x):
+        W = torch.ops.halfbyte.dequantize_4bit_after(torch.relu(x), layer.weight, layer.absmax, layer.nested_absmax,
+                                                     _nested_code(x.device) if double_quant else None, layer.offset,
+                                                     64, "fp4", [40, 96], torch.bfloat16)
+        return torch.nn.functional.linear(torch.relu(x), W)
+
+    backend = CompileCounterWithBackend(BACKEND)
+    compiled = torch.compile(forward, backend=backend, fullgraph=True)
+    assert torch.equal(compiled(x), forward(x))
+    assert backend.frame_count == 1 and not counters["graph_break"]
+
+
 @pytest.mark.parametrize("capture", [False, True], ids=["default", "capture_dynamic_output_shape_ops"])
 def test_int8_outlier_columns_compile_without_recompiles(capture):
     """``int8_vectorwise_quant`` returns as many outlier columns as the data holds (an unbacked size, from its
@@ -267,13 +305,16 @@ if __name__ == "__main__":
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA device")
+@pytest.mark.parametrize("mode", ["after", "launch", "auto"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
-def test_compiled_cuda_layer_dequantizes_in_graph(double_quant):
-    """On CUDA, a compiled 4-bit layer over more tokens than the fused kernels serve dequantizes through the
-    fused dequantize op (Inductor launches the Triton kernel from its own code, no opaque ``gemm_4bit`` call) and
-    leaves the matmul to Inductor: one graph for two token counts, the dequantized weight bit-exact, the output within
-    an ulp of eager's at its magnitude (Inductor may add the bias outside cuBLAS's epilogue). At 16 tokens it keeps
-    ``gemm_4bit`` (the small-batch kernel), and the op's CPU body is the reference."""
+def test_compiled_cuda_layer_dequantizes_in_graph(double_quant, mode, monkeypatch):
+    """On CUDA, a compiled 4-bit layer over more tokens than the fused kernels serve dequantizes its weight in the
+    graph (no opaque ``gemm_4bit`` call) and leaves the matmul to Inductor: through ``dequantize_4bit_after`` (the
+    weight allocated once the input exists; "auto", the default, picks it for this 512 -> 256 layer) or a launch
+    Inductor issues itself (``dequantize_4bit_fused``). One graph for two token counts, the dequantized weight
+    bit-exact (both ops), the output within an ulp of eager's at its magnitude (Inductor may add the bias outside
+    cuBLAS's epilogue). At 16 tokens it keeps ``gemm_4bit`` (the small-batch kernel), and the ops' CPU bodies are
+    the reference."""
     from torch._inductor.utils import run_and_get_code
 
     from halfbyte import ops
@@ -298,6 +339,11 @@ def test_compiled_cuda_layer_dequantizes_in_graph(double_quant):
     assert torch.equal(torch.ops.halfbyte.dequantize_4bit_fused(*bits), W)
     cpu_bits = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in bits)
     assert torch.equal(torch.ops.halfbyte.dequantize_4bit_fused(*cpu_bits), W.cpu())
+    x0 = torch.randn(3, 512, device="cuda", dtype=dtype)
+    for stats in (args[1:5], bits[1:5]):
+        after = torch.ops.halfbyte.dequantize_4bit_after(x0, layer.weight, *stats, 64, "nf4", [256, 512], dtype)
+        assert torch.equal(after, W)
+    monkeypatch.setattr(halfbyte.nn, "IN_GRAPH_DEQUANTIZE", mode)
 
     backend = CompileCounterWithBackend("inductor")
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
@@ -313,7 +359,8 @@ def test_compiled_cuda_layer_dequantizes_in_graph(double_quant):
         assert not counters["graph_break"], dict(counters["graph_break"])
         # run_and_get_code resets dynamo: the generated code, after the counts above
         _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
-        assert "_dequant_kernel" in "".join(code) and "gemm_4bit" not in "".join(code)
+        launched = "_dequant_kernel" if mode == "launch" else "dequantize_4bit_after"  # auto: this layer narrows
+        assert launched in "".join(code) and "gemm_4bit" not in "".join(code)
         assert "view.dtype" not in "".join(code)  # the kernel reads the int32-stored statistics as float32
         _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x[0, :16])
         assert "gemm_4bit" in "".join(code)

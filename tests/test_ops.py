@@ -26,6 +26,9 @@ def test_opcheck_4bit(dtype, qt):
     bias = torch.randn(8, dtype=dtype, requires_grad=True)
     opcheck(torch.ops.halfbyte.gemm_4bit.default, (x, p, a, None, None, None, bias, [8, 96], 64, qt))
     opcheck(torch.ops.halfbyte.gemm_4bit.default, (x, p, q, n, code, off, None, [8, 96], 64, qt))
+    x0 = x.detach()  # never differentiated: compiled inference only (halfbyte.nn.Linear4bit._dequantize_in_graph)
+    opcheck(torch.ops.halfbyte.dequantize_4bit_after.default, (x0, p, a, None, None, None, 64, qt, [8, 96], dtype))
+    opcheck(torch.ops.halfbyte.dequantize_4bit_after.default, (x0, p, q, n, code, off, 64, qt, [8, 96], dtype))
 
 
 @pytest.mark.parametrize("threshold", [0.0, 6.0])

@@ -203,6 +203,35 @@ def test_op_calls_use_cached_plans(dq, shape):
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+def test_dequantize_after_uses_cached_bound_launches(dq):
+    """``dequantize_4bit_after`` (the weight of a compiled layer) binds its launch on a weight's second call, keyed by
+    addresses: every call returns the direct dequantize's bytes, with the statistics as float32 or as the layer
+    stores them (int32 bits); an input in another dtype than the weight's takes the direct path."""
+    from halfbyte.kernels import fourbit as kf
+    from halfbyte.kernels import gemm4bit
+
+    gemm4bit.DEQUANT_PLANS.clear()
+    layer = _layer(3072, 1024, torch.bfloat16, double_quant=dq)
+    x = torch.randn(70, 1024, dtype=torch.bfloat16, device="cuda")
+    absmax, nested, ncode, offset = layer.quant_stats()
+    want = kf.dequantize(layer.weight, absmax, nested, ncode, offset, 64, "nf4", 3072 * 1024, torch.bfloat16)
+    for stats in ((absmax, nested, ncode, offset), (layer.absmax, layer.nested_absmax, ncode, layer.offset)):
+        outs = [torch.ops.halfbyte.dequantize_4bit_after(x, layer.weight, *stats, 64, "nf4", [3072, 1024],
+                                                         torch.bfloat16) for _ in range(3)]
+        key = gemm4bit.plan_key(x, layer.weight, *stats, None, 3072, 1024, 64, "nf4")
+        assert key in gemm4bit.DEQUANT_PLANS.plans
+        assert all(o.shape == (3072, 1024) and torch.equal(o.view(-1), want) for o in outs)
+    n = len(gemm4bit.DEQUANT_PLANS.plans)
+    for _ in range(3):
+        W = torch.ops.halfbyte.dequantize_4bit_after(x.half(), layer.weight, absmax, nested, ncode, offset, 64, "nf4",
+                                                     [3072, 1024], torch.bfloat16)
+        assert torch.equal(W.view(-1), want)
+    assert len(gemm4bit.DEQUANT_PLANS.plans) == n
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_compiled_layer_uses_cached_plans():
     from halfbyte.kernels import gemm4bit
 

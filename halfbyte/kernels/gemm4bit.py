@@ -306,12 +306,8 @@ class Plan:
         self.N, self.K, self.dtype, self.device = N, K, dtype, B.device
         data = B.reshape(-1)
         data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-        W = torch.empty(0, dtype=dtype, device=B.device)  # the output's place: only its dtype specializes
-        grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type,
-                                            N * K, W)
-        self._deq = bind(_dequant_kernel, grid, args, kwargs, free=(6,))
-        if self._deq is None:
-            raise RuntimeError("kernels.gemm4bit.Plan: launches cannot be bound here (interpreter or launch hooks)")
+        self._deq = bind_dequantize(data, absmax, nested_absmax, nested_code, offset, N * K, blocksize, quant_type,
+                                    dtype)
         self._gemv, self._ring, self._atomic = None, None, False
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
@@ -403,6 +399,43 @@ class Plan:
             sgrid, skw = gemm_small.sum_launch(self.N, grid[1], has_bias)
             sum_ = bind(gemm_small._split_sum_kernel, sgrid, (ws, out, out, M, self.N), skw, free=(0, 1, 2, 3))
         self._small[M] = (mm, sum_, grid[1], (kwargs["TT"], grid))
+
+
+def bind_dequantize(data, absmax, nested_absmax, nested_code, offset, n: int, blocksize: int, quant_type: str,
+                    dtype: torch.dtype):
+    """The dequantize launch of these weight tensors (``data`` uint8) into ``dtype``, bound with the output's
+    address free: ``bound(stream, out_ptr)`` writes the ``n`` values (``dequantize``'s bytes)."""
+    W = torch.empty(0, dtype=dtype, device=data.device)  # the output's place: only its dtype specializes
+    grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n, W)
+    bound = bind(_dequant_kernel, grid, args, kwargs, free=(6,))
+    if bound is None:
+        raise RuntimeError("kernels.gemm4bit: launches cannot be bound here (interpreter or launch hooks)")
+    return bound
+
+
+#: Bound dequantize launches for ``halfbyte::dequantize_4bit_after`` (compiled graphs' weights), keyed as plans.
+DEQUANT_PLANS = PlanCache()
+
+
+def dequantize_weight(x, B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype):
+    """CUDA kernel of ``halfbyte::dequantize_4bit_after``: the (N, K) weight in ``dtype`` (contract in ops.py; of
+    ``x`` only the dtype and device are read). A compiled graph calls it once per layer and step with the same
+    tensors, so from a weight's second call on it is an allocation and one bound launch (``DEQUANT_PLANS``), not
+    ``dequantize``'s checks and launch-cache lookup."""
+    N, K = (int(s) for s in shape)
+    key = None
+    if x.dtype == dtype:
+        key = plan_key(x, B, absmax, nested_absmax, nested_code, offset, None, N, K, blocksize, quant_type)
+    if key is not None:
+        data = B.reshape(-1)
+        data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
+        bound = DEQUANT_PLANS.get(key, lambda: bind_dequantize(data, absmax, nested_absmax, nested_code, offset,
+                                                               N * K, blocksize, quant_type, dtype))
+        if bound is not None:
+            W = torch.empty((N, K), dtype=dtype, device=B.device)
+            bound(torch._C._cuda_getCurrentRawStream(key[1]), W.data_ptr())
+            return W
+    return dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, dtype).view(N, K)
 
 
 def plan_key(A, B, absmax, nested_absmax, nested_code, offset, bias, N: int, K: int, blocksize: int,

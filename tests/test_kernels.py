@@ -245,6 +245,23 @@ def test_gemm_4bit_tiny(dn, nested):
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+def test_dequantize_weight_tiny(nested):
+    """``halfbyte::dequantize_4bit_after``'s CUDA kernel (``gemm4bit.dequantize_weight``) returns the reference's
+    (N, K) weight bit for bit, with the input in the weight's dtype (a plan's bound launch from the second call, on
+    a GPU) or in another one (the direct dequantize)."""
+    N, K, bs, qt = 48, 192, 64, "nf4"
+    for dtype in (torch.bfloat16, torch.float32):
+        packed, stats, am = _quantized_linear(N, K, bs, qt, nested, dtype)
+        want = fourbit.dequantize_4bit(packed, am, bs, qt, (N, K), dtype)
+        for x_dtype in (dtype, torch.float16):
+            x = torch.randn(5, K, device=DEV).to(x_dtype)
+            for _ in range(3):
+                W = gemm4bit.dequantize_weight(x, packed, *stats, bs, qt, [N, K], dtype)
+                assert W.shape == (N, K) and W.dtype == dtype
+                assert torch.equal(bits(W), bits(want))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
 def test_gemv_register_tables_tiny(nested):
     """bf16 GEMV through the register-table kernel (kernels.lut) at blocksizes whose absmax groups are 4 and 8
     words, with a K step that does not divide K's words evenly at first (the launch halves it), and the table-load

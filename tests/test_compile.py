@@ -364,3 +364,59 @@ def test_compiled_cuda_layer_dequantizes_in_graph(double_quant, mode, monkeypatc
         assert "view.dtype" not in "".join(code)  # the kernel reads the int32-stored statistics as float32
         _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x[0, :16])
         assert "gemm_4bit" in "".join(code)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down(nn.functional.gelu(self.up(x), approximate="tanh"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tier: needs a CUDA device")
+def test_compiled_mlp_down_weight_lives_only_at_its_matmul():
+    """A compiled NF4 MLP at FLUX's widths (3072 -> 12288 -> 3072, 1024 tokens) under the default
+    ``IN_GRAPH_DEQUANTIZE = "auto"``: the up-projection's weight comes from a launch Inductor issues, the
+    down-projection's (a narrowing layer) from ``dequantize_4bit_after``, which allocates it when it runs, and the
+    GELU output is stored once (the op takes the matmul's own buffer; with the default exact-strides constraint
+    Inductor stored it twice).
+
+    Memory: a later call's peak above what was allocated before it (weights, input) stays within the largest set
+    live in the eager order, max(W_up + up, up + h, h + W_down + out) = 107 MB (bf16 bytes of the dequantized
+    weights W, the up-projection's output ``up``, the GELU output ``h`` and the output), plus 4 MiB for the
+    allocator's unsplit blocks (a block with under 1 MiB to spare is handed out whole). The down weight allocated
+    early would add 75.5 MB: beside ``up`` and ``h`` (126 MB) or beside W_up and ``up`` (176 MB)."""
+    from torch._inductor.utils import run_and_get_code
+
+    dim, hidden, M = 3072, 12288, 1024
+    torch.manual_seed(0)
+    mlp = _Mlp(dim, hidden).to("cuda", torch.bfloat16)
+    halfbyte.quantize_(mlp, BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    assert halfbyte.nn.IN_GRAPH_DEQUANTIZE == "auto"
+    x = torch.randn(1, M, dim, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(mlp, fullgraph=True)
+    with torch.no_grad():
+        want = mlp(x)
+        compiled(x)
+        compiled(x)  # the op's launch is bound on a weight's second call
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = compiled(x)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    unit = torch.finfo(torch.bfloat16).eps * want.abs().max().item()  # Inductor fuses the GELU: module docstring
+    assert (out.float() - want.float()).abs().max().item() <= TOL_UNITS * unit
+    W, act, y = hidden * dim * 2, M * hidden * 2, M * dim * 2
+    bound = max(W + act, 2 * act, act + W + y)
+    assert peak <= bound + (4 << 20), f"peak {peak / 1e6:.1f} MB above the weights, bound {bound / 1e6:.1f} MB"
+
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(mlp, fullgraph=True), x)
+    code = "".join(code)
+    assert code.count("dequantize_4bit_after.default(") == 1 and "_dequant_kernel" in code
+    gelu = [k for k in code.split("async_compile.triton(")[1:] if "tanh" in k.split("''', device_str")[0]]
+    assert gelu and all(k.split("''', device_str")[0].count("tl.store(") == 1 for k in gelu)

@@ -266,6 +266,40 @@ def test_dequantize_after_input_is_the_weight_and_compiles(double_quant):
     assert backend.frame_count == 1 and not counters["graph_break"]
 
 
+def test_dequantize_after_runs_after_its_input_on_the_matmuls_buffer():
+    """Inductor places ``dequantize_4bit_after`` after the kernel that computes its input and hands it the buffer
+    the matmul reads (no second store of the input), so the weight is live only from there to its matmul. The
+    ordering this guards: Inductor's ``reorder_for_locality`` pass (on for inference) sinks each chain of pure
+    producers to just before its consumer but never moves ``getitem`` nodes, so a weight built by a buffer and a
+    kernel that fills it (``dequantize_4bit_fused``'s functional triton-kernel wrapper, read through ``getitem``)
+    stays above activations computed after it in the program: the early 94 MB weight of BENCHMARKS.md, sessions
+    18-19 (reproduced on the CPU with a mutating custom op filling a ``torch.empty``)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    T, D, H, N = 64, 64, 192, 32
+    layer = Linear4bit.from_linear(nn.Linear(D + H, N, bias=False), quant_type="nf4")
+    w1, w2 = torch.randn(D, D), torch.randn(D, H)
+
+    def forward(x):
+        c = torch.cat([x @ w1, nn.functional.gelu(x @ w2, approximate="tanh")], -1)
+        W = torch.ops.halfbyte.dequantize_4bit_after(c, layer.weight, layer.absmax, None, None, None, 64, "nf4",
+                                                     [N, D + H], torch.float32)
+        return c @ W.t()
+
+    x = torch.randn(T, D)
+    with torch.no_grad():
+        out, code = run_and_get_code(torch.compile(forward, backend=BACKEND, fullgraph=True), x)
+    torch.testing.assert_close(out, forward(x))
+    call = "".join(code).split("def call(")[1]
+    lines = [ln.strip() for ln in call.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    op = next(i for i, ln in enumerate(lines) if "dequantize_4bit_after.default(" in ln)
+    gelu = max(i for i, ln in enumerate(lines) if "gelu" in ln and "(" in ln and "=" not in ln)
+    assert gelu < op, lines
+    x_buf = lines[op].split("default(")[1].split(",")[0]
+    assert any(ln.startswith("extern_kernels.mm(" + x_buf + ",") for ln in lines[op:]), lines
+
+
 @pytest.mark.parametrize("capture", [False, True], ids=["default", "capture_dynamic_output_shape_ops"])
 def test_int8_outlier_columns_compile_without_recompiles(capture):
     """``int8_vectorwise_quant`` returns as many outlier columns as the data holds (an unbacked size, from its

@@ -349,8 +349,9 @@ class Linear4bit(_QuantizedLinear):
         return out.to(x.dtype)
 
     def _dequantize_in_graph(self, x: Tensor) -> bool:
-        """Whether a traced CUDA forward dequantizes in the graph (``ops.dequantize_4bit_fused``, which Inductor
-        launches itself) and leaves the matmul to Inductor, instead of calling ``gemm_4bit``: the calls ``gemm_4bit``
+        """Whether a traced CUDA forward dequantizes in the graph (``ops.dequantize_4bit_fused`` or
+        ``ops.dequantize_4bit_after``, as ``IN_GRAPH_DEQUANTIZE`` picks) and leaves the matmul to Inductor, instead of
+        calling ``gemm_4bit``: the calls ``gemm_4bit``
         would serve by dequantize + matmul anyway (more than ``ops.FUSED_MAX_TOKENS`` tokens), with nothing recorded
         for backward (a traced backward would keep the dequantized weight alive until it runs; ``gemm_4bit``'s
         dequantizes it again). Same numbers as ``gemm_4bit`` up to how Inductor adds the bias."""

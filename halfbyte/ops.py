@@ -170,6 +170,14 @@ _FUSED_LIB.define(
     "Tensor code, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor")
 
 
+def _reference_weight(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype):
+    """The in-graph dequantize ops' reference: float32 statistics may come as their int32 bits."""
+    absmax, nested_absmax, offset = (None if t is None else t.view(torch.float32) if t.dtype == torch.int32 else t
+                                     for t in (absmax, nested_absmax, offset))
+    am = decode_absmax(absmax, nested_absmax, nested_code, offset)
+    return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
+
+
 def dequantize_4bit_fused(
     B: Tensor,
     absmax: Tensor,
@@ -195,10 +203,7 @@ def dequantize_4bit_fused(
     the matmul (``halfbyte.nn.Linear4bit.forward``). Elsewhere the body is the reference."""
     fourbit.check_4bit_args(blocksize, quant_type)
     if B.device.type != "cuda":
-        absmax, nested_absmax, offset = (None if t is None else t.view(torch.float32) if t.dtype == torch.int32
-                                         else t for t in (absmax, nested_absmax, offset))
-        am = decode_absmax(absmax, nested_absmax, nested_code, offset)
-        return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
+        return _reference_weight(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype)
     kernels = importlib.import_module("halfbyte.kernels.fourbit")
     n = _numel(shape)
     data = B.reshape(-1)
@@ -217,10 +222,11 @@ def dequantize_4bit_fused(
 _FUSED_LIB.impl("dequantize_4bit_fused", dequantize_4bit_fused, "CompositeImplicitAutograd")
 
 # The same weight from an opaque op that also takes the layer's input, so that its buffer exists only from the
-# input's computation to the matmul. ``dequantize_4bit_fused``'s output is a ``torch.empty`` node that depends on
-# nothing computed: Inductor's scheduler may allocate it long before the launch, and in a FLUX single block it did
-# (the 94 MB proj_out weight live beside the 113 MB MLP activation; BENCHMARKS.md, sessions 18-19). An opaque op
-# allocates its own output when it runs, and the input makes it run after that input exists.
+# input's computation to the matmul. ``dequantize_4bit_fused`` is a ``torch.empty`` filled by a kernel wrapper that
+# the graph reads through ``getitem``; Inductor's ``reorder_for_locality`` pass never moves ``getitem`` nodes but sinks
+# the activations computed after it to their consumers, so the buffer can end up allocated long before the launch's
+# input exists: in a FLUX single block, the 94 MB proj_out weight beside the 113 MB MLP activation (BENCHMARKS.md,
+# sessions 18-19). An opaque op allocates its own output when it runs, and that pass sinks it to its matmul.
 _FUSED_LIB.define(
     "dequantize_4bit_after(Tensor x, Tensor B, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
     "Tensor? offset, int blocksize, str quant_type, SymInt[] shape, ScalarType dtype) -> Tensor",
@@ -246,10 +252,7 @@ def dequantize_4bit_after(
     None for the dynamic map), computed only once ``x`` exists. ``x`` (the input the weight will multiply) is never
     read: it orders the op. This body is the reference (CPU, any device); CUDA runs the fused Triton kernel."""
     fourbit.check_4bit_args(blocksize, quant_type)
-    absmax, nested_absmax, offset = (None if t is None else t.view(torch.float32) if t.dtype == torch.int32 else t
-                                     for t in (absmax, nested_absmax, offset))
-    am = decode_absmax(absmax, nested_absmax, nested_code, offset)
-    return fourbit.dequantize_4bit(B, am, blocksize, quant_type, tuple(shape), dtype)
+    return _reference_weight(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape, dtype)
 
 
 def _dequantize_4bit_after_fake(x, B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, shape,

@@ -43,11 +43,13 @@ def print_cprofile(fn, n: int, title: str, limit: int = 25) -> None:
 L2_BYTES = 50 * 2**20  # an H100/H200's L2: weight copies are cycled past it
 
 
-def gemv_case(N: int, K: int, dtype: torch.dtype, device: str = "cuda"):
+def gemv_case(N: int, K: int, dtype: torch.dtype, device: str = "cuda", nested: bool = False):
     """The GEMV benches' test case: (ws, x, check, row, nbytes, copies). ``ws``: enough (packed, absmax, weight)
-    NF4 copies (blocksize 64, float32 absmax) of random (N, K) weights to exceed the L2 three times; ``x`` one
+    NF4 copies (blocksize 64, float32 absmax) of random (N, K) weights to exceed the L2 three times; with
+    ``nested``, (packed, uint8 absmax, weight, (nested_absmax, None, offset)): double quantization. ``x`` one
     (1, K) token; ``check(name, out)`` records in ``row`` whether ``out`` is within 2x the bf16-input bound of
     float64 ``x @ W.T`` for the first copy (and prints when not); ``nbytes`` the weight and absmax bytes."""
+    from halfbyte.formats import blockwise
     from halfbyte.formats import fourbit as ref4
 
     copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
@@ -55,9 +57,14 @@ def gemv_case(N: int, K: int, dtype: torch.dtype, device: str = "cuda"):
     for _ in range(copies):
         w = (torch.randn(N, K, device=device) / K ** 0.5).to(dtype)
         p, a = torch.ops.halfbyte.quantize_4bit(w, 64, "nf4")
-        ws.append((p, a, w))
+        if nested:
+            q, nested_absmax, offset = blockwise.double_quantize(a)
+            ws.append((p, q, w, (nested_absmax, None, offset)))
+        else:
+            ws.append((p, a, w))
     x = torch.randn(1, K, device=device, dtype=dtype)
-    deq = ref4.dequantize_4bit(ws[0][0], ws[0][1], 64, "nf4", (N, K), torch.float32).double()
+    am = blockwise.double_dequantize(ws[0][1], *ws[0][3][::2]) if nested else ws[0][1]
+    deq = ref4.dequantize_4bit(ws[0][0], am, 64, "nf4", (N, K), torch.float32).double()
     exact = (x.double() @ deq.T).reshape(-1)
     bound = (x.double().abs() @ deq.abs().T).reshape(-1) * 2 ** -8 + 1e-6
     row = {"N": N, "K": K, "copies": copies}
@@ -68,13 +75,15 @@ def gemv_case(N: int, K: int, dtype: torch.dtype, device: str = "cuda"):
         if not ok:
             print(f"  {name}: WRONG, max err / bound {float((err / bound).max()):.2f}")
 
-    return ws, x, check, row, N * K // 2 + N * K // 64 * 4, copies
+    stats = N * K // 64 + 4 * -(-N * K // 64 // 256) if nested else N * K // 64 * 4
+    return ws, x, check, row, N * K // 2 + stats, copies
 
 
-def bnb_gemv_ms(bnb, ws, x: torch.Tensor) -> float:
+def bnb_gemv_ms(bnb, ws, x: torch.Tensor, nested: bool = False) -> float:
     """Milliseconds per call of bitsandbytes' ``matmul_4bit`` on x (1, K) over ``gemv_case``'s weight copies (NF4,
-    blocksize 64, no double quant), graph replay."""
-    bq = [bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4") for _, _, w in ws]
+    blocksize 64, double quant where ``nested``), graph replay."""
+    bq = [bnb.functional.quantize_4bit(pa[2], blocksize=64, compress_statistics=nested, quant_type="nf4")
+          for pa in ws]
     return timed_graph(lambda: [bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in bq]) / len(ws)
 
 

@@ -3,6 +3,7 @@ library's GEMV as routed before it (the tensor-core / register-table kernels) an
 reading: BENCHMARKS.md, session 17.
 
     python bench/gemv_gluon.py [--dtype bfloat16|float16] [--configs BN,KT,STAGES,CTAS ...] [--read-only]
+    python bench/gemv_gluon.py --nested           # double-quantized absmax (bitsandbytes with compress_statistics)
     python bench/gemv_gluon.py --compile-only     # no GPU needed: compiles for sm_90 (triton 3.6 and 3.9)
     python bench/gemv_gluon.py --host             # host time per call: ring vs tensor-core GEMV, eager loops
 
@@ -37,13 +38,14 @@ def main():
     ap.add_argument("--shapes", nargs="*", help="NxK")
     ap.add_argument("--read-only", action="store_true", help="also time the ring without the decode")
     ap.add_argument("--host", action="store_true", help="host time per one-token call instead")
+    ap.add_argument("--nested", action="store_true", help="double-quantized absmax, both libraries")
     ap.add_argument("--json")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
     configs = [tuple(int(v) for v in c.split(",")) for c in args.configs] if args.configs else CONFIGS
     if args.compile_only:
         for cfg in configs:
-            k = gemv_ring.compile_offline(dt, cfg)
+            k = gemv_ring.compile_offline(dt, cfg, nested=args.nested)
             ptx = k.asm["ptx"]
             print(f"cfg {cfg}: dynamic shared {k.metadata.shared} B (+ the 32 KB static table); PTX mma.sync "
                   f"{ptx.count('mma.sync')}, ld.shared {ptx.count('ld.shared')}")
@@ -58,30 +60,33 @@ def main():
         import bitsandbytes as bnb
     except Exception:  # noqa: BLE001
         bnb = None
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dt}")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dt}"
+          + (", double-quantized absmax" if args.nested else ""))
+    nq = args.nested
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else
               [(18432, 3072), (14336, 4096), (3072, 3072), (12288, 3072), (10240, 4096), (3072, 12288)])
     results = []
     for N, K in shapes:
-        ws, x, check, row, nbytes, copies = gemv_case(N, K, dt)
-        lib = lambda pa: gemm4bit.gemv(x, pa[0], pa[1], None, None, None, None, N, K, 64, "nf4")  # noqa: E731
+        ws, x, check, row, nbytes, copies = gemv_case(N, K, dt, nested=nq)
+        stats = lambda pa: (pa[1], *pa[3]) if nq else (pa[1], None, None, None)  # noqa: E731
+        lib = lambda pa: gemm4bit.gemv(x, pa[0], *stats(pa), None, N, K, 64, "nf4")  # noqa: E731
         check("routed", lib(ws[0]))
         row["routed"] = timed_graph(lambda: [lib(pa) for pa in ws]) / copies
         # the GEMV the library routed to before the ring (tensor-core where it applies, else register tables)
-        old = lambda pa: gemm4bit.gemv(x, pa[0], pa[1], None, None, None, None, N, K, 64, "nf4",  # noqa: E731
-                                       use_ring=False)
+        old = lambda pa: gemm4bit.gemv(x, pa[0], *stats(pa), None, N, K, 64, "nf4", use_ring=False)  # noqa: E731
         check("lib", old(ws[0]))
         row["lib"] = timed_graph(lambda: [old(pa) for pa in ws]) / copies
         if bnb is not None:
-            row["bnb"] = bnb_gemv_ms(bnb, ws, x)
+            row["bnb"] = bnb_gemv_ms(bnb, ws, x, nq)
         for mode, name in ((0, "tma"),) + (((1, "read"), (2, "read-w")) if args.read_only else ()):
             def make(cfg, mode=mode):
                 try:
-                    fn = gemv_ring.RingGemv(ws[0][0].reshape(-1), ws[0][1], N, K, "nf4", dt, cfg, mode)
+                    fn = gemv_ring.RingGemv(ws[0][0].reshape(-1), ws[0][1], N, K, "nf4", dt, cfg, mode,
+                                            ws[0][3] if nq else None)
                 except ValueError:
                     return None
-                rings = [fn] + [gemv_ring.RingGemv(pa[0].reshape(-1), pa[1], N, K, "nf4", dt, cfg, mode)
-                                for pa in ws[1:]]
+                rings = [fn] + [gemv_ring.RingGemv(pa[0].reshape(-1), pa[1], N, K, "nf4", dt, cfg, mode,
+                                                   pa[3] if nq else None) for pa in ws[1:]]
                 calls = {id(pa): r for pa, r in zip(ws, rings, strict=True)}
                 return lambda pa: calls[id(pa)](x, None)
             # (MODE 1 / 2 results are not the product: their check is skipped)

@@ -42,36 +42,45 @@ _COMPILE = """
 import json, sys, torch
 from halfbyte.kernels import gemv_ring
 dtype = getattr(torch, sys.argv[1])
-k = gemv_ring.compile_offline(dtype, tuple(int(v) for v in sys.argv[2].split(",")), sys.argv[3], sys.argv[4] == "1")
+k = gemv_ring.compile_offline(dtype, tuple(int(v) for v in sys.argv[2].split(",")), sys.argv[3], sys.argv[4] == "1",
+                             nested=sys.argv[5] == "1")
 ptx = k.asm["ptx"]
 ty = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
 print(json.dumps({"shared": k.metadata.shared, "table": ptx.count(".shared .align 16 .b32 %s[8192]" % gemv_ring.TABLE),
                   "tma": ptx.count("cp.async.bulk.tensor"),
                   "mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32" % (ty, ty)),
                   "setmaxnreg": "setmaxnreg" in ptx,
+                  "code": ptx.count(".shared .align 16 .b32 %s[256]" % gemv_ring.CODE_TABLE),
+                  "decode": ptx.count("mul.rn.f32"),
                   "entry": "mov.b32 %%v, %d;" % gemv_ring.table_words(sys.argv[3], dtype)[0x7F] in ptx}))
 """
 
 
 @needs_gluon
-@pytest.mark.parametrize("dtype, cfg, qt, has_bias", [
-    ("bfloat16", "16,64,4,3", "nf4", "1"),
-    ("float16", "8,128,4,3", "fp4", "0"),
-], ids=["bf16-16x64", "fp16-8x128"])
-def test_compiles_for_sm90(dtype, cfg, qt, has_bias):
+@pytest.mark.parametrize("dtype, cfg, qt, has_bias, nested", [
+    ("bfloat16", "16,64,4,3", "nf4", "1", "0"),
+    ("float16", "8,128,4,3", "fp4", "0", "0"),
+    ("bfloat16", "16,64,4,3", "nf4", "1", "1"),
+    ("float16", "8,128,4,3", "nf4", "0", "1"),
+], ids=["bf16-16x64", "fp16-8x128", "bf16-16x64-dq", "fp16-8x128-dq"])
+def test_compiles_for_sm90(dtype, cfg, qt, has_bias, nested):
     """The kernel compiles for sm_90 with this triton (its Gluon API moves between releases): three TMA loads per
-    stage, the table declared once and written from the code's immediates, 32 mma.sync of x's type (4 consumer
-    warps x 2 words x 4 per K tile), register reallocation between the partitions, and dynamic shared memory under
-    48 KB beside the 32 KB table (why ``_open_shared`` raises the limit itself). In a process of its own: this
-    tier's TRITON_INTERPRET turns triton's own reduction helpers into interpreter functions, which Gluon cannot
+    stage (two with double quantization: the consumers read the uint8 absmax), the table declared once and written
+    from the code's immediates, 32 mma.sync of x's type (4 consumer warps x 2 words x 4 per K tile), register
+    reallocation between the partitions, and dynamic shared memory under 48 KB beside the 32 KB table (why
+    ``_open_shared`` raises the limit itself). With double quantization each of the producer partition's 128
+    threads decodes one absmax per stage (a tile has BN x KT / 8 = 128). In a process of its own: this tier's
+    TRITON_INTERPRET turns triton's own reduction helpers into interpreter functions, which Gluon cannot
     compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _COMPILE, dtype, cfg, qt, has_bias], env=env, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-c", _COMPILE, dtype, cfg, qt, has_bias, nested], env=env,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got == {"shared": got["shared"], "table": 1, "tma": 3, "mma": 32, "setmaxnreg": True, "entry": True}
+    dq = nested == "1"
+    assert got == {"shared": got["shared"], "table": 1, "tma": 2 if dq else 3, "mma": 32, "setmaxnreg": True,
+                   "entry": True, "code": 1, "decode": int(dq)}
     assert got["shared"] < 48 * 1024
 
 
@@ -85,21 +94,28 @@ def _ring_expected(device) -> bool:
     return gemv_ring.available() and torch.cuda.get_device_capability(device)[0] == 9
 
 
+def _nested(stats):
+    """``gemv_ring.supported``'s ``nested`` argument for ``_quantized_linear``'s statistics."""
+    return None if stats[1] is None else stats[1:]
+
+
 @gpu
 @pytest.mark.parametrize("shape", RING_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dn", ["bf16", "fp16"])
-def test_ring_gemv_flux_t5_shapes(shape, dn, ring_on):
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+def test_ring_gemv_flux_t5_shapes(shape, dn, nested, ring_on):
     """Where the ring serves (compute capability 9 with Gluon), the GEMV through the registered op, ``gemv`` and a
-    plan, with and without bias, is within the bound; elsewhere the same calls take the other GEMVs."""
+    plan, with and without bias, float32 or double-quantized absmax, is within the bound; elsewhere the same calls
+    take the other GEMVs."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[dn]
     N, K = shape
-    packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, dtype)
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", nested, dtype)
     W = fourbit.dequantize_4bit(packed, am, 64, "nf4", shape, dtype)
     bias = torch.randn(N, device=DEV).to(dtype)
     x = torch.randn(1, K, device=DEV).to(dtype)
     data = packed.reshape(-1).view(torch.uint8)
     expect = _ring_expected(x.device)
-    assert gemv_ring.supported(dtype, N, K, 64, False, stats[0], x, data) == expect
+    assert gemv_ring.supported(dtype, N, K, 64, _nested(stats), stats[0], x, data) == expect
     for b in (bias, None):
         out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, b, [N, K], 64, "nf4")
         assert_within_fp32_sum_bound(out, x, W, b, unrounded_weights=True)
@@ -113,8 +129,9 @@ def test_ring_gemv_flux_t5_shapes(shape, dn, ring_on):
 
 @gpu
 def test_ring_serves_only_what_it_can(monkeypatch):
-    """Off with ``ENABLED`` False; on, double-quantized absmax, blocksize 128, float32 x, a small weight and
-    K % 512 != 0 take the other GEMVs (still within the bound through the op)."""
+    """Off with ``ENABLED`` False; on, double-quantized statistics of the wrong dtype, count or alignment,
+    blocksize 128, float32 x, a small weight and K % 512 != 0 take the other GEMVs (still within the bound through
+    the op)."""
     N, K = 3072, 12288
     x = torch.randn(1, K, device=DEV).to(torch.bfloat16)
     plain_packed, plain_stats, _ = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
@@ -124,7 +141,15 @@ def test_ring_serves_only_what_it_can(monkeypatch):
     monkeypatch.setattr(gemv_ring, "ENABLED", True)
     packed, stats, am = _quantized_linear(N, K, 64, "nf4", True, torch.bfloat16)
     data = packed.reshape(-1).view(torch.uint8)
-    assert not gemv_ring.supported(torch.bfloat16, N, K, 64, True, stats[0], x, data)
+    nest = _nested(stats)
+    assert gemv_ring.supported(torch.bfloat16, N, K, 64, nest, stats[0], x, data) == _ring_expected(x.device)
+    assert not gemv_ring.supported(torch.bfloat16, N, K, 64, True, stats[0], x, data)  # (no statistics given)
+    assert not gemv_ring.supported(torch.bfloat16, N, K, 64, nest, stats[0].float(), x, data)
+    assert not gemv_ring.supported(torch.bfloat16, N, K, 64, (nest[0][1:], *nest[1:]), stats[0], x, data)
+    assert not gemv_ring.supported(torch.bfloat16, N, K, 64, (nest[0], nest[0], nest[2]), stats[0], x, data)
+    shifted = torch.empty(nest[0].numel() + 1, device=DEV)[1:]
+    shifted.copy_(nest[0])  # 4-byte aligned only
+    assert not gemv_ring.supported(torch.bfloat16, N, K, 64, (shifted, *nest[1:]), stats[0], x, data)
     plain = torch.ones(N * K // 64, device=DEV)
     assert not gemv_ring.supported(torch.bfloat16, N, K, 128, False, plain, x, data)
     assert not gemv_ring.supported(torch.float32, N, K, 64, False, plain, x, data)
@@ -168,11 +193,11 @@ def test_ring_bound_launch_over_x_addresses(direct, monkeypatch, ring_on):
 
 
 @gpu
-@pytest.mark.parametrize("qt", ["nf4", "fp4"])
-def test_ring_plan_in_a_cuda_graph(qt, ring_on):
+@pytest.mark.parametrize("qt, nested", [("nf4", False), ("fp4", False), ("nf4", True)], ids=["nf4", "fp4", "nf4-dq"])
+def test_ring_plan_in_a_cuda_graph(qt, nested, ring_on):
     """A plan's ring GEMV captured in a CUDA graph replays to the eager result, bit for bit, for new inputs."""
     N, K, dtype = 12288, 3072, torch.bfloat16
-    packed, stats, am = _quantized_linear(N, K, 64, qt, False, dtype)
+    packed, stats, am = _quantized_linear(N, K, 64, qt, nested, dtype)
     bias = torch.randn(N, device=DEV).to(dtype)
     plan = gemm4bit.Plan(packed, *stats, bias, N, K, 64, qt, dtype)
     assert (plan._ring is not None) == _ring_expected(torch.device(DEV))
@@ -252,6 +277,71 @@ def _run_step_warp(asm: str, operands: list[dict[int, int]], table: dict[int, in
                 operands[lane][int(dst[1:])] = v
             else:
                 regs[lane][dst] = v
+
+
+def _run_scalar_asm(asm: str, operands: dict[int, int], shared: dict[int, int], base: int) -> None:
+    """Runs one lane of ``gemv_ring.code_asm`` / ``decode_asm`` (integer ops, round-to-nearest float32 ops,
+    32-bit ``ld.shared`` / ``st.shared`` on ``shared`` {address: bits}, the code table's symbol at ``base``);
+    ``operands`` {index: 32-bit value} gets the outputs."""
+    regs: dict[str, int] = {}
+
+    def val(tok):
+        tok = tok.strip().strip("[]")
+        if tok.startswith("$"):
+            return operands[int(tok[1:])]
+        if tok.startswith("%"):
+            return regs[tok]
+        return base if tok == gemv_ring.CODE_TABLE else int(tok, 0)
+
+    def f32(bits):
+        return np.array([bits], dtype=np.uint32).view(np.float32)[0]
+
+    def bits(f):
+        return int(np.array([f], dtype=np.float32).view(np.uint32)[0])
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op == "st.shared.f32":
+            shared[val(args[0])] = val(args[1])
+            continue
+        x = [val(a) for a in args[1:]]
+        v = {"mov.u32": lambda: x[0], "shl.b32": lambda: x[0] << x[1], "add.u32": lambda: x[0] + x[1],
+             "ld.shared.f32": lambda: shared[x[0]], "mul.rn.f32": lambda: bits(f32(x[0]) * f32(x[1])),
+             "add.rn.f32": lambda: bits(f32(x[0]) + f32(x[1]))}[op]() & 0xFFFFFFFF
+        if args[0].startswith("$"):
+            operands[int(args[0][1:])] = v
+        else:
+            regs[args[0]] = v
+
+
+def test_nested_absmax_asm_decodes_as_the_reference():
+    """Double quantization, emulated lane by lane: ``code_asm`` stores each of the 256 nested code entries at
+    its slot of the shared table, and ``decode_asm`` turns every uint8 absmax with its nested absmax and offset
+    into the float32 bits of the reference's ``double_dequantize`` (product rounded, then the sum)."""
+    from halfbyte.formats import blockwise
+    from halfbyte.formats.codebooks import dynamic_map
+
+    code = dynamic_map().numpy()
+    shared: dict[int, int] = {}
+    base = 0x400
+    for i in range(256):
+        ops = {1: i, 2: int(code[i:i + 1].view(np.uint32)[0])}
+        _run_scalar_asm(gemv_ring.code_asm(), ops, shared, base)
+        assert ops[0] == 0
+    assert shared == {base + 4 * i: int(code[i:i + 1].view(np.uint32)[0]) for i in range(256)}
+    g = torch.Generator().manual_seed(1)
+    absmax = torch.rand(256 * 3, generator=g) * 4 + 0.01
+    q, nested, offset = blockwise.double_quantize(absmax)
+    expect = blockwise.double_dequantize(q, nested, offset).numpy().view(np.uint32)
+    off = int(offset.numpy().view(np.uint32)[0])
+    for blk in range(q.numel()):
+        ops = {1: int(q[blk]), 2: int(nested[blk // 256:blk // 256 + 1].numpy().view(np.uint32)[0]), 3: off}
+        _run_scalar_asm(gemv_ring.decode_asm(), ops, shared, base)
+        assert ops[0] == int(expect[blk]), blk
 
 
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])

@@ -7,6 +7,8 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 # triton 3.7+ renamed the TMA load (3.9 raises on the old name) and made the shared-memory reinterpretation public
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _NEW_VIEW = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
+# ... and renamed the CTA barrier (within a warp-specialized partition: that partition's warps only)
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.constexpr_function
@@ -71,13 +73,46 @@ def _lane_id(like):
 
 
 @gluon.jit
-def _producer(w_desc, a_desc, x_desc, ring_w, ring_a, ring_x, ready, empty, n_items, KTILES,
-              STAGES: gl.constexpr, MODE: gl.constexpr):
-    """The default partition: TMA loads of the program's (row tile, K tile)s, in order, into the ring."""
+def _fetch_absmax(am_ptr, nabs_ptr, j, total, KTILES, BN: gl.constexpr, G: gl.constexpr, LQ: gl.constexpr):
+    """Double quantization: the uint8 absmax (as int32) and nested float32 absmax of the program's ``j``-th
+    (row tile, K tile), as (row, group) in LQ; zeros past its last."""
+    item = gl.program_id(0) + (j // KTILES) * gl.num_programs(0)
+    kt = j % KTILES
+    r = gl.expand_dims(gl.arange(0, BN, layout=gl.SliceLayout(1, LQ)), 1)
+    g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, LQ)), 0)
+    blk = (item * BN + r) * (KTILES * G) + kt * G + g
+    ok = (blk >= 0) & (j < total)
+    q = gl.load(am_ptr + blk, mask=ok, other=0).to(gl.int32)
+    return q, gl.load(nabs_ptr + blk // 256, mask=ok, other=0.0)
+
+
+@gluon.jit
+def _producer(w_desc, a_desc, x_desc, ring_w, ring_a, ring_x, ready, empty, n_items, KTILES, am_ptr, nabs_ptr,
+              ncode_ptr, off_ptr, STAGES: gl.constexpr, NESTED: gl.constexpr, CODE: gl.constexpr,
+              DECODE: gl.constexpr, MODE: gl.constexpr):
+    """The default partition (4 warps; one thread issues the TMA loads): the program's (row tile, K tile)s, in
+    order, into the ring.
+    NESTED (double quantization; the absmax rows of a tile, 8 or 16 bytes, are under TMA's 16-byte minimum):
+    the partition's 128 threads decode each tile's absmax themselves, one per thread, into the stage's float32
+    absmax (``ncode[q] * nested + offset``, the nested code in shared memory), then arrive on the stage's ready
+    barrier beside the TMA's bytes. A tile's uint8 and nested absmax are loaded into registers two tiles ahead
+    (loads from the memory the ring keeps busy take microseconds; four ahead measured no faster)."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     G: gl.constexpr = w_desc.block_type.shape[1] // 8
+    if NESTED:
+        LC: gl.constexpr = gl.BlockedLayout([2], [32], [4], [0])
+        ci = gl.arange(0, 256, layout=LC)
+        gl.inline_asm_elementwise(CODE, "=r,r,f", [ci, gl.load(ncode_ptr + ci)], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+        _barrier()  # the table is whole before any decode (the decode's assembly is not pure: it stays below)
+        offset = gl.load(off_ptr)
+        LQ: gl.constexpr = gl.BlockedLayout([1, 1], [32 // G, G], [4, 1], [1, 0])
+        total = gl.cdiv(n_items - gl.program_id(0), gl.num_programs(0)) * KTILES
+        q0, s0 = _fetch_absmax(am_ptr, nabs_ptr, 0, total, KTILES, BN, G, LQ)
+        q1, s1 = _fetch_absmax(am_ptr, nabs_ptr, 1, total, KTILES, BN, G, LQ)
     s = 0
     ph = 0
+    j = 0
     for item in range(gl.program_id(0), n_items, gl.num_programs(0)):
         row0 = item * BN
         for kt in range(KTILES):
@@ -86,11 +121,23 @@ def _producer(w_desc, a_desc, x_desc, ring_w, ring_a, ring_x, ready, empty, n_it
             if MODE == 2:  # (bench: the weight stream alone)
                 mbarrier.expect(bar, w_desc.block_type.nbytes)
                 _tma_load(w_desc, [row0, kt * G * 8], bar, ring_w.index(s))
+            elif NESTED:
+                mbarrier.expect(bar, w_desc.block_type.nbytes + x_desc.block_type.nbytes)
+                _tma_load(w_desc, [row0, kt * G * 8], bar, ring_w.index(s))
+                _tma_load(x_desc, [kt * G // 8, 0], bar, ring_x.index(s))
+                q2, s2 = _fetch_absmax(am_ptr, nabs_ptr, j + 2, total, KTILES, BN, G, LQ)
+                am = gl.inline_asm_elementwise(DECODE, "=f,r,f,f", [q0, s0, offset + gl.zeros_like(s0)],
+                                               dtype=gl.float32, is_pure=False, pack=1)
+                ring_a.index(s).store(am)
+                _barrier()  # every thread's absmax is in the stage before the one arrival
+                mbarrier.arrive(bar, count=1)
+                q0, s0, q1, s1 = q1, s1, q2, s2
             else:
                 mbarrier.expect(bar, w_desc.block_type.nbytes + a_desc.block_type.nbytes + x_desc.block_type.nbytes)
                 _tma_load(w_desc, [row0, kt * G * 8], bar, ring_w.index(s))
                 _tma_load(a_desc, [row0, kt * G], bar, ring_a.index(s))
                 _tma_load(x_desc, [kt * G // 8, 0], bar, ring_x.index(s))
+            j += 1
             s += 1
             if s == STAGES:
                 s = 0
@@ -167,11 +214,15 @@ def _consumer(ring_w, ring_a, ring_x, ready, empty, out_ptr, bias_ptr, N, n_item
 
 
 @gluon.jit
-def gemv_ring_kernel(out_ptr, bias_ptr, w_desc, a_desc, x_desc, N, n_items, KTILES, STAGES: gl.constexpr,
-                     CONS_REGS: gl.constexpr, HAS_BIAS: gl.constexpr, DECLARE: gl.constexpr, BUILD: gl.constexpr,
-                     ASM: gl.constexpr, MODE: gl.constexpr = 0):
+def gemv_ring_kernel(out_ptr, bias_ptr, am_ptr, nabs_ptr, ncode_ptr, off_ptr, w_desc, a_desc, x_desc, N, n_items,
+                     KTILES, STAGES: gl.constexpr, CONS_REGS: gl.constexpr, HAS_BIAS: gl.constexpr,
+                     DECLARE: gl.constexpr, BUILD: gl.constexpr, ASM: gl.constexpr, NESTED: gl.constexpr = False,
+                     CODE: gl.constexpr = "", DECODE: gl.constexpr = "", MODE: gl.constexpr = 0):
     """out (1, N) = x @ W^T (+ bias): W's packed words (N, K / 8) int32 and float32 absmax (N, K / 64) and x
     (K / 512, 256) int32 as TMA descriptors of (BN, KT), (BN, KT / 8) and (KT / 64, 256) blocks; N % BN == 0.
+    NESTED: double-quantized absmax instead: uint8 ``am_ptr`` (N * K / 64), nested float32 ``nabs_ptr`` (one per
+    256 blocks), the nested code ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32); ``a_desc`` is then
+    not read (any float32 descriptor of the block shape). Without NESTED those four are not read.
     MODE (bench only): 1 skips the decode, 2 also the absmax and x loads."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     G: gl.constexpr = w_desc.block_type.shape[1] // 8
@@ -184,11 +235,12 @@ def gemv_ring_kernel(out_ptr, bias_ptr, w_desc, a_desc, x_desc, N, n_items, KTIL
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for si in gl.static_range(STAGES):
-        mbarrier.init(ready.index(si), count=1)
+        mbarrier.init(ready.index(si), count=2 if NESTED else 1)  # NESTED: the producer's decode arrives too
         mbarrier.init(empty.index(si), count=4)  # every consumer warp releases each stage
     # the producer is the default partition; one partition per consumer warp
     gl.warp_specialize([
-        (_producer, (w_desc, a_desc, x_desc, ring_w, ring_a, ring_x, ready, empty, n_items, KTILES, STAGES, MODE)),
+        (_producer, (w_desc, a_desc, x_desc, ring_w, ring_a, ring_x, ready, empty, n_items, KTILES, am_ptr, nabs_ptr,
+                      ncode_ptr, off_ptr, STAGES, NESTED, CODE, DECODE, MODE)),
         (_consumer, (ring_w, ring_a, ring_x, ready, empty, out_ptr, bias_ptr, N, n_items, KTILES, BN, G, STAGES, 4,
                      0, HAS_BIAS, BUILD, ASM, MODE)),
         (_consumer, (ring_w, ring_a, ring_x, ready, empty, out_ptr, bias_ptr, N, n_items, KTILES, BN, G, STAGES, 4,

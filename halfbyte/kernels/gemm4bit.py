@@ -229,9 +229,9 @@ def gemv(x, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize
     shapes the latter two."""
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    if (use_mma and use_ring
-            and gemv_ring.supported(x.dtype, N, K, blocksize, nested_absmax is not None, absmax, x, data)):
-        return gemv_ring.ring_for(data, absmax, N, K, quant_type, x.dtype)(x, bias)
+    nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
+    if use_mma and use_ring and gemv_ring.supported(x.dtype, N, K, blocksize, nested, absmax, x, data):
+        return gemv_ring.ring_for(data, absmax, N, K, quant_type, x.dtype, nested)(x, bias)
     if use_mma and gemv_mma.mma_supported(x.dtype, K, blocksize, x, data):
         return gemv_mma.gemv_mma(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                  quant_type)
@@ -311,8 +311,9 @@ class Plan:
         self._gemv, self._ring, self._atomic = None, None, False
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
-            if gemv_ring.supported(dtype, N, K, blocksize, nested_absmax is not None, absmax, x, data):
-                self._ring = gemv_ring.RingGemv(data, absmax, N, K, quant_type, dtype)
+            nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
+            if gemv_ring.supported(dtype, N, K, blocksize, nested, absmax, x, data):
+                self._ring = gemv_ring.RingGemv(data, absmax, N, K, quant_type, dtype, nested=nested)
             if gemv_mma.mma_supported(dtype, K, blocksize, x, data):
                 fn, launcher = gemv_mma._gemv_mma_kernel, functools.partial(gemv_mma.mma_launch, dtype=dtype)
                 tables = gemv_mma.mma_tables(quant_type, B.device, dtype)

@@ -21,9 +21,10 @@ Persistent programs walk BN-row tiles, spread so that every program gets the sam
 On by default (``ENABLED``; ``HALFBYTE_GEMV_RING=0`` turns it off). ``RingGemv`` binds the launch: the weight's
 TMA descriptors are encoded once, x's once per address, and a call goes straight to triton's C launcher (triton
 3.6; elsewhere through the compiled kernel's ``run``: ``launch.descriptor_launcher``). Serves: float16/bfloat16 x,
-blocksize 64 with float32 absmax (not double-quantized: its uint8 rows of a 64-word tile are 8 bytes, under TMA's
-16-byte minimum), K % 512 == 0, N * K >= 2^24, N a multiple of the row tile, on compute capability 9.x, with
-triton's Gluon; ``supported`` says where, and each device runs it once before use (``verdict``: it compares with
+blocksize 64 with float32 absmax or double-quantized absmax (uint8 + nested float32 per 256 blocks + offset: a
+tile's uint8 rows are 8 or 16 bytes, under or at TMA's 16-byte minimum, so the producer partition's idle threads
+load them two tiles ahead and decode them into the stage's float32 absmax; BENCHMARKS.md, session 20), K % 512 ==
+0, N * K >= 2^24, N a multiple of the row tile, on compute capability 9.x, with triton's Gluon; ``supported`` says where, and each device runs it once before use (``verdict``: it compares with
 the dequantized float32 product). Where not served the other GEMVs are. Gluon does not run under the interpreter:
 the CPU tier checks that the kernel compiles for sm_90, that ``table_words`` holds the decode it assumes, and
 emulates ``build_asm`` and ``step_asm`` for a warp (tests/test_gemv_ring.py).
@@ -36,7 +37,9 @@ import warnings
 
 import torch
 
+from ..formats import blockwise
 from ..formats import fourbit as ref4
+from . import fourbit as fourbit_kernels
 from .common import INTERPRET
 from .launch import descriptor_launcher
 
@@ -67,6 +70,7 @@ def available() -> bool:
 ENABLED = os.environ.get("HALFBYTE_GEMV_RING", "1") != "0"
 
 TABLE = "hb_ring_tab"
+CODE_TABLE = "hb_ring_code"  # double quantization: the nested code (256 float32), copied in by the consumer warps
 BAR_ID = 14  # the named barrier of the table build (warp specialization uses the low ids)
 WARPS = 4  # consumer warps per program
 STAGES = 4
@@ -83,7 +87,7 @@ def table_words(quant_type: str, dtype: torch.dtype) -> tuple[int, ...]:
 
 def declare_asm() -> str:
     """Declares the table (function scope, so emitted once: in the parent region) and returns its address."""
-    return f".shared .align 16 .b32 {TABLE}[8192];\nmov.u32 $0, {TABLE};"
+    return f".shared .align 16 .b32 {TABLE}[8192];\n.shared .align 16 .b32 {CODE_TABLE}[256];\nmov.u32 $0, {TABLE};"
 
 
 def build_asm(words: tuple[int, ...]) -> str:
@@ -100,6 +104,20 @@ def build_asm(words: tuple[int, ...]) -> str:
         lines += [f"{p} mov.b32 %v, {v};", f"{p} st.shared.b32 [%tb+{128 * e}], %v;"]
     lines += [f"bar.sync {BAR_ID}, {32 * WARPS};", "mov.u32 $0, 0;", "}"]
     return "\n".join(lines)
+
+
+def code_asm() -> str:
+    """Double quantization: stores nested code entry $1 (an index) = $2 into the shared code table; returns 0.
+    Runs before the table build, whose barrier then orders it before every decode."""
+    return (f"{{\n.reg .b32 %a;\nmov.u32 %a, {CODE_TABLE};\nshl.b32 $0, $1, 2;\nadd.u32 %a, %a, $0;\n"
+            f"st.shared.f32 [%a], $2;\nmov.u32 $0, 0;\n}}")
+
+
+def decode_asm() -> str:
+    """Double quantization: $0 = code[$1] * $2 + $3 (uint8 absmax $1, nested absmax $2, offset $3), rounded after
+    the product and after the sum, as ``ops.decode_absmax`` and the other kernels compute it."""
+    return (f"{{\n.reg .b32 %a, %i;\n.reg .f32 %c;\nmov.u32 %a, {CODE_TABLE};\nshl.b32 %i, $1, 2;\n"
+            f"add.u32 %a, %a, %i;\nld.shared.f32 %c, [%a];\nmul.rn.f32 %c, %c, $2;\nadd.rn.f32 $0, %c, $3;\n}}")
 
 
 def step_asm(dtype: torch.dtype) -> str:
@@ -132,21 +150,31 @@ def config(N: int, K: int) -> tuple[int, int, int]:
     return (8, 128, 3) if K >= 8192 else (16, 64, 3)
 
 
-def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested: bool, absmax: torch.Tensor,
+def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax: torch.Tensor,
               *tensors: torch.Tensor) -> bool:
-    """Whether this kernel serves a GEMV (see the module doc): ``ENABLED``, the device's ``verdict`` included."""
+    """Whether this kernel serves a GEMV (see the module doc): ``ENABLED``, the device's ``verdict`` included.
+    ``nested``: None / False without double quantization, else (nested_absmax, nested_code or None, offset)."""
     if not ENABLED or INTERPRET or dtype not in (torch.float16, torch.bfloat16) or blocksize != 64:
         return False
-    if nested:
+    if K % 512 or N * K < MIN_WORK or N % config(N, K)[0]:
         return False
-    if absmax.dtype != torch.float32 or K % 512 or N * K < MIN_WORK or N % config(N, K)[0]:
+    if nested is True:  # double quantization without its statistics
+        return False
+    if nested:
+        nested_absmax, nested_code, offset = nested
+        stats = (absmax, nested_absmax, offset) + (() if nested_code is None else (nested_code,))
+        if (absmax.dtype != torch.uint8 or nested_absmax.dtype != torch.float32 or offset.dtype != torch.float32
+                or (nested_code is not None and (nested_code.dtype != torch.float32 or nested_code.numel() != 256))
+                or nested_absmax.numel() != -(-absmax.numel() // 256) or any(t.data_ptr() % 16 for t in stats)):
+            return False
+    elif absmax.dtype != torch.float32:
         return False
     if any(t.data_ptr() % 16 for t in tensors):
         return False
     device = absmax.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or not available():
         return False
-    return verdict(device, dtype)
+    return verdict(device, dtype, bool(nested))
 
 
 _SHARED_OK: set = set()
@@ -173,21 +201,25 @@ def _asm(quant_type: str, dtype: torch.dtype) -> tuple[str, str, str]:
     return declare_asm(), build_asm(table_words(quant_type, dtype)), step_asm(dtype)
 
 
-def _launch_kwargs(quant_type: str, dtype: torch.dtype, stages: int, ctas: int, mode: int = 0) -> dict:
-    """The kernel's constexprs and options (HAS_BIAS aside) for ``ctas`` programs per SM."""
+def _launch_kwargs(quant_type: str, dtype: torch.dtype, stages: int, ctas: int, mode: int = 0,
+                   nested: bool = False) -> dict:
+    """The kernel's constexprs and options (HAS_BIAS aside) for ``ctas`` programs per SM (``nested``: double
+    quantization)."""
     # registers for ctas programs of 8 warps (the producer partition pads to a warpgroup); the producer gives its
     # share back down to 24 per thread, the consumer warps take the rest
     maxnreg = min(255, 65536 // (ctas * 32 * (4 + WARPS)) // 8 * 8)
     cons_regs = min(248, (maxnreg * (4 + WARPS) - 24 * 4) // WARPS // 8 * 8)
     declare, build, step = _asm(quant_type, dtype)
     return dict(STAGES=stages, MODE=mode, CONS_REGS=cons_regs, DECLARE=declare, BUILD=build, ASM=step, num_warps=4,
-                maxnreg=maxnreg)
+                maxnreg=maxnreg, NESTED=nested, CODE=code_asm() if nested else "",
+                DECODE=decode_asm() if nested else "")
 
 
 def compile_offline(dtype: torch.dtype = torch.bfloat16, cfg: tuple[int, int, int, int] = (16, 64, STAGES, 3),
-                    quant_type: str = "nf4", has_bias: bool = True):
+                    quant_type: str = "nf4", has_bias: bool = True, nested: bool = False):
     """Compiles the kernel for sm_90 without a GPU (``triton.compile``; the launch would specialize the same way:
-    16-byte aligned pointers) -> the CompiledKernel. For the CPU tests and the bench's ``--compile-only``."""
+    16-byte aligned pointers) -> the CompiledKernel. For the CPU tests and the bench's ``--compile-only``.
+    ``nested``: the double-quantized variant."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -196,16 +228,21 @@ def compile_offline(dtype: torch.dtype = torch.bfloat16, cfg: tuple[int, int, in
     gl, _, gemv_ring_kernel = _gluon()
     layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     ty = {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
-    sig = {"out_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "w_desc": f"tensordesc<i32[{BN}, {KT}],{layout!r}>",
+    st = ("u8", "fp32", "fp32", "fp32") if nested else ("fp32",) * 4
+    sig = {"out_ptr": f"*{ty}", "bias_ptr": f"*{ty}", **{n: f"*{t}" for n, t in zip(_STATS, st, strict=True)},
+           "w_desc": f"tensordesc<i32[{BN}, {KT}],{layout!r}>",
            "a_desc": f"tensordesc<fp32[{BN}, {KT // 8}],{layout!r}>",
            "x_desc": f"tensordesc<i32[{KT // 64}, 256],{layout!r}>", "N": "i32", "n_items": "i32", "KTILES": "i32"}
-    kw = _launch_kwargs(quant_type, dtype, stages, ctas)
+    kw = _launch_kwargs(quant_type, dtype, stages, ctas, nested=nested)
     opts = {"num_warps": kw.pop("num_warps"), "maxnreg": kw.pop("maxnreg")}
     consts = dict(kw, HAS_BIAS=has_bias)
     sig.update({k: "constexpr" for k in consts})
-    src = GluonASTSource(gemv_ring_kernel, sig, constexprs=consts, attrs={(0,): [["tt.divisibility", 16]],
-                                                                          (1,): [["tt.divisibility", 16]]})
+    src = GluonASTSource(gemv_ring_kernel, sig, constexprs=consts,
+                         attrs={(i,): [["tt.divisibility", 16]] for i in range(2 + len(_STATS))})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+_STATS = ("am_ptr", "nabs_ptr", "ncode_ptr", "off_ptr")  # the kernel's absmax pointers (double quantization)
 
 
 class _Address:
@@ -229,8 +266,10 @@ class RingGemv:
     the weight (or, as ``gemv``'s cache, keys it by them: the encoded descriptors depend on nothing else)."""
 
     def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
-                 dtype: torch.dtype, cfg: tuple[int, int, int, int] | None = None, mode: int = 0):
-        """``cfg`` (BN, KT, STAGES, programs per SM) and ``mode`` (the kernel's MODE) are for the bench."""
+                 dtype: torch.dtype, cfg: tuple[int, int, int, int] | None = None, mode: int = 0,
+                 nested: tuple | None = None):
+        """``nested``: (nested_absmax, nested_code or None, offset) with double-quantized (uint8) ``absmax``.
+        ``cfg`` (BN, KT, STAGES, programs per SM) and ``mode`` (the kernel's MODE) are for the bench."""
         self.N, self.K, self.dtype, self.device = N, K, dtype, data.device
         BN, KT, stages, ctas = cfg or (*config(N, K)[:2], STAGES, config(N, K)[2])
         if N % BN or K % 512 or (K // 8) % KT or KT not in (64, 128) or BN < 8 or BN & (BN - 1):
@@ -243,14 +282,24 @@ class RingGemv:
         # descriptors over the weight's addresses, not its tensors: a plan must not keep a layer's weights alive
         self.w_desc = TensorDescriptor(_Address(data.data_ptr(), torch.int32), [N, K // 8], [K // 8, 1], [BN, KT],
                                        layout)
-        self.a_desc = TensorDescriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
-                                       [BN, KT // 8], layout)
+        if nested:  # the kernel reads the four statistics itself; a_desc is a placeholder it never loads
+            nested_absmax, nested_code, offset = nested
+            code = nested_code if nested_code is not None else fourbit_kernels.nested_code_table(data.device)
+            self._stats = (absmax.data_ptr(), nested_absmax.data_ptr(), code.data_ptr(), offset.data_ptr())
+            self._stat_dtypes = (torch.uint8, torch.float32, torch.float32, torch.float32)
+            self.a_desc = TensorDescriptor(_Address(code.data_ptr(), torch.float32), [16, 16], [16, 1],
+                                           [BN, KT // 8], layout)
+        else:
+            self._stats = (absmax.data_ptr(),) * 4
+            self._stat_dtypes = (torch.float32,) * 4
+            self.a_desc = TensorDescriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
+                                           [BN, KT // 8], layout)
         n_items = N // BN
         sms = torch.cuda.get_device_properties(data.device).multi_processor_count
         rounds = -(-n_items // (ctas * sms))
         self.grid = (-(-n_items // rounds),)  # every program rounds or rounds - 1 tiles
         self.n_items, self.ktiles = n_items, (K // 8) // KT
-        self.kwargs = _launch_kwargs(quant_type, dtype, stages, ctas, mode)
+        self.kwargs = _launch_kwargs(quant_type, dtype, stages, ctas, mode, bool(nested))
         self._bound: dict[bool, tuple] = {}  # has_bias -> (C launcher, head, w / absmax params, tail, expand)
         self._x: dict[tuple[int, bool], list] = {}  # (x address, has_bias) -> x descriptor params
 
@@ -262,7 +311,8 @@ class RingGemv:
     def _bind(self, has_bias: bool) -> tuple:
         """Compiles (no launch) this specialization, opens its shared memory, encodes the weight's descriptors."""
         out = torch.empty(1, self.N, dtype=self.dtype, device=self.device)  # only its dtype specializes
-        args = (out, out, self.w_desc, self.a_desc, self.x_descriptor(out.data_ptr()), self.N, self.n_items,
+        stats = tuple(torch.empty(16, dtype=t, device=self.device) for t in self._stat_dtypes)  # (dtypes too)
+        args = (out, out, *stats, self.w_desc, self.a_desc, self.x_descriptor(out.data_ptr()), self.N, self.n_items,
                 self.ktiles)
         kw = dict(self.kwargs, HAS_BIAS=has_bias)
         compiled = self._kernel.warmup(*args, grid=self.grid, **kw)
@@ -284,7 +334,7 @@ class RingGemv:
             if len(self._x) >= 64:
                 self._x.clear()
             xp = self._x[(x, has_bias)] = expand(self.x_descriptor(x), 2)
-        c_launch(self.grid[0], 1, 1, stream, *head, out, bias if has_bias else out, *wa, *xp, *tail)
+        c_launch(self.grid[0], 1, 1, stream, *head, out, bias if has_bias else out, *self._stats, *wa, *xp, *tail)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         out = torch.empty(1, self.N, dtype=self.dtype, device=self.device)
@@ -297,48 +347,58 @@ _RINGS: dict[tuple, RingGemv] = {}
 
 
 def ring_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
-             dtype: torch.dtype) -> RingGemv:
+             dtype: torch.dtype, nested: tuple | None = None) -> RingGemv:
     """A ``RingGemv`` for ``gemv``'s direct calls, kept by the weight's addresses and shape (what its encoded
-    descriptors depend on; at most 256, forgotten together when full)."""
-    key = (data.data_ptr(), absmax.data_ptr(), N, K, quant_type, dtype, data.device)
+    descriptors and the statistics' pointers depend on; at most 256, forgotten together when full)."""
+    stats = tuple(None if t is None else t.data_ptr() for t in nested) if nested else None
+    key = (data.data_ptr(), absmax.data_ptr(), stats, N, K, quant_type, dtype, data.device)
     ring = _RINGS.get(key)
     if ring is None:
         if len(_RINGS) >= 256:
             _RINGS.clear()
-        ring = _RINGS[key] = RingGemv(data, absmax, N, K, quant_type, dtype)
+        ring = _RINGS[key] = RingGemv(data, absmax, N, K, quant_type, dtype, nested=nested)
     return ring
 
 
 _VERDICTS: dict[tuple, bool] = {}
 
 
-def verdict(device: torch.device, dtype: torch.dtype) -> bool:
-    """Runs the kernel once on ``device`` for ``dtype`` (a 64 x 1024 weight; every call path compiles and opens
-    the shared memory first) against the dequantized float32 product; False, with a warning, if it fails or
-    disagrees, and the other GEMVs serve. While a CUDA graph is being captured an unchecked device answers False
-    and is checked on a later call."""
-    key = (device, dtype)
+def verdict(device: torch.device, dtype: torch.dtype, nested: bool = False) -> bool:
+    """Runs the kernel once on ``device`` for ``dtype`` (a 64 x 1024 weight, double-quantized where ``nested``;
+    every call path compiles and opens the shared memory first) against the dequantized float32 product; False,
+    with a warning, if it fails or disagrees, and the other GEMVs serve. While a CUDA graph is being captured an
+    unchecked device answers False and is checked on a later call."""
+    key = (device, dtype, nested)
     if key not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _VERDICTS[key] = _check(device, dtype)
+        _VERDICTS[key] = _check(device, dtype, nested)
     return _VERDICTS[key]
 
 
-def _check(device: torch.device, dtype: torch.dtype) -> bool:
+def _check(device: torch.device, dtype: torch.dtype, nested: bool) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     N, K = 64, 1024
     w = torch.randn(N, K, generator=g) / K**0.5
     packed, absmax = ref4.quantize_4bit(w, 64, "nf4")
     x = torch.randn(1, K, generator=g).to(dtype)
     bias = torch.randn(N, generator=g).to(dtype)
-    W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float32)
+    stats = None
+    if nested:  # four 256-block groups: the offset and each nested absmax apply
+        q, nested_absmax, offset = blockwise.double_quantize(absmax)
+        stats = (nested_absmax, None, offset)
+        absmax = q
+        W = ref4.dequantize_4bit(packed, blockwise.double_dequantize(q, nested_absmax, offset), 64, "nf4", (N, K),
+                                 torch.float32)
+    else:
+        W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float32)
     exact = x.float() @ W.T + bias.float()
     bound = 2.0**-7 * (x.float().abs() @ W.abs().T + bias.float().abs()) + 1e-3
     try:
         with torch.cuda.device(device):
             data, am = packed.reshape(-1).to(device), absmax.to(device)  # alive while the ring reads them
-            out = RingGemv(data, am, N, K, "nf4", dtype)(x.to(device), bias.to(device))
+            nest = None if stats is None else tuple(None if t is None else t.to(device) for t in stats)
+            out = RingGemv(data, am, N, K, "nf4", dtype, nested=nest)(x.to(device), bias.to(device))
         ok = bool(((out.float().cpu() - exact).abs() <= bound).all())
         reason = "disagreed with the reference"
     except Exception as e:  # noqa: BLE001  (a triton or driver without what it needs: the other GEMVs serve)

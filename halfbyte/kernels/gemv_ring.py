@@ -16,7 +16,7 @@ bitsandbytes' speed. Here (BENCHMARKS.md, session 17: 1.65-1.94x at the FLUX/T5 
   folded into the absmax multiply keeps the diagonal;
 * the table (32 KB of static shared memory declared in the PTX) is written from immediates by the consumer warps
   while the first loads are in flight.
-Persistent programs walk BN-row tiles, spread so that every program gets the same number or one fewer.
+Persistent programs (3 per SM) walk BN-row tiles in turn, so that every SM gets the same number of tiles +-1.
 
 On by default (``ENABLED``; ``HALFBYTE_GEMV_RING=0`` turns it off). ``RingGemv`` binds the launch: the weight's
 TMA descriptors are encoded once, x's once per address, and a call goes straight to triton's C launcher (triton
@@ -24,8 +24,9 @@ TMA descriptors are encoded once, x's once per address, and a call goes straight
 blocksize 64 with float32 absmax or double-quantized absmax (uint8 + nested float32 per 256 blocks + offset: a
 tile's uint8 rows are 8 or 16 bytes, under or at TMA's 16-byte minimum, so the producer partition's idle threads
 load them two tiles ahead and decode them into the stage's float32 absmax; BENCHMARKS.md, session 20), K % 512 ==
-0, N * K >= 2^24, N a multiple of the row tile, on compute capability 9.x, with triton's Gluon; ``supported`` says where, and each device runs it once before use (``verdict``: it compares with
-the dequantized float32 product). Where not served the other GEMVs are. Gluon does not run under the interpreter:
+0, N * K >= 2^24, N a multiple of the row tile, on compute capability 9.x, with triton's Gluon; ``supported`` says
+where, and each device runs it once before use (``verdict``: it compares with the dequantized float32 product).
+Where not served the other GEMVs are. Gluon does not run under the interpreter:
 the CPU tier checks that the kernel compiles for sm_90, that ``table_words`` holds the decode it assumes, and
 emulates ``build_asm`` and ``step_asm`` for a warp (tests/test_gemv_ring.py).
 """
@@ -296,8 +297,11 @@ class RingGemv:
                                            [BN, KT // 8], layout)
         n_items = N // BN
         sms = torch.cuda.get_device_properties(data.device).multi_processor_count
-        rounds = -(-n_items // (ctas * sms))
-        self.grid = (-(-n_items // rounds),)  # every program rounds or rounds - 1 tiles
+        # ctas programs per SM (fewer where there are fewer tiles), program p taking tiles p, p + grid, ...: the
+        # first sms programs land one per SM, the next sms one more each, so every SM gets the same number of
+        # tiles +-1. (As few programs as give each the same count +-1 left SMs with 2 programs beside SMs with
+        # 3: 2-4 % slower at 10240x4096 and 14336x4096, BENCHMARKS.md session 20.)
+        self.grid = (min(n_items, ctas * sms),)
         self.n_items, self.ktiles = n_items, (K // 8) // KT
         self.kwargs = _launch_kwargs(quant_type, dtype, stages, ctas, mode, bool(nested))
         self._bound: dict[bool, tuple] = {}  # has_bias -> (C launcher, head, w / absmax params, tail, expand)

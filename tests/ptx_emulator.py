@@ -1,25 +1,32 @@
 """A host emulator of the PTX subset that halfbyte's inline-assembly decoders use (``mov``, ``and``/``or``/``shl``/
-``shr``, ``prmt``, ``mul.rn.f32``, ``cvt.rn.{bf16,f16}x2.f32``, ``setp.ne`` and predicated ``st.global.v4``), so
-the assembly that the GPU kernels run (``kernels.lut``'s table decoders, bench/dequant_words.py) is checked bit for
-bit on a CPU, where the interpreter takes another path. Semantics from the PTX ISA: ``prmt`` picks byte n & 7 of
-{b, a} (a = bytes 0-3) per selector nibble n, replicating the byte's sign bit when n & 8; ``cvt ... d, a, b`` puts
-a in the upper half; float32 products and 16-bit conversions round to nearest even."""
+``shr``/``add.u32``, ``prmt``, ``mul.rn.f32``/``add.rn.f32``, ``cvt.rn.{bf16,f16}x2.f32``, ``setp.ne``, predicated
+``st.global.v4`` and 32-bit ``ld.shared``/``st.shared`` at named shared symbols), so the assembly that the GPU
+kernels run (``kernels.lut``'s table decoders, ``kernels.gemv_ring``'s absmax decode, bench/dequant_words.py) is
+checked bit for bit on a CPU, where the interpreter takes another path. Semantics from the PTX ISA: ``prmt`` picks
+byte n & 7 of {b, a} (a = bytes 0-3) per selector nibble n, replicating the byte's sign bit when n & 8; ``cvt ...
+d, a, b`` puts a in the upper half; float32 products, sums and 16-bit conversions round to nearest even."""
 
 import numpy as np
 import torch
 
 
-def run_ptx(asm: str, operands: dict[int, int]) -> list[tuple[int, list[int]]]:
+def run_ptx(asm: str, operands: dict[int, int], shared: dict[int, int] | None = None,
+            symbols: dict[str, int] | None = None) -> list[tuple[int, list[int]]]:
     """Runs the PTX block ``asm`` (the subset above) with 32-bit operands {index: value}, updated in place with
-    the outputs it writes; returns its stores as (address operand, four words)."""
+    the outputs it writes; returns its global stores as (address operand, four words). ``shared`` {byte address:
+    32-bit word} is the shared memory its ``ld.shared``/``st.shared`` use, ``symbols`` {name: address} the shared
+    symbols it names."""
     regs: dict[str, int] = {}
+    symbols = symbols or {}
 
     def val(tok: str) -> int:
-        tok = tok.strip().rstrip(";")
+        tok = tok.strip().rstrip(";").strip("[]")  # (an address operand: its register's value)
         if tok.startswith("$"):
             return operands[int(tok[1:])]
         if tok.startswith("%"):
             return regs[tok]
+        if tok in symbols:
+            return symbols[tok]
         if tok.startswith("0f"):
             return int(tok[2:], 16)
         return int(tok, 16) if tok.startswith("0x") else int(tok)
@@ -45,12 +52,21 @@ def run_ptx(asm: str, operands: dict[int, int]) -> list[tuple[int, list[int]]]:
                 addr = operands[int(args[0].strip("[]$"))]
                 stores.append((addr, [val(t) for t in args[1].strip("{} ").split(",")]))
             continue
+        if op in ("st.shared.f32", "st.shared.b32"):
+            shared[val(args[0])] = val(args[1])
+            continue
         dst, srcs = args[0], [t.strip() for t in args[1].split(",")]
         v = [val(t) for t in srcs]
-        if op == "mov.b32":
+        if op in ("mov.b32", "mov.u32"):
             r = v[0]
+        elif op in ("ld.shared.f32", "ld.shared.b32"):
+            r = shared[v[0]]
         elif op == "mul.rn.f32":
             r = int(np.array([f32(v[0]) * f32(v[1])], dtype=np.float32).view(np.uint32)[0])
+        elif op == "add.rn.f32":
+            r = int(np.array([f32(v[0]) + f32(v[1])], dtype=np.float32).view(np.uint32)[0])
+        elif op == "add.u32":
+            r = (v[0] + v[1]) & 0xFFFFFFFF
         elif op.startswith("cvt.rn.") and op.endswith("x2.f32"):
             ty = torch.bfloat16 if "bf16" in op else torch.float16
             r = (half_bits(f32(v[0]), ty) << 16) | half_bits(f32(v[1]), ty)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from kernel_helpers import DEV, FLUX_T5, gpu
+from ptx_emulator import run_ptx
 from test_kernels import _quantized_linear, assert_within_fp32_sum_bound
 
 from halfbyte.formats import fourbit
@@ -279,45 +280,6 @@ def _run_step_warp(asm: str, operands: list[dict[int, int]], table: dict[int, in
                 regs[lane][dst] = v
 
 
-def _run_scalar_asm(asm: str, operands: dict[int, int], shared: dict[int, int], base: int) -> None:
-    """Runs one lane of ``gemv_ring.code_asm`` / ``decode_asm`` (integer ops, round-to-nearest float32 ops,
-    32-bit ``ld.shared`` / ``st.shared`` on ``shared`` {address: bits}, the code table's symbol at ``base``);
-    ``operands`` {index: 32-bit value} gets the outputs."""
-    regs: dict[str, int] = {}
-
-    def val(tok):
-        tok = tok.strip().strip("[]")
-        if tok.startswith("$"):
-            return operands[int(tok[1:])]
-        if tok.startswith("%"):
-            return regs[tok]
-        return base if tok == gemv_ring.CODE_TABLE else int(tok, 0)
-
-    def f32(bits):
-        return np.array([bits], dtype=np.uint32).view(np.float32)[0]
-
-    def bits(f):
-        return int(np.array([f], dtype=np.float32).view(np.uint32)[0])
-
-    for line in asm.splitlines():
-        line = line.strip().rstrip(";")
-        if line in ("{", "}") or line.startswith(".reg"):
-            continue
-        op, rest = line.split(None, 1)
-        args = [a.strip() for a in rest.split(",")]
-        if op == "st.shared.f32":
-            shared[val(args[0])] = val(args[1])
-            continue
-        x = [val(a) for a in args[1:]]
-        v = {"mov.u32": lambda: x[0], "shl.b32": lambda: x[0] << x[1], "add.u32": lambda: x[0] + x[1],
-             "ld.shared.f32": lambda: shared[x[0]], "mul.rn.f32": lambda: bits(f32(x[0]) * f32(x[1])),
-             "add.rn.f32": lambda: bits(f32(x[0]) + f32(x[1]))}[op]() & 0xFFFFFFFF
-        if args[0].startswith("$"):
-            operands[int(args[0][1:])] = v
-        else:
-            regs[args[0]] = v
-
-
 def test_nested_absmax_asm_decodes_as_the_reference():
     """Double quantization, emulated lane by lane: ``code_asm`` stores each of the 256 nested code entries at
     its slot of the shared table, and ``decode_asm`` turns every uint8 absmax with its nested absmax and offset
@@ -328,9 +290,10 @@ def test_nested_absmax_asm_decodes_as_the_reference():
     code = dynamic_map().numpy()
     shared: dict[int, int] = {}
     base = 0x400
+    symbols = {gemv_ring.CODE_TABLE: base}
     for i in range(256):
         ops = {1: i, 2: int(code[i:i + 1].view(np.uint32)[0])}
-        _run_scalar_asm(gemv_ring.code_asm(), ops, shared, base)
+        run_ptx(gemv_ring.code_asm(), ops, shared, symbols)
         assert ops[0] == 0
     assert shared == {base + 4 * i: int(code[i:i + 1].view(np.uint32)[0]) for i in range(256)}
     g = torch.Generator().manual_seed(1)
@@ -340,7 +303,7 @@ def test_nested_absmax_asm_decodes_as_the_reference():
     off = int(offset.numpy().view(np.uint32)[0])
     for blk in range(q.numel()):
         ops = {1: int(q[blk]), 2: int(nested[blk // 256:blk // 256 + 1].numpy().view(np.uint32)[0]), 3: off}
-        _run_scalar_asm(gemv_ring.decode_asm(), ops, shared, base)
+        run_ptx(gemv_ring.decode_asm(), ops, shared, symbols)
         assert ops[0] == int(expect[blk]), blk
 
 

@@ -39,6 +39,10 @@ def main():
     ap.add_argument("--read-only", action="store_true", help="also time the ring without the decode")
     ap.add_argument("--host", action="store_true", help="host time per one-token call instead")
     ap.add_argument("--nested", action="store_true", help="double-quantized absmax, both libraries")
+    ap.add_argument("--empty", action="store_true", help="also the graph time per launch of an empty kernel "
+                                                         "(396 programs of 8 warps): the launch's own floor")
+    ap.add_argument("--old-build", action="store_true", help="the table written from 256 immediates, one store "
+                                                             "each (the build before session 21), for an A/B")
     ap.add_argument("--json")
     args = ap.parse_args()
     dt = getattr(torch, args.dtype)
@@ -63,6 +67,11 @@ def main():
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, {dt}"
           + (", double-quantized absmax" if args.nested else ""))
     nq = args.nested
+    if args.old_build:
+        gemv_ring.build_asm = build_asm_immediates
+        gemv_ring._asm.cache_clear()
+    if args.empty:
+        print(f"empty kernel, per launch in a graph of 50: {empty_launch_ms() * 1e3:.2f} us")
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else
               [(18432, 3072), (14336, 4096), (3072, 3072), (12288, 3072), (10240, 4096), (3072, 12288)])
     results = []
@@ -78,7 +87,8 @@ def main():
         row["lib"] = timed_graph(lambda: [old(pa) for pa in ws]) / copies
         if bnb is not None:
             row["bnb"] = bnb_gemv_ms(bnb, ws, x, nq)
-        for mode, name in ((0, "tma"),) + (((1, "read"), (2, "read-w")) if args.read_only else ()):
+        for mode, name in ((0, "tma"),) + (((1, "read"), (2, "read-w"), (3, "no-table"), (4, "no-load"))
+                                           if args.read_only else ()):
             def make(cfg, mode=mode):
                 try:
                     fn = gemv_ring.RingGemv(ws[0][0].reshape(-1), ws[0][1], N, K, "nf4", dt, cfg, mode,
@@ -99,6 +109,34 @@ def main():
         torch.cuda.empty_cache()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def build_asm_immediates(words) -> str:
+    """The table build before session 21: every entry from an immediate, one 4-byte store of 32 lanes per entry,
+    warp w of the consumers taking entries w, w + 4, ... (8 KB of code per warp)."""
+    W, T = gemv_ring.WARPS, gemv_ring.TABLE
+    lines = ["{", ".reg .b32 %ln, %w, %tb, %v;", f".reg .pred %p<{W}>;", "mov.u32 %ln, %laneid;",
+             "shl.b32 %ln, %ln, 2;", f"mov.u32 %tb, {T};", "add.u32 %tb, %tb, %ln;", "mov.u32 %w, %tid.x;",
+             "shr.u32 %w, %w, 5;", f"rem.u32 %w, %w, {W};"]
+    lines += [f"setp.eq.u32 %p{w}, %w, {w};" for w in range(W)]
+    for e, v in enumerate(words):
+        lines += [f"@%p{e % W} mov.b32 %v, {v};", f"@%p{e % W} st.shared.b32 [%tb+{128 * e}], %v;"]
+    lines += [f"bar.sync {gemv_ring.BAR_ID}, {32 * W};", "mov.u32 $0, 0;", "}"]
+    return "\n".join(lines)
+
+
+@triton.jit
+def _empty_kernel(ptr, flag):
+    if flag == 12345:  # never: the kernel must not be empty for triton, nor write
+        triton.language.store(ptr, 0)
+
+
+def empty_launch_ms(n: int = 50) -> float:
+    """Graph-replay milliseconds per launch of a kernel that does nothing, with the ring's grid and warps."""
+    from benchutil import timed_graph
+    buf = torch.zeros(1, device="cuda")
+    grid = (3 * torch.cuda.get_device_properties(0).multi_processor_count,)
+    return timed_graph(lambda: [_empty_kernel[grid](buf, 0, num_warps=8) for _ in range(n)]) / n
 
 
 def host_costs(dt, N=12288, K=3072, n=2000):

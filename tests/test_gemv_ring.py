@@ -39,6 +39,16 @@ def test_table_words_are_code_pairs(qt, dtype):
     assert torch.equal(lo, code[b >> 4]) and torch.equal(hi, code[b & 15])
 
 
+def test_config_gives_every_program_whole_rounds_of_tiles():
+    """8-row x 128-word tiles from K = 8192 only where the row tiles fit one round of 3 programs per SM, 16 x 64
+    elsewhere (N % 16 permitting): at 4096 x 10240 the 8-row tiles would leave 116 of 396 programs two tiles."""
+    assert gemv_ring.config(3072, 12288) == gemv_ring.config(3072, 15360) == (8, 128, 3)
+    assert gemv_ring.config(4096, 10240) == (16, 64, 3)
+    assert gemv_ring.config(4096, 10240, sms=171) == (8, 128, 3)  # a GPU with more SMs: one round
+    assert gemv_ring.config(4104, 10240) == (8, 128, 3)  # N % 16 != 0
+    assert gemv_ring.config(18432, 3072) == (16, 64, 3)
+
+
 _COMPILE = """
 import json, sys, torch
 from halfbyte.kernels import gemv_ring
@@ -47,13 +57,14 @@ k = gemv_ring.compile_offline(dtype, tuple(int(v) for v in sys.argv[2].split(","
                              nested=sys.argv[5] == "1")
 ptx = k.asm["ptx"]
 ty = {torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+code7 = gemv_ring.table_words(sys.argv[3], dtype)[0x70] & 0xFFFF
 print(json.dumps({"shared": k.metadata.shared, "table": ptx.count(".shared .align 16 .b32 %s[8192]" % gemv_ring.TABLE),
                   "tma": ptx.count("cp.async.bulk.tensor"),
                   "mma": ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.%s.%s.f32" % (ty, ty)),
                   "setmaxnreg": "setmaxnreg" in ptx,
                   "code": ptx.count(".shared .align 16 .b32 %s[256]" % gemv_ring.CODE_TABLE),
                   "decode": ptx.count("mul.rn.f32"),
-                  "entry": "mov.b32 %%v, %d;" % gemv_ring.table_words(sys.argv[3], dtype)[0x7F] in ptx}))
+                  "entry": "or.b32 %%v, %%c, %d;" % code7 in ptx}))
 """
 
 
@@ -67,7 +78,7 @@ print(json.dumps({"shared": k.metadata.shared, "table": ptx.count(".shared .alig
 def test_compiles_for_sm90(dtype, cfg, qt, has_bias, nested):
     """The kernel compiles for sm_90 with this triton (its Gluon API moves between releases): three TMA loads per
     stage (two with double quantization: the consumers read the uint8 absmax), the table declared once and written
-    from the code's immediates, 32 mma.sync of x's type (4 consumer warps x 2 words x 4 per K tile), register
+    from the code's 16 immediates, 32 mma.sync of x's type (4 consumer warps x 2 words x 4 per K tile), register
     reallocation between the partitions, and dynamic shared memory under 48 KB beside the 32 KB table (why
     ``_open_shared`` raises the limit itself). With double quantization each of the producer partition's 128
     threads decodes one absmax per stage (a tile has BN x KT / 8 = 128). In a process of its own: this tier's
@@ -154,7 +165,7 @@ def test_ring_serves_only_what_it_can(monkeypatch):
     plain = torch.ones(N * K // 64, device=DEV)
     assert not gemv_ring.supported(torch.bfloat16, N, K, 128, False, plain, x, data)
     assert not gemv_ring.supported(torch.float32, N, K, 64, False, plain, x, data)
-    assert not gemv_ring.supported(torch.bfloat16, 3072, 3072, 64, False, plain, x, data)
+    assert not gemv_ring.supported(torch.bfloat16, 2048, 3072, 64, False, plain, x, data)
     assert not gemv_ring.supported(torch.bfloat16, 65536, 640, 64, False, plain, x, data)
     W = fourbit.dequantize_4bit(packed, am, 64, "nf4", (N, K), torch.bfloat16)
     out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, None, [N, K], 64, "nf4")
@@ -368,19 +379,22 @@ def _run_build(asm: str, base: int) -> dict[int, int]:
                 if not preds[p[1:]]:
                     continue
             op, rest = line.split(None, 1)
-            dst, *srcs = [s.strip() for s in rest.split(",")]
-            if op == "st.shared.b32":
-                reg, off = dst.strip("[]").split("+")
-                assert regs[reg] + int(off) not in memory, "a table word written twice"
-                memory[regs[reg] + int(off)] = val(srcs[0])
+            if op.startswith("st.shared"):  # st.shared.b32 [reg+off], v / st.shared.v4.b32 [reg+off], {a, b, c, d}
+                addr, values = rest.split(",", 1)
+                reg, off = addr.strip("[] ").split("+")
+                for i, v in enumerate(values.strip(" {}").split(",")):
+                    at = regs[reg] + int(off) + 4 * i
+                    assert at not in memory, "a table word written twice"
+                    memory[at] = val(v)
                 continue
+            dst, *srcs = [s.strip() for s in rest.split(",")]
             x = [val(s) for s in srcs]
             if op == "setp.eq.u32":
                 preds[dst] = x[0] == x[1]
                 continue
             regs[dst] = {"mov.u32": lambda: x[0], "mov.b32": lambda: x[0], "shl.b32": lambda: x[0] << x[1],
                          "shr.u32": lambda: x[0] >> x[1], "add.u32": lambda: x[0] + x[1],
-                         "rem.u32": lambda: x[0] % x[1]}[op]() & 0xFFFFFFFF
+                         "or.b32": lambda: x[0] | x[1], "rem.u32": lambda: x[0] % x[1]}[op]() & 0xFFFFFFFF
     return memory
 
 

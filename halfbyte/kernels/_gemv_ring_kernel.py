@@ -118,7 +118,9 @@ def _producer(w_desc, a_desc, x_desc, ring_w, ring_a, ring_x, ready, empty, n_it
         for kt in range(KTILES):
             mbarrier.wait(empty.index(s), ph ^ 1)
             bar = ready.index(s)
-            if MODE == 2:  # (bench: the weight stream alone)
+            if MODE == 4:  # (bench: no load at all: the stage is declared full)
+                mbarrier.arrive(bar, count=1)
+            elif MODE >= 2:  # (bench: the weight stream alone)
                 mbarrier.expect(bar, w_desc.block_type.nbytes)
                 _tma_load(w_desc, [row0, kt * G * 8], bar, ring_w.index(s))
             elif NESTED:
@@ -163,8 +165,11 @@ def _consumer(ring_w, ring_a, ring_x, ready, empty, out_ptr, bias_ptr, N, n_item
     LR: gl.constexpr = gl.SliceLayout(1, LA)
     LX: gl.constexpr = gl.SliceLayout(0, L3)
     L1: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    tok = gl.inline_asm_elementwise(BUILD, "=r,r", [gl.zeros([32], gl.int32, L1)], dtype=gl.int32, is_pure=False,
-                                    pack=1)
+    if MODE >= 3:  # (bench: no table)
+        tok = gl.zeros([32], gl.int32, L1)
+    else:
+        tok = gl.inline_asm_elementwise(BUILD, "=r,r", [gl.zeros([32], gl.int32, L1)], dtype=gl.int32,
+                                        is_pure=False, pack=1)
     after_build = gl.max(tok, 0)  # 0, but opaque: the lookups depend on it, so they follow the build
     z3 = gl.zeros([HALF, G, 8], gl.int32, L3)
     lane = _lane_id(z3)
@@ -223,7 +228,8 @@ def gemv_ring_kernel(out_ptr, bias_ptr, am_ptr, nabs_ptr, ncode_ptr, off_ptr, w_
     NESTED: double-quantized absmax instead: uint8 ``am_ptr`` (N * K / 64), nested float32 ``nabs_ptr`` (one per
     256 blocks), the nested code ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32); ``a_desc`` is then
     not read (any float32 descriptor of the block shape). Without NESTED those four are not read.
-    MODE (bench only): 1 skips the decode, 2 also the absmax and x loads."""
+    MODE (bench only): 1 skips the decode, 2 also the absmax and x loads, 3 also the table build, 4 also the
+    weight loads (the stages are declared full)."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     G: gl.constexpr = w_desc.block_type.shape[1] // 8
     L1: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])

@@ -14,8 +14,8 @@ bitsandbytes' speed. Here (BENCHMARKS.md, session 17: 1.65-1.94x at the FLUX/T5 
   the address; the pairs feed ``mma.m16n8k16`` exactly as in ``gemv_mma`` (rows a / b in A rows g / g+8, x in B;
   the diagonal entry C[g][g] of an mma lane group is the sum over its absmax group), and a per-lane float mask
   folded into the absmax multiply keeps the diagonal;
-* the table (32 KB of static shared memory declared in the PTX) is written from immediates by the consumer warps
-  while the first loads are in flight.
+* the table (32 KB of static shared memory declared in the PTX) is written by the consumer warps while the first
+  loads are in flight, from 16 immediates (the code) in ~70 instructions per warp (``build_asm``).
 Persistent programs (3 per SM) walk BN-row tiles in turn, so that every SM gets the same number of tiles +-1.
 
 On by default (``ENABLED``; ``HALFBYTE_GEMV_RING=0`` turns it off). ``RingGemv`` binds the launch: the weight's
@@ -24,7 +24,7 @@ TMA descriptors are encoded once, x's once per address, and a call goes straight
 blocksize 64 with float32 absmax or double-quantized absmax (uint8 + nested float32 per 256 blocks + offset: a
 tile's uint8 rows are 8 or 16 bytes, under or at TMA's 16-byte minimum, so the producer partition's idle threads
 load them two tiles ahead and decode them into the stage's float32 absmax; BENCHMARKS.md, session 20), K % 512 ==
-0, N * K >= 2^24, N a multiple of the row tile, on compute capability 9.x, with triton's Gluon; ``supported`` says
+0, N * K >= 2^23, N a multiple of the row tile, on compute capability 9.x, with triton's Gluon; ``supported`` says
 where, and each device runs it once before use (``verdict``: it compares with the dequantized float32 product).
 Where not served the other GEMVs are. Gluon does not run under the interpreter:
 the CPU tier checks that the kernel compiles for sm_90, that ``table_words`` holds the decode it assumes, and
@@ -75,7 +75,9 @@ CODE_TABLE = "hb_ring_code"  # double quantization: the nested code (256 float32
 BAR_ID = 14  # the named barrier of the table build (warp specialization uses the low ids)
 WARPS = 4  # consumer warps per program
 STAGES = 4
-MIN_WORK = 1 << 24  # N * K from which the ring is used: at 3072 x 3072 it only equalled gemv_mma
+# N * K from which the ring is used: at 3072 x 3072 (9.4 M) it is 11 % faster than gemv_mma, at 6336 x 512 (3.2 M)
+# as fast (BENCHMARKS.md, session 21)
+MIN_WORK = 1 << 23
 
 
 def table_words(quant_type: str, dtype: torch.dtype) -> tuple[int, ...]:
@@ -92,17 +94,27 @@ def declare_asm() -> str:
 
 
 def build_asm(words: tuple[int, ...]) -> str:
-    """Writes the table from immediates with the consumer warps (warp w of them entries w, w + 4, ...; one store
-    of 32 lanes per entry), then a named barrier of those warps; returns 0, which the lookups' lane offset ORs in:
-    a data dependency that orders every lookup after the build (nothing else stops the compiler from moving the
-    lookups' pure assembly before it; a constant such as ``t & 0`` would fold away). ($1 is unused.)"""
-    lines = ["{", ".reg .b32 %ln, %w, %tb, %v;", f".reg .pred %p<{WARPS}>;", "mov.u32 %ln, %laneid;",
-             "shl.b32 %ln, %ln, 2;", f"mov.u32 %tb, {TABLE};", "add.u32 %tb, %tb, %ln;", "mov.u32 %w, %tid.x;",
-             "shr.u32 %w, %w, 5;", f"rem.u32 %w, %w, {WARPS};"]
-    lines += [f"setp.eq.u32 %p{w}, %w, {w};" for w in range(WARPS)]
-    for e, v in enumerate(words):
-        p = f"@%p{e % WARPS}"
-        lines += [f"{p} mov.b32 %v, {v};", f"{p} st.shared.b32 [%tb+{128 * e}], %v;"]
+    """Writes the table with the consumer warps, then a named barrier of those warps; returns 0, which the lookups'
+    lane offset ORs in: a data dependency that orders every lookup after the build (nothing else stops the
+    compiler from moving the lookups' pure assembly before it; a constant such as ``t & 0`` would fold away). ($1
+    is unused.) Entry 16 j + e = code[j] | code[e] << 16: lane l of consumer warp w takes e = 4 w + l / 8 (its
+    code[e] selected from 16 immediates), then for j = 0..15 stores its entry to its 4 lane slots with one 16-byte
+    store (a warp's store: 4 entries x 32 lanes). About 70 instructions per warp: the table written from 256
+    immediates, one store each, was 8 KB of code per warp whose instruction fetches took ~1.6 us at the start of
+    every program (BENCHMARKS.md, session 21)."""
+    code = [w & 0xFFFF for w in words[::16]]  # entry 16 k = code[k] | code[0] << 16
+    if tuple(code[b >> 4] | code[b & 15] << 16 for b in range(256)) != tuple(words):
+        raise ValueError("gemv_ring: the table is not code pairs")
+    lines = ["{", ".reg .b32 %ln, %w, %tb, %e, %c, %v, %a;", ".reg .pred %q;", "mov.u32 %ln, %laneid;",
+             "mov.u32 %w, %tid.x;", "shr.u32 %w, %w, 5;", f"rem.u32 %w, %w, {WARPS};", "shr.u32 %e, %ln, 3;",
+             "shl.b32 %a, %w, 2;", "add.u32 %e, %e, %a;", "mov.b32 %c, 0;"]
+    for k, v in enumerate(code):
+        lines += [f"setp.eq.u32 %q, %e, {k};", f"@%q mov.b32 %c, {v};"]
+    # lane l's 4 slots of entry 16 j + e: word 32 (16 j + e) + 4 (l % 8) = 512 j + 128 w + 4 l
+    lines += ["shl.b32 %c, %c, 16;", f"mov.u32 %tb, {TABLE};", "shl.b32 %a, %ln, 4;", "add.u32 %tb, %tb, %a;",
+              "shl.b32 %a, %w, 9;", "add.u32 %tb, %tb, %a;"]
+    for j, v in enumerate(code):
+        lines += [f"or.b32 %v, %c, {v};", f"st.shared.v4.b32 [%tb+{2048 * j}], {{%v, %v, %v, %v}};"]
     lines += [f"bar.sync {BAR_ID}, {32 * WARPS};", "mov.u32 $0, 0;", "}"]
     return "\n".join(lines)
 
@@ -145,10 +157,19 @@ def step_asm(dtype: torch.dtype) -> str:
     return "\n".join(lines)
 
 
-def config(N: int, K: int) -> tuple[int, int, int]:
-    """(BN rows, KT words, programs per SM), from bench/gemv_gluon.py on an H100: 8 x 128 from K = 8192, else
-    16 x 64."""
-    return (8, 128, 3) if K >= 8192 else (16, 64, 3)
+def config(N: int, K: int, sms: int = 132) -> tuple[int, int, int]:
+    """(BN rows, KT words, programs per SM), from bench/gemv_gluon.py on an H100 (``sms`` SMs): 8 x 128 from K =
+    8192 where its row tiles fit one round of programs (so every program gets one), else 16 x 64 (N % 16 == 0).
+    At 4096 x 10240, 8 x 128 gave 512 tiles to 396 programs, 116 of them two, and took 1.14x the time of 16 x 64's
+    256 programs of one tile each (BENCHMARKS.md, session 21)."""
+    if K >= 8192 and (N // 8 <= 3 * sms or N % 16):
+        return (8, 128, 3)
+    return (16, 64, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax: torch.Tensor,
@@ -157,7 +178,7 @@ def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax
     ``nested``: None / False without double quantization, else (nested_absmax, nested_code or None, offset)."""
     if not ENABLED or INTERPRET or dtype not in (torch.float16, torch.bfloat16) or blocksize != 64:
         return False
-    if K % 512 or N * K < MIN_WORK or N % config(N, K)[0]:
+    if K % 512 or N * K < MIN_WORK:
         return False
     if nested is True:  # double quantization without its statistics
         return False
@@ -174,6 +195,8 @@ def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax
         return False
     device = absmax.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or not available():
+        return False
+    if N % config(N, K, _sms(device.index if device.index is not None else torch.cuda.current_device()))[0]:
         return False
     return verdict(device, dtype, bool(nested))
 
@@ -272,7 +295,9 @@ class RingGemv:
         """``nested``: (nested_absmax, nested_code or None, offset) with double-quantized (uint8) ``absmax``.
         ``cfg`` (BN, KT, STAGES, programs per SM) and ``mode`` (the kernel's MODE) are for the bench."""
         self.N, self.K, self.dtype, self.device = N, K, dtype, data.device
-        BN, KT, stages, ctas = cfg or (*config(N, K)[:2], STAGES, config(N, K)[2])
+        sms = _sms(data.device.index)
+        BN, KT, ctas = config(N, K, sms)
+        BN, KT, stages, ctas = cfg or (BN, KT, STAGES, ctas)
         if N % BN or K % 512 or (K // 8) % KT or KT not in (64, 128) or BN < 8 or BN & (BN - 1):
             raise ValueError(f"gemv_ring: a {N}x{K} weight does not tile by {BN} rows x {KT} words")
         self.KT = KT
@@ -296,7 +321,6 @@ class RingGemv:
             self.a_desc = TensorDescriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
                                            [BN, KT // 8], layout)
         n_items = N // BN
-        sms = torch.cuda.get_device_properties(data.device).multi_processor_count
         # ctas programs per SM (fewer where there are fewer tiles), program p taking tiles p, p + grid, ...: the
         # first sms programs land one per SM, the next sms one more each, so every SM gets the same number of
         # tiles +-1. (As few programs as give each the same count +-1 left SMs with 2 programs beside SMs with

@@ -73,7 +73,8 @@ def main():
     if args.empty:
         print(f"empty kernel, per launch in a graph of 50: {empty_launch_ms() * 1e3:.2f} us")
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else
-              [(18432, 3072), (14336, 4096), (3072, 3072), (12288, 3072), (10240, 4096), (3072, 12288)])
+              [(18432, 3072), (14336, 4096), (3072, 3072), (12288, 3072), (10240, 4096), (3072, 12288),
+               (3072, 15360), (4096, 10240), (4096, 4096)])
     results = []
     for N, K in shapes:
         ws, x, check, row, nbytes, copies = gemv_case(N, K, dt, nested=nq)

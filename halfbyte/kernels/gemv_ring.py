@@ -162,9 +162,10 @@ def config(N: int, K: int, sms: int = 132) -> tuple[int, int, int]:
     8192 where its row tiles fit one round of programs (so every program gets one), else 16 x 64 (N % 16 == 0).
     At 4096 x 10240, 8 x 128 gave 512 tiles to 396 programs, 116 of them two, and took 1.14x the time of 16 x 64's
     256 programs of one tile each (BENCHMARKS.md, session 21)."""
-    if K >= 8192 and (N // 8 <= 3 * sms or N % 16):
-        return (8, 128, 3)
-    return (16, 64, 3)
+    ctas = 3
+    if K >= 8192 and (N // 8 <= ctas * sms or N % 16):
+        return (8, 128, ctas)
+    return (16, 64, ctas)
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,7 +197,7 @@ def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax
     device = absmax.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or not available():
         return False
-    if N % config(N, K, _sms(device.index if device.index is not None else torch.cuda.current_device()))[0]:
+    if N % config(N, K, _sms(device.index))[0]:
         return False
     return verdict(device, dtype, bool(nested))
 

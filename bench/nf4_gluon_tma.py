@@ -2,7 +2,7 @@
 library code. Results and reading: BENCHMARKS.md, session 22.
 
     python bench/nf4_gluon_tma.py [--shapes 0 1 ...] [--mnk M,N,K ...] [--rs] [--repeat N]
-                                  [--configs BT,STAGES,REGS,GROUP_M,PIPE,SPLIT[,LOADER_WARPS[,REPACKED]] ...]
+                                  [--configs BT,STAGES,REGS,GROUP_M,PIPE,SPLIT[,REPACKED] ...]
     python bench/nf4_gluon_tma.py --compile-only     # no GPU needed: compiles for sm_90
 
 Session 16's register design (out^T = W x^T, the decoded weight is wgmma's register operand A) reached 1.24-1.27x
@@ -334,7 +334,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
 def nf4_gemm_tma_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, M, N, tab_ptr, ws_ptr, cnt_ptr,
                         n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, STAGES: gl.constexpr,
                         GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr, PIPE: gl.constexpr,
-                        LOADER_WARPS: gl.constexpr, HAS_BIAS: gl.constexpr = False,
+                        HAS_BIAS: gl.constexpr = False,
                         REPACKED: gl.constexpr = True):
     BT: gl.constexpr = x_desc.block_type.shape[0]
     x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, 64], x_desc.layout)
@@ -346,28 +346,17 @@ def nf4_gemm_tma_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, M, 
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
-    if LOADER_WARPS == 4:  # the loader is the default partition: 12 warps, 168 registers each at launch
-        gl.warp_specialize([
-            (_loader, (x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m,
-                      tiles_n, k_steps, S, STAGES, GROUP_M)),
-            (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
-                        tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
-                        GROUP_M, PIPE, HAS_BIAS, REPACKED)),
-            (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(1), out_desc, out_ptr, bias_ptr, M, N,
-                        tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 1, BT, STAGES,
-                        GROUP_M, PIPE, HAS_BIAS, REPACKED)),
-        ], [4, 4], [CONS_REGS, CONS_REGS])
-    else:  # consumer 0 is the default partition, the loader one warp: 9 warps, 224 registers at launch
-        gl.warp_specialize([
-            (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
-                        tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
-                        GROUP_M, PIPE, HAS_BIAS, REPACKED)),
-            (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(1), out_desc, out_ptr, bias_ptr, M, N,
-                        tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 1, BT, STAGES,
-                        GROUP_M, PIPE, HAS_BIAS, REPACKED)),
-            (_loader, (x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m,
-                      tiles_n, k_steps, S, STAGES, GROUP_M)),
-        ], [4, 1], [CONS_REGS, 40])
+    # the loader is the default partition (4 warps): 12 warps, 168 registers each at launch
+    gl.warp_specialize([
+        (_loader, (x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m,
+                  tiles_n, k_steps, S, STAGES, GROUP_M)),
+        (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
+                    tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
+                    GROUP_M, PIPE, HAS_BIAS, REPACKED)),
+        (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(1), out_desc, out_ptr, bias_ptr, M, N,
+                    tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 1, BT, STAGES,
+                    GROUP_M, PIPE, HAS_BIAS, REPACKED)),
+    ], [4, 4], [CONS_REGS, CONS_REGS])
 
 
 def _layouts(BT: int):
@@ -392,7 +381,7 @@ def schedule(n_tiles: int, k_steps: int, programs: int, split: bool = True) -> t
 
 
 def nf4_gemm_tma(x, packed, absmax, tables, BT=256, STAGES=4, cons_regs=232, GROUP_M=4, pipe=0, split=True,
-                 maxnreg=168, warps=4, programs=None, bias=None,
+                 maxnreg=168, programs=None, bias=None,
                  repacked=True):
     """x (M, K) bf16, packed (N * K / 2,) uint8 as ``repack`` leaves it, absmax (N * K / 64,) float32 -> (M, N)
     bf16; K % 256 == 0, N % 128 == 0."""
@@ -418,7 +407,7 @@ def nf4_gemm_tma(x, packed, absmax, tables, BT=256, STAGES=4, cons_regs=232, GRO
     nf4_gemm_tma_kernel[(grid,)](x_desc, w_desc, a_desc, out_desc, out, out if bias is None else bias, M, N,
                                  tables, ws, _COUNTERS[dev], n_tiles,
                                  full, tiles_m, tiles_n, K // 64, S=S, STAGES=STAGES, GROUP_M=GROUP_M,
-                                 CONS_REGS=cons_regs, PIPE=pipe, LOADER_WARPS=warps, HAS_BIAS=bias is not None,
+                                 CONS_REGS=cons_regs, PIPE=pipe, HAS_BIAS=bias is not None,
                                  REPACKED=repacked, num_warps=4, maxnreg=maxnreg)
     return out
 
@@ -453,7 +442,7 @@ class FusedNF4Linear(torch.nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def compile_only(BT=256, STAGES=4, cons_regs=232, GROUP_M=8, pipe=0, split=True, maxnreg=224, warps=1):
+def compile_only(BT=256, STAGES=4, cons_regs=232, GROUP_M=4, pipe=0, split=True, maxnreg=168, repacked=True):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -464,23 +453,21 @@ def compile_only(BT=256, STAGES=4, cons_regs=232, GROUP_M=8, pipe=0, split=True,
            "cnt_ptr": "*i32", "n_tiles": "i32", "full_rounds": "i32", "S": "constexpr",
            "tiles_m": "i32", "tiles_n": "i32", "k_steps": "i32",
            "STAGES": "constexpr", "GROUP_M": "constexpr", "CONS_REGS": "constexpr", "PIPE": "constexpr",
-           "LOADER_WARPS": "constexpr"}
+           "REPACKED": "constexpr"}
     src = GluonASTSource(nf4_gemm_tma_kernel, sig, constexprs={"STAGES": STAGES, "GROUP_M": GROUP_M,
                                                                "CONS_REGS": cons_regs, "PIPE": pipe,
-                                                               "LOADER_WARPS": warps, "S": 3 if split else 1})
+                                                               "REPACKED": repacked, "S": 3 if split else 1})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
     print(f"BT={BT} STAGES={STAGES} CONS_REGS={cons_regs} PIPE={pipe}: shared {k.metadata.shared} B")
     return k
 
 
 def _config(text: str) -> dict:
-    """"BT,STAGES,CONS_REGS,GROUP_M,PIPE,SPLIT[,LOADER_WARPS[,REPACKED]]" -> nf4_gemm_tma keyword arguments
-    (LOADER_WARPS 4: the loader is the default partition; 1 needs 9 warps, which triton pads to 12: it cannot
-    launch. REPACKED 0: the kernel reads bitsandbytes' byte order)."""
+    """"BT,STAGES,CONS_REGS,GROUP_M,PIPE,SPLIT[,REPACKED]" -> nf4_gemm_tma keyword arguments (REPACKED 0: the
+    kernel reads bitsandbytes' byte order)."""
     v = [int(t) for t in text.split(",")]
-    warps = v[6] if len(v) > 6 else 4
-    return dict(BT=v[0], STAGES=v[1], cons_regs=v[2], GROUP_M=v[3], pipe=v[4], split=bool(v[5]), warps=warps,
-                maxnreg=224 if warps == 1 else 168, repacked=bool(v[7]) if len(v) > 7 else True)
+    return dict(BT=v[0], STAGES=v[1], cons_regs=v[2], GROUP_M=v[3], pipe=v[4], split=bool(v[5]),
+                repacked=bool(v[6]) if len(v) > 6 else True)
 
 
 _ORIG: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -501,8 +488,8 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile-only", action="store_true")
-    ap.add_argument("--configs", nargs="*", default=["256,4,232,8,0,1", "256,4,232,8,0,0"],
-                    help="BT,STAGES,CONS_REGS,GROUP_M,PIPE,SPLIT")
+    ap.add_argument("--configs", nargs="*", default=["256,4,232,4,0,1", "256,4,232,4,0,1,0"],
+                    help="BT,STAGES,CONS_REGS,GROUP_M,PIPE,SPLIT[,REPACKED]")
     ap.add_argument("--shapes", nargs="*", type=int, help="indices into nf4_gluon.SHAPES (default: all)")
     ap.add_argument("--mnk", nargs="*", default=[], help="extra shapes M,N,K")
     ap.add_argument("--rs", action="store_true", help="also session 16's register design (nf4_gluon_rs)")
@@ -516,7 +503,7 @@ def main():
             k = compile_only(**kw)
             ptx = k.asm["ptx"]
             print("  wgmma:", ptx.count("wgmma.mma_async"), "prmt:", ptx.count("prmt.b32"), "setmaxnreg:",
-                  ptx.count("setmaxnreg"), "meta regs:", getattr(k.metadata, "num_regs", None))
+                  ptx.count("setmaxnreg"))
         return
     cases = [SHAPES[i] for i in (args.shapes if args.shapes is not None else range(len(SHAPES)))]
     cases += [(*(int(v) for v in t.split(",")), "extra") for t in args.mnk]

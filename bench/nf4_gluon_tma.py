@@ -2,7 +2,7 @@
 library code. Results and reading: BENCHMARKS.md, session 22.
 
     python bench/nf4_gluon_tma.py [--shapes 0 1 ...] [--mnk M,N,K ...] [--rs] [--repeat N]
-                                  [--configs BT,STAGES,REGS,GROUP_M,PIPE,SPLIT[,REPACKED] ...]
+                                  [--configs BT,STAGES,REGS,GROUP_M,SPLIT[,REPACKED] ...]
     python bench/nf4_gluon_tma.py --compile-only     # no GPU needed: compiles for sm_90
 
 Session 16's register design (out^T = W x^T, the decoded weight is wgmma's register operand A) reached 1.24-1.27x
@@ -176,55 +176,33 @@ def _fence(like):
 
 @gluon.jit
 def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7,
-              WG: gl.constexpr, STAGES: gl.constexpr, PIPE: gl.constexpr, g_layout: gl.constexpr,
+              WG: gl.constexpr, STAGES: gl.constexpr, g_layout: gl.constexpr,
               am_layout: gl.constexpr, a_layout: gl.constexpr, REPACKED: gl.constexpr):
     """acc += this warpgroup's rows of W[:, 64 kb: 64 ke] @ x^T from the stages i, i + 1, ...; ke - kb even."""
     fa = _frag(i, kb, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout, am_layout,
                a_layout, REPACKED)
     n = ke - kb
-    if PIPE == 0:
-        # two fragment variables (the decode of the next step must not write the registers a wgmma in flight
-        # reads); each wgmma retires before the next issues, the other warpgroup's fill the tensor cores meanwhile
-        for k in range(0, n - 2, 2):
-            acc = warpgroup_mma(fa, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
-            fb = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                       g_layout, am_layout, a_layout, REPACKED)
-            acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
-            _release(empty, i + k, STAGES)
-            acc = warpgroup_mma(fb, x_bufs.index((i + k + 1) % STAGES).permute((1, 0)), acc, is_async=True)
-            fa = _frag(i + k + 2, kb + k + 2, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                       g_layout, am_layout, a_layout, REPACKED)
-            acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
-            _release(empty, i + k + 1, STAGES)
-        acc = warpgroup_mma(fa, x_bufs.index((i + n - 2) % STAGES).permute((1, 0)), acc, is_async=True)
-        fb = _frag(i + n - 1, ke - 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout,
-                   am_layout, a_layout, REPACKED)
+    # two fragment variables (the decode of the next step must not write the registers a wgmma in flight
+    # reads); each wgmma retires before the next issues, the other warpgroup's fill the tensor cores meanwhile
+    for k in range(0, n - 2, 2):
+        acc = warpgroup_mma(fa, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
+        fb = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
+                   g_layout, am_layout, a_layout, REPACKED)
         acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
-        _release(empty, i + n - 2, STAGES)
-        acc = warpgroup_mma(fb, x_bufs.index((i + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        _release(empty, i + k, STAGES)
+        acc = warpgroup_mma(fb, x_bufs.index((i + k + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        fa = _frag(i + k + 2, kb + k + 2, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
+                   g_layout, am_layout, a_layout, REPACKED)
         acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
-        _release(empty, i + n - 1, STAGES)
-    else:
-        # one wgmma left in flight while the next step decodes (needs the registers of two fragments in flight)
-        acc = warpgroup_mma(fa, x_bufs.index(i % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, fa = warpgroup_mma_wait(num_outstanding=1, deps=(acc, fa))  # at once: a tensor for the loop
-        for k in range(1, n - 1, 2):
-            fb = _frag(i + k, kb + k, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                       g_layout, am_layout, a_layout, REPACKED)
-            acc = warpgroup_mma(fb, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
-            acc, fa = warpgroup_mma_wait(num_outstanding=1, deps=(acc, fa))
-            _release(empty, i + k - 1, STAGES)
-            fa = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                       g_layout, am_layout, a_layout, REPACKED)
-            acc = warpgroup_mma(fa, x_bufs.index((i + k + 1) % STAGES).permute((1, 0)), acc, is_async=True)
-            acc, fb = warpgroup_mma_wait(num_outstanding=1, deps=(acc, fb))
-            _release(empty, i + k, STAGES)
-        fb = _frag(i + n - 1, ke - 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout,
-                   am_layout, a_layout, REPACKED)
-        acc = warpgroup_mma(fb, x_bufs.index((i + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
-        acc, fa, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa, fb))
-        _release(empty, i + n - 2, STAGES)
-        _release(empty, i + n - 1, STAGES)
+        _release(empty, i + k + 1, STAGES)
+    acc = warpgroup_mma(fa, x_bufs.index((i + n - 2) % STAGES).permute((1, 0)), acc, is_async=True)
+    fb = _frag(i + n - 1, ke - 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout,
+               am_layout, a_layout, REPACKED)
+    acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
+    _release(empty, i + n - 2, STAGES)
+    acc = warpgroup_mma(fb, x_bufs.index((i + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+    acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
+    _release(empty, i + n - 1, STAGES)
     return acc
 
 
@@ -283,7 +261,7 @@ def _store_piece(acc, piece, pm, pn, ws_ptr, cnt_ptr, out_ptr, bias_ptr, M, N, S
 @gluon.jit
 def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, bias_ptr, M, N, tab_ptr, ws_ptr,
               cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, WG: gl.constexpr,
-              BT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, PIPE: gl.constexpr,
+              BT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
               HAS_BIAS: gl.constexpr, REPACKED: gl.constexpr):
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BT, 16])
@@ -315,7 +293,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
         pm, pn, kb, ke, piece = _item(j, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
         acc = gl.zeros((64, BT), dtype=gl.float32, layout=mma_layout)
         acc = _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7, WG,
-                        STAGES, PIPE, g_layout, am_layout, a_layout, REPACKED)
+                        STAGES, g_layout, am_layout, a_layout, REPACKED)
         i += ke - kb
         acc = _add_bias(acc, bias_ptr, pn, WG, mma_layout, HAS_BIAS)
         _store_tile(acc, c_smem, out_desc, pm, pn, WG, BT)
@@ -324,7 +302,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
             pm, pn, kb, ke, piece = _item(full_rounds, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
             acc = gl.zeros((64, BT), dtype=gl.float32, layout=mma_layout)
             acc = _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7,
-                            WG, STAGES, PIPE, g_layout, am_layout, a_layout, REPACKED)
+                            WG, STAGES, g_layout, am_layout, a_layout, REPACKED)
             _store_piece(acc, piece, pm, pn, ws_ptr, cnt_ptr, out_ptr, bias_ptr, M, N, S, WG, BT, mma_layout,
                          HAS_BIAS)
     tma.store_wait(pendings=0)
@@ -333,7 +311,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
 @gluon.jit(do_not_specialize=["M", "N", "n_tiles", "full_rounds", "tiles_m", "tiles_n", "k_steps"])
 def nf4_gemm_tma_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, M, N, tab_ptr, ws_ptr, cnt_ptr,
                         n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, STAGES: gl.constexpr,
-                        GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr, PIPE: gl.constexpr,
+                        GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr,
                         HAS_BIAS: gl.constexpr = False,
                         REPACKED: gl.constexpr = True):
     BT: gl.constexpr = x_desc.block_type.shape[0]
@@ -352,10 +330,10 @@ def nf4_gemm_tma_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, M, 
                   tiles_n, k_steps, S, STAGES, GROUP_M)),
         (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
                     tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
-                    GROUP_M, PIPE, HAS_BIAS, REPACKED)),
+                    GROUP_M, HAS_BIAS, REPACKED)),
         (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(1), out_desc, out_ptr, bias_ptr, M, N,
                     tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 1, BT, STAGES,
-                    GROUP_M, PIPE, HAS_BIAS, REPACKED)),
+                    GROUP_M, HAS_BIAS, REPACKED)),
     ], [4, 4], [CONS_REGS, CONS_REGS])
 
 
@@ -380,7 +358,7 @@ def schedule(n_tiles: int, k_steps: int, programs: int, split: bool = True) -> t
     return grid, full, S
 
 
-def nf4_gemm_tma(x, packed, absmax, tables, BT=256, STAGES=4, cons_regs=232, GROUP_M=4, pipe=0, split=True,
+def nf4_gemm_tma(x, packed, absmax, tables, BT=256, STAGES=4, cons_regs=232, GROUP_M=4, split=True,
                  maxnreg=168, programs=None, bias=None,
                  repacked=True):
     """x (M, K) bf16, packed (N * K / 2,) uint8 as ``repack`` leaves it, absmax (N * K / 64,) float32 -> (M, N)
@@ -407,7 +385,7 @@ def nf4_gemm_tma(x, packed, absmax, tables, BT=256, STAGES=4, cons_regs=232, GRO
     nf4_gemm_tma_kernel[(grid,)](x_desc, w_desc, a_desc, out_desc, out, out if bias is None else bias, M, N,
                                  tables, ws, _COUNTERS[dev], n_tiles,
                                  full, tiles_m, tiles_n, K // 64, S=S, STAGES=STAGES, GROUP_M=GROUP_M,
-                                 CONS_REGS=cons_regs, PIPE=pipe, HAS_BIAS=bias is not None,
+                                 CONS_REGS=cons_regs, HAS_BIAS=bias is not None,
                                  REPACKED=repacked, num_warps=4, maxnreg=maxnreg)
     return out
 
@@ -442,7 +420,7 @@ class FusedNF4Linear(torch.nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def compile_only(BT=256, STAGES=4, cons_regs=232, GROUP_M=4, pipe=0, split=True, maxnreg=168, repacked=True):
+def compile_only(BT=256, STAGES=4, cons_regs=232, GROUP_M=4, split=True, maxnreg=168, repacked=True):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -452,22 +430,22 @@ def compile_only(BT=256, STAGES=4, cons_regs=232, GROUP_M=4, pipe=0, split=True,
            "out_ptr": "*bf16", "bias_ptr": "*bf16", "M": "i32", "N": "i32", "tab_ptr": "*i32", "ws_ptr": "*fp32",
            "cnt_ptr": "*i32", "n_tiles": "i32", "full_rounds": "i32", "S": "constexpr",
            "tiles_m": "i32", "tiles_n": "i32", "k_steps": "i32",
-           "STAGES": "constexpr", "GROUP_M": "constexpr", "CONS_REGS": "constexpr", "PIPE": "constexpr",
+           "STAGES": "constexpr", "GROUP_M": "constexpr", "CONS_REGS": "constexpr",
            "REPACKED": "constexpr"}
     src = GluonASTSource(nf4_gemm_tma_kernel, sig, constexprs={"STAGES": STAGES, "GROUP_M": GROUP_M,
-                                                               "CONS_REGS": cons_regs, "PIPE": pipe,
+                                                               "CONS_REGS": cons_regs,
                                                                "REPACKED": repacked, "S": 3 if split else 1})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
-    print(f"BT={BT} STAGES={STAGES} CONS_REGS={cons_regs} PIPE={pipe}: shared {k.metadata.shared} B")
+    print(f"BT={BT} STAGES={STAGES} CONS_REGS={cons_regs}: shared {k.metadata.shared} B")
     return k
 
 
 def _config(text: str) -> dict:
-    """"BT,STAGES,CONS_REGS,GROUP_M,PIPE,SPLIT[,REPACKED]" -> nf4_gemm_tma keyword arguments (REPACKED 0: the
+    """"BT,STAGES,CONS_REGS,GROUP_M,SPLIT[,REPACKED]" -> nf4_gemm_tma keyword arguments (REPACKED 0: the
     kernel reads bitsandbytes' byte order)."""
     v = [int(t) for t in text.split(",")]
-    return dict(BT=v[0], STAGES=v[1], cons_regs=v[2], GROUP_M=v[3], pipe=v[4], split=bool(v[5]),
-                repacked=bool(v[6]) if len(v) > 6 else True)
+    return dict(BT=v[0], STAGES=v[1], cons_regs=v[2], GROUP_M=v[3], split=bool(v[4]),
+                repacked=bool(v[5]) if len(v) > 5 else True)
 
 
 _ORIG: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -488,8 +466,8 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--compile-only", action="store_true")
-    ap.add_argument("--configs", nargs="*", default=["256,4,232,4,0,1", "256,4,232,4,0,1,0"],
-                    help="BT,STAGES,CONS_REGS,GROUP_M,PIPE,SPLIT[,REPACKED]")
+    ap.add_argument("--configs", nargs="*", default=["256,4,232,4,1", "256,4,232,4,1,0"],
+                    help="BT,STAGES,CONS_REGS,GROUP_M,SPLIT[,REPACKED]")
     ap.add_argument("--shapes", nargs="*", type=int, help="indices into nf4_gluon.SHAPES (default: all)")
     ap.add_argument("--mnk", nargs="*", default=[], help="extra shapes M,N,K")
     ap.add_argument("--rs", action="store_true", help="also session 16's register design (nf4_gluon_rs)")

@@ -6,7 +6,7 @@ itself with transformers and diffusers when they are imported (``halfbyte.integr
 
 from . import functional, integrations, nn
 from .config import BitsAndBytesConfig
-from .convert import dequantize_, memory_footprint, quantize_
+from .convert import dequantize_, memory_footprint, quantize_, set_fp8_compute
 from .io import bitsandbytes_state_dict, from_pretrained, load_bitsandbytes_state_dict, save_pretrained
 from .nn import Linear4bit, Linear8bit
 from .sharing import share_int8_inputs
@@ -28,5 +28,6 @@ __all__ = [
     "nn",
     "quantize_",
     "save_pretrained",
+    "set_fp8_compute",
     "share_int8_inputs",
 ]

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops as _ops  # noqa: F401  (registers the halfbyte:: ops)
+from . import ops_fp8 as _ops_fp8
 from . import transfer
 from .formats import blockwise, fourbit
 from .formats import int8 as int8_format
@@ -208,10 +209,13 @@ class Linear4bit(_QuantizedLinear):
         offset: (1,) float32 as int32 bits (double quantization only).
         bias: (out_features,) floating point, or None.
     Attributes: quant_type, blocksize, double_quant, dtype (of the quantized weight; dequantization target),
-    compute_dtype (None = the input's dtype), quant_storage (dtype of the packed bytes in bitsandbytes files).
+    compute_dtype (None = the input's dtype), quant_storage (dtype of the packed bytes in bitsandbytes files),
+    fp8_compute (opt-in, not saved: calls over more than ``ops.FUSED_MAX_TOKENS`` tokens run on fp8 tensor cores,
+    ``halfbyte.set_fp8_compute``; compute_dtype is then not used).
     """
 
     _f32_buffers = ("absmax", "nested_absmax", "offset")
+    fp8_compute = False
 
     def __init__(
         self,
@@ -315,6 +319,9 @@ class Linear4bit(_QuantizedLinear):
                 self.offset.view(torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fp8_compute and x.numel() // self.in_features > _ops.FUSED_MAX_TOKENS:
+            return _ops_fp8.forward(self, x, _code_table(self.quant_type, x.device),
+                                    _nested_code(x.device) if self.double_quant else None)
         if x.is_cuda and (self.compute_dtype is None or self.compute_dtype == x.dtype):
             plan = self._inference_plan(x)
             if plan is not None:
@@ -361,8 +368,9 @@ class Linear4bit(_QuantizedLinear):
             return False
         return x.numel() // self.in_features > _ops.FUSED_MAX_TOKENS
 
-    def _inference_plan(self, x: Tensor):
-        """The prebuilt-launch plan for this eager inference call (``ops.inference_plan``), or None.
+    def _inference_plan(self, x: Tensor, op: str = "gemm_4bit"):
+        """The prebuilt-launch plan for this eager inference call of ``op`` (``ops.inference_plan``: gemm_4bit, or
+        gemm_4bit_fp8 in fp8 compute), or None.
 
         One plan per activation dtype, valid while the layer's tensors stay where it was built (compared by
         address on every call). When they move between calls (offloading hooks that bring the weights in for each
@@ -371,7 +379,7 @@ class Linear4bit(_QuantizedLinear):
         """
         params, bufs = self._parameters, self._buffers  # direct: Module.__getattr__ costs ~0.5 us a name
         b = params.get("bias")  # None when built without bias (then not registered)
-        if not x.is_floating_point() or not _ops.plan_usable("gemm_4bit", x, b):
+        if not x.is_floating_point() or not _ops.plan_usable(op, x, b):
             return None
         dq = self.double_quant
         key = (params["weight"].data_ptr(), bufs["absmax"].data_ptr(), 0 if b is None else b.data_ptr(),
@@ -382,16 +390,17 @@ class Linear4bit(_QuantizedLinear):
         if params["weight"].get_device() != key[-1]:  # weights elsewhere: the direct path raises a clear error
             return None
         plans = self.__dict__.setdefault("_plans", {})
-        entry = plans.get(x.dtype)
+        slot = x.dtype if op == "gemm_4bit" else (op, x.dtype)
+        entry = plans.get(slot)
         if entry is not None and entry[0] == key and entry[1] is not None:
             return entry[1]
         if entry is not None and entry[0] != key:  # moved since the last call: wait until it stays put
-            plans[x.dtype] = (key, None)
+            plans[slot] = (key, None)
             return None
         absmax, nested_absmax, nested_code, offset = self.quant_stats()
-        plan = _ops.inference_plan("gemm_4bit", x, self.weight, absmax, nested_absmax, nested_code, offset, b,
+        plan = _ops.inference_plan(op, x, self.weight, absmax, nested_absmax, nested_code, offset, b,
                                    self.shape, self.blocksize, self.quant_type)
-        plans[x.dtype] = (key, plan)
+        plans[slot] = (key, plan)
         return plan
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -403,7 +412,8 @@ class Linear4bit(_QuantizedLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"dtype={self.dtype}, compute_dtype={self.compute_dtype}")
+                f"dtype={self.dtype}, compute_dtype={self.compute_dtype}"
+                + (", fp8_compute=True" if self.fp8_compute else ""))
 
 
 class Linear8bit(_QuantizedLinear):

@@ -441,16 +441,21 @@ def plan_usable(op: str, x: Tensor, bias: Tensor | None) -> bool:
 
 
 def inference_plan(op: str, x: Tensor, *args):
-    """A prebuilt-launch plan (``kernels.gemm4bit.Plan``) for eager inference calls of ``halfbyte::<op>`` like
-    this one, or None where such a call must take ``direct_kernel``/the op (tracing, autograd recording, tensor
-    subclasses, CPU, no triton, a profiler hooking triton's launches). ``args``: the op's arguments after ``x``
-    (gemm_4bit only, for now). The caller owns the plan and must check, before each use, that the tensors it was
-    built from still sit at the same addresses (the plan holds addresses, not tensors)."""
-    if op != "gemm_4bit":
+    """A prebuilt-launch plan (``kernels.gemm4bit.Plan``, ``kernels.fp8.Fp8Plan``) for eager inference calls of
+    ``halfbyte::<op>`` like this one, or None where such a call must take ``direct_kernel``/the op (tracing,
+    autograd recording, tensor subclasses, CPU, no triton, a profiler hooking triton's launches). ``args``: the op's
+    arguments after ``x`` (gemm_4bit and gemm_4bit_fp8). The caller owns the plan and must check, before each use,
+    that the tensors it was built from still sit at the same addresses (the plan holds addresses, not tensors)."""
+    if op not in ("gemm_4bit", "gemm_4bit_fp8"):
         return None
     B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type = args
-    if not plan_usable(op, x, bias) or (bias is not None and bias.dtype != x.dtype):
+    if not plan_usable(op, x, bias):
+        return None
+    N, K = (int(s) for s in shape)
+    if op == "gemm_4bit_fp8":  # bias: cast to bfloat16 per call, any dtype
+        fp8 = importlib.import_module("halfbyte.kernels.fp8")
+        return fp8.Fp8Plan(B, absmax, nested_absmax, nested_code, offset, N, K, blocksize, quant_type, x.dtype)
+    if bias is not None and bias.dtype != x.dtype:
         return None
     gemm4bit = importlib.import_module("halfbyte.kernels.gemm4bit")
-    N, K = (int(s) for s in shape)
     return gemm4bit.Plan(B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type, x.dtype)

@@ -9,7 +9,8 @@ image (4096 latent tokens), 512 text tokens, batch 1, guidance 3.5; one step = o
 ``Linear4bit`` (nf4, bf16 compute) / ``Linear8bitLt`` (threshold 6) or halfbyte's ``Linear4bit`` / ``Linear8bit``,
 quantized on the GPU from the same bf16 weights, one variant at a time; halfbyte's int8 variants then get the
 groups of layers that share their input's quantization (``halfbyte.share_int8_inputs``, as ``quantize_`` and the
-loaders do; ``hb-int8-unshared`` without). "peak" is the variant's own peak GPU
+loaders do; ``hb-int8-unshared`` without); ``hb-nf4-fp8`` / ``hb-nf4-dq-fp8`` are halfbyte's NF4 with the opt-in fp8
+compute (``halfbyte.set_fp8_compute``: no longer bitsandbytes' numbers). "peak" is the variant's own peak GPU
 memory: the allocator's peak during its steps minus the bf16 linear weights held aside (allocated before and
 untouched; exact accounting). ``--compile`` compiles the repeated blocks (``compile_repeated_blocks(fullgraph=
 True)``, diffusers' regional compilation: one graph per block class, the way diffusers recommends compiling FLUX)
@@ -41,6 +42,9 @@ TINY = False  # --tiny: a CPU smoke run of this script with tiny widths (numbers
 PROFILE: set[str] = set()  # variants whose step is also profiled (top CUDA kernels printed)
 _FUSE_DEFAULT = importlib.import_module("halfbyte.kernels.int8_mm").FUSE_OUTLIERS
 ROUNDS = 1  # --rounds: the variant list runs this many times in turn (ratios taken within each round)
+#: callables ``f(kind, model, call, label)`` run after a variant's timed steps, under inference mode with the variant
+#: in place (and compiled with --compile): other benches' probes (bench/compiled_timeline.py)
+AFTER_STEPS: list = []
 
 
 def sync() -> None:
@@ -109,9 +113,9 @@ def materialise(model: nn.Module) -> nn.Module:
 def quantized(kind: str, lin: nn.Linear) -> nn.Module:
     w = lin.weight.detach()
     N, K = w.shape
-    if kind in ("hb-nf4", "hb-nf4-op", "hb-nf4-launch", "hb-nf4-after"):
+    if kind in ("hb-nf4", "hb-nf4-op", "hb-nf4-launch", "hb-nf4-after", "hb-nf4-fp8"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
-    if kind == "hb-nf4-dq":
+    if kind in ("hb-nf4-dq", "hb-nf4-dq-fp8"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
     if kind in ("hb-nf4-fused", "hb-nf4-fused-wide"):
         # exploratory, eager only: bench/nf4_gluon_tma.py's fused GEMM over > 64 tokens (-wide: layers of >= 8192
@@ -192,7 +196,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 if kind.startswith("hb"):  # as halfbyte.quantize_ does: one reserved segment, no block rounding
                     cfg = (halfbyte.BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0) if "int8" in kind
                            else halfbyte.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                            bnb_4bit_use_double_quant=kind == "hb-nf4-dq"))
+                                                            bnb_4bit_use_double_quant="-dq" in kind))
                     halfbyte.transfer.reserve_device_memory(
                         torch.device(DEV), [b for m in base.values() for b in
                                             halfbyte.convert.quantized_tensor_bytes(m, cfg)])
@@ -201,6 +205,8 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 swap(model, layers)
                 if "int8" in kind and kind.startswith("hb") and kind != "hb-int8-unshared":
                     halfbyte.share_int8_inputs(model)  # as quantize_ and the loaders do
+                if kind.endswith("-fp8"):  # opt-in: > 64-token calls on the fp8 tensor cores
+                    halfbyte.set_fp8_compute(model)
             sync()
             reset_peak()
             weights = allocated() - (held if kind != "bf16" else 0)
@@ -218,6 +224,8 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 allocs = {k: v - stats0[k] for k, v in alloc_stats().items()}
                 if kind in PROFILE:
                     profile(call, f"{label} {kind}")
+                for probe in AFTER_STEPS:
+                    probe(kind, model, call, label)
                 through_plans = int8_plan_share(call) if "hb-int8" in kind and DEV == "cuda" else ""
             top = peak() - (held if kind != "bf16" else 0)
             out = out.float()

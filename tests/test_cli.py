@@ -298,6 +298,22 @@ def test_bench():
     assert all(r["ms"] > 0 and r["tokens"] == 4 for r in report["results"])
 
 
+def test_bench_fp8_format(capsys, monkeypatch):
+    """"nf4+fp8": the NF4 layers with the opt-in fp8 compute, timed beside plain NF4 (80 tokens: the fp8 path)."""
+    import halfbyte.ops_fp8
+
+    calls = []
+    forward = halfbyte.ops_fp8.forward
+    monkeypatch.setattr(halfbyte.ops_fp8, "forward", lambda *a: calls.append(1) or forward(*a))
+    code, out, err = run_main(capsys, "bench", "--device", "cpu", "--tokens", "80", "--scale", "16", "--warmup",
+                              "0", "--repeat", "1", "--formats", "nf4", "nf4+fp8", "--no-bitsandbytes", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["results"]
+    fp8 = [r for r in rows if r["format"] == "nf4+fp8"]
+    assert len(fp8) == len(halfbyte.cli.bench.LAYERS) and all(r["ms"] > 0 for r in fp8)
+    assert len(calls) >= len(fp8)
+
+
 def test_bench_transformer(capsys):
     """The whole-model mode: a FLUX-architecture transformer (widths / 24), one forward per format."""
     code, out, err = run_main(capsys, "bench", "transformer", "--device", "cpu", "--scale", "24", "--blocks", "1", "1",
@@ -415,3 +431,24 @@ def test_quantize_durable_fsyncs_every_file_and_default_none(flux_dir, tmp_path,
     assert code == 0, err
     written = {p.name for p in (tmp_path / "b").rglob("*") if p.is_file()}
     assert written and written <= set(synced)
+
+
+def test_generate_fp8_compute(quantized, tmp_path, capsys, monkeypatch):
+    """--fp8-compute switches the pipeline's 4-bit layers to fp8 compute (``halfbyte.set_fp8_compute``; on the CPU
+    its reference runs). At 144x128 the image stream has 72 tokens, so the eligible layers (in_features 128: the
+    feed-forward down projections) take the fp8 path; where no layer can, the command stops before generating."""
+    import halfbyte.ops_fp8
+
+    calls = []
+    forward = halfbyte.ops_fp8.forward
+    monkeypatch.setattr(halfbyte.ops_fp8, "forward", lambda *a: calls.append(a[0].shape) or forward(*a))
+    args = ("generate", "--model", str(quantized[0]), "--prompt", "a cat", "--steps", "1", "--height", "144",
+            "--width", "128", "--max-sequence-length", "16", "--fp8-compute", "--device", "cpu", "--json")
+    code, out, err = run_main(capsys, *args, "-o", str(tmp_path / "c.png"))
+    assert code == 0, err
+    assert json.loads(out)["settings"]["fp8_compute"] is True and calls
+    assert "fp8 compute in" in err and "emulated on the CPU" in err
+    monkeypatch.setattr(halfbyte, "set_fp8_compute", lambda model: [])
+    code, _, err = run_main(capsys, *args, "-o", str(tmp_path / "d.png"))
+    assert code == _common.USAGE and "--fp8-compute: no 4-bit layer here can compute in fp8" in err
+    assert not (tmp_path / "d.png").exists()

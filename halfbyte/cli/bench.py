@@ -4,11 +4,11 @@ layers (the default): FLUX.1's linear shapes (in -> out features), 3072->3072 (a
 (fused q/k/v), 3072->12288 (MLP up), 12288->3072 (MLP down), 15360->3072 (single-block proj_out), on M tokens.
 transformer: one forward pass of a FluxTransformer2DModel with FLUX.1's widths and --blocks blocks (random
 weights), on M image tokens and --text-tokens T5 tokens. Each format is what a user gets (torch.nn.Linear;
-halfbyte.Linear4bit / Linear8bit; bitsandbytes' Linear4bit / Linear8bitLt, listed when bitsandbytes is installed
-and runs on the device). Times are medians of --repeat calls after --warmup, in milliseconds; every ratio compares
-formats of this one run on this one device. On the CPU the widths are divided by --scale (default 8) and M is
-small, so the table comes in seconds; use a GPU for numbers that matter. The full-model benchmarks (FLUX.1-size
-transformer step, T5-XXL, loading) are in the repository's bench/ folder.
+halfbyte.Linear4bit / Linear8bit, "+fp8" with the opt-in fp8 compute; bitsandbytes' Linear4bit / Linear8bitLt,
+listed when bitsandbytes is installed and runs on the device). Times are medians of --repeat calls after --warmup,
+in milliseconds; every ratio compares formats of this one run on this one device. On the CPU the widths are
+divided by --scale (default 8) and M is small, so the table comes in seconds; use a GPU for numbers that matter.
+The full-model benchmarks (FLUX.1-size transformer step, T5-XXL, loading) are in the repository's bench/ folder.
 
 examples:
   halfbyte bench                                  # GPU: M = 1, 256, 4096 at full width
@@ -35,7 +35,7 @@ from ._common import (
 
 LAYERS = [(3072, 3072, "attention"), (3072, 9216, "fused qkv"), (3072, 12288, "MLP up"), (12288, 3072, "MLP down"),
           (15360, 3072, "proj_out")]
-FORMATS = ("nf4", "nf4+dq", "fp4", "int8")
+FORMATS = ("nf4", "nf4+dq", "fp4", "int8", "nf4+fp8", "nf4+dq+fp8")
 BASELINE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}  # the unquantized layer's name per dtype
 
 
@@ -165,7 +165,7 @@ def _bench_transformer(formats, base, bnb, tokens, text, scale, blocks, dtype, t
             elif f.startswith("bnb "):
                 variant = _swap_linears(copy.deepcopy(model), lambda lin, f=f: _bnb_layers(bnb, lin, (f,))[f])
             else:
-                variant = quantize_(copy.deepcopy(model), _config(f))
+                variant = _fp8(f, quantize_(copy.deepcopy(model), _config(f)))
             times[f] = _median_ms(lambda variant=variant: variant(**inputs), **timing)
             sizes[f] = memory_footprint(variant)
             del variant
@@ -181,7 +181,16 @@ def _config(fmt: str):
     if fmt == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=fmt[:3],
-                              bnb_4bit_use_double_quant=fmt.endswith("+dq"))
+                              bnb_4bit_use_double_quant="+dq" in fmt)
+
+
+def _fp8(fmt: str, module):
+    """``module`` with the opt-in fp8 compute on (``halfbyte.set_fp8_compute``) for the "+fp8" formats."""
+    if fmt.endswith("+fp8"):
+        from ..convert import set_fp8_compute
+
+        set_fp8_compute(module)
+    return module
 
 
 def _swap_linears(model, make):
@@ -200,7 +209,7 @@ def _layer(fmt: str, linear):
 
     if fmt == "int8":
         return Linear8bit.from_linear(linear, threshold=6.0)
-    return Linear4bit.from_linear(linear, quant_type=fmt[:3], double_quant=fmt.endswith("+dq"))
+    return _fp8(fmt, Linear4bit.from_linear(linear, quant_type=fmt[:3], double_quant="+dq" in fmt))
 
 
 def _bitsandbytes(device, dtype):

@@ -5,7 +5,7 @@ from torch import nn
 
 from . import transfer
 from .config import BitsAndBytesConfig
-from .nn import Linear4bit, Linear8bit, _code_table, _nested_code, release_scratch
+from .nn import Linear4bit, Linear8bit, release_scratch
 from .sharing import share_int8_inputs
 
 QUANTIZED_LINEARS = (Linear4bit, Linear8bit)
@@ -202,11 +202,6 @@ def set_fp8_compute(model: nn.Module, enabled: bool = True) -> list[str]:
         if not module.fp8_compute:
             module.fp8_compute = True
             switched.append(name)
-        # the tables a forward reads, cached now: a first call traced by torch.compile would otherwise insert
-        # them into the caches, and the graph's guard on their absence would fail (one recompile) at the next call
-        _code_table(module.quant_type, dev)
-        if module.double_quant:
-            _nested_code(dev)
     if left:
         warnings.warn("set_fp8_compute: these 4-bit layers keep bf16 compute (fp8 matmuls need in_features a "
                       "multiple of the blocksize and of 16, out_features a multiple of 16): " + ", ".join(left),

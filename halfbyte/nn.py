@@ -22,7 +22,9 @@ from . import ops_fp8 as _ops_fp8
 from . import transfer
 from .formats import blockwise, fourbit
 from .formats import int8 as int8_format
-from .formats.codebooks import code_4bit, dynamic_map
+from .formats.codebooks import dynamic_map
+from .tables import code_table as _code_table
+from .tables import nested_code as _nested_code
 
 #: Weights are quantized in row pieces of about this many elements (on the CPU; ``QUANT_PIECE_NUMEL_DEVICE`` on
 #: accelerators). The reference kernels make several float32 temporaries of their input, and a memory-mapped
@@ -34,20 +36,6 @@ from .formats.codebooks import code_4bit, dynamic_map
 QUANT_PIECE_NUMEL = 1 << 18
 QUANT_PIECE_NUMEL_DEVICE = 1 << 22
 
-
-_NESTED_CODES: dict[torch.device, Tensor] = {}
-
-
-def _nested_code(device: torch.device) -> Tensor:
-    """The dynamic map on ``device``, one copy per device: a forward must not copy it from the host each call
-    (a blocking transfer in eager mode, a host tensor inside a compiled graph). Read-only by contract."""
-    code = _NESTED_CODES.get(device)
-    if code is None:
-        code = _NESTED_CODES[device] = dynamic_map(device)
-    return code
-
-
-_CODES: dict[tuple[str, torch.device], Tensor] = {}
 
 #: Compiled CUDA inference of a 4-bit layer over more tokens than the fused kernels serve dequantizes inside the
 #: graph (``Linear4bit._dequantize_in_graph``). False keeps the opaque ``gemm_4bit`` op there (benches compare).
@@ -62,13 +50,6 @@ DEQUANTIZE_IN_GRAPH = True
 #: widest activation, the one an early weight would stack on; "launch" for the rest (BENCHMARKS.md, session 19).
 IN_GRAPH_DEQUANTIZE = "auto"
 
-
-def _code_table(quant_type: str, device: torch.device) -> Tensor:
-    """The (16,) float32 NF4/FP4 code table on ``device``, one copy per device, as ``_nested_code``."""
-    code = _CODES.get((quant_type, device))
-    if code is None:
-        code = _CODES[(quant_type, device)] = code_4bit(quant_type, device)
-    return code
 
 
 def _f32_bits(t: Tensor) -> Tensor:
@@ -152,6 +133,17 @@ class _QuantizedLinear(nn.Module):
             if t is not None and t.dtype == torch.float32:
                 state_dict[prefix + name] = _f32_bits(t)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._cache_tables()
+
+    # Where a layer reaches a device (built, moved, loaded), the tables its forward reads are cached, so that a
+    # first call traced by torch.compile finds them (``_code_table``).
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._cache_tables()
+        return out
+
+    def _cache_tables(self) -> None:
+        pass
 
     def _check_input(self, x: Tensor) -> None:
         if x.device != self.weight.device:  # else the CUDA kernels would get a host pointer (triton's bare error)
@@ -247,6 +239,7 @@ class Linear4bit(_QuantizedLinear):
                              if double_quant else None)
         self.register_buffer("offset", torch.empty(1, dtype=torch.int32, device=device) if double_quant else None)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+        self._cache_tables()
 
     @classmethod
     def from_linear(
@@ -305,11 +298,19 @@ class Linear4bit(_QuantizedLinear):
             layer.absmax, layer.nested_absmax, layer.offset = codes, _f32_bits(nested), _f32_bits(offset.clone())
         else:
             layer.absmax = _f32_bits(absmax)
+        layer._cache_tables()
         return layer
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.out_features, self.in_features)
+
+    def _cache_tables(self) -> None:
+        dev = self.weight.device
+        if dev.type != "meta":
+            _code_table(self.quant_type, dev)
+            if self.double_quant:
+                _nested_code(dev)
 
     def quant_stats(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """(absmax, nested_absmax, nested_code, offset) as the ops take them (float32, or uint8 + nested)."""

@@ -178,3 +178,34 @@ def test_odd_out_features_and_meta_shell():
     with torch.device("meta"):
         shell = Linear4bit.from_linear(nn.Linear(64, 32), double_quant=True)
     assert shell.weight.is_meta and shell.weight.shape == (16, 64) and shell.absmax.shape == (32,)
+
+
+def test_tables_are_cached_where_layers_reach_a_device():
+    """A 4-bit layer's forward reads device copies of its code table and (double quantization) the dynamic map
+    (``halfbyte.tables``). They are cached when a layer is built, moved or loaded, not by its first call: a first
+    call traced by torch.compile that inserted them would leave the graph guarded on their absence, and the next
+    call would compile again (seen on CUDA, session 23). Here the loaders' path (a meta shell filled by
+    ``load_state_dict(assign=True)``) on the CPU, whose compiled forward reads the dynamic map."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from halfbyte import tables
+
+    src = Linear4bit.from_linear(nn.Linear(128, 64), quant_type="fp4", double_quant=True)
+    tables._TABLES.clear()
+    layer = Linear4bit(128, 64, quant_type="fp4", double_quant=True, device="meta")
+    assert not tables._TABLES
+    layer.load_state_dict(src.state_dict(), assign=True)
+    assert set(tables._TABLES) == {("fp4", torch.device("cpu")), ("dynamic", torch.device("cpu"))}
+    tables._TABLES.clear()
+    nn.Sequential(layer).to("cpu")  # moved (here: to where it is)
+    assert set(tables._TABLES) == {("fp4", torch.device("cpu")), ("dynamic", torch.device("cpu"))}
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for m in (3, 5):
+            x = torch.randn(m, 128)
+            torch._dynamo.mark_dynamic(x, 0)
+            assert torch.equal(compiled(x), layer(x))
+    assert counter.frame_count == 1

@@ -135,15 +135,14 @@ class _QuantizedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._cache_tables()
 
-    # Where a layer reaches a device (built, moved, loaded), the tables its forward reads are cached, so that a
-    # first call traced by torch.compile finds them (``_code_table``).
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._cache_tables()
         return out
 
     def _cache_tables(self) -> None:
-        pass
+        """Where the layer reaches a device (built, moved, loaded): cache the tables its forward reads there, so
+        that a first call traced by torch.compile finds them (``halfbyte.tables``)."""
 
     def _check_input(self, x: Tensor) -> None:
         if x.device != self.weight.device:  # else the CUDA kernels would get a host pointer (triton's bare error)

@@ -176,8 +176,8 @@ def set_fp8_compute(model: nn.Module, enabled: bool = True) -> list[str]:
     the exact path. Inference only (a call that records gradients raises). The setting is not saved.
 
     Layers whose shape fp8 matmuls cannot take (in_features a multiple of the blocksize and of 16, out_features a
-    multiple of 16) are left as they are, with a warning naming them. Raises ValueError if a 4-bit layer's weight
-    sits on a CUDA device without fp8 tensor cores (compute capability below 8.9).
+    multiple of 16, neither 0) are left as they are, with a warning naming them. Raises ValueError if a 4-bit
+    layer's weight sits on a CUDA device without fp8 tensor cores (compute capability below 8.9).
     """
     import warnings
 
@@ -196,7 +196,7 @@ def set_fp8_compute(model: nn.Module, enabled: bool = True) -> list[str]:
                              f"weight is on {dev} ({torch.cuda.get_device_name(dev)}, capability "
                              f"{torch.cuda.get_device_capability(dev)})")
         N, K = module.out_features, module.in_features
-        if K % module.blocksize or K % 16 or N % 16:
+        if K % module.blocksize or K % 16 or N % 16 or not N or not K:
             left.append(f"{name} ({N}x{K}, blocksize {module.blocksize})")
             continue
         if not module.fp8_compute:

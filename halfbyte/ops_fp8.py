@@ -84,6 +84,8 @@ def dequantize_4bit_fp8_fused(B, absmax, nested_absmax, nested_code, offset, cod
     data = _fp8.check_weight(B, absmax, blocksize, quant_type, N, K)
     bits = torch.empty(N, K, dtype=torch.uint8, device=B.device)  # the kernel writes e4m3 bits
     sw = torch.empty(N, dtype=torch.float32, device=B.device)
+    if N == 0:
+        return bits.view(_fp8.E4M3), sw
     stats = (absmax, nested_absmax, nested_code, offset) if nested_absmax is not None else (absmax,) * 4
     grid, args, kwargs = kernels.dequant_fp8_launch(data, stats, code, bits, sw, blocksize, N, K)
     torch.library.wrap_triton(kernels._dequant_fp8_kernel)[grid](*args, **kwargs)

@@ -122,12 +122,14 @@ def _quant_rows_fp8_kernel(x_ptr, out_ptr, scale_ptr, M, K, BLOCK: tl.constexpr,
 
 def dequantize_4bit_fp8(packed, absmax, nested_absmax, nested_code, offset, blocksize: int, quant_type: str,
                         N: int, K: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA kernel of ``halfbyte::dequantize_4bit_fp8``: the (N, K) 4-bit weight (bytes ``packed``, absmax float32
-    or uint8 with the nested stats; float32 statistics may be their int32 bits) -> (W8 (N, K) float8_e4m3fn, sw (N,)
-    float32), the bits of ``formats.fp8.dequantize_4bit_fp8``. K % blocksize == 0."""
+    """The weight half of ``gemm_4bit_fp8``: the (N, K) 4-bit weight (bytes ``packed``, absmax float32 or uint8 with
+    the nested stats; float32 statistics may be their int32 bits) -> (W8 (N, K) float8_e4m3fn, sw (N,) float32),
+    the bits of ``formats.fp8.dequantize_4bit_fp8``. K % blocksize == 0."""
     data = check_weight(packed, absmax, blocksize, quant_type, N, K)
     w8 = torch.empty(N, K, dtype=E4M3, device=data.device)
     sw = torch.empty(N, dtype=torch.float32, device=data.device)
+    if N == 0:
+        return w8, sw
     stats = absmax_args(absmax, nested_absmax, nested_code, offset, data.device)
     grid, args, kwargs = dequant_fp8_launch(data, stats, code_table(quant_type, data.device), w8.view(torch.uint8),
                                             sw, blocksize, N, K)
@@ -138,13 +140,13 @@ def dequantize_4bit_fp8(packed, absmax, nested_absmax, nested_code, offset, bloc
 def dequant_fp8_launch(data, stats, code, w8_bits, sw, blocksize: int, N: int, K: int):
     """(grid, args, kwargs) of ``_dequant_fp8_kernel``: ``data`` uint8 bytes, ``stats`` the four absmax
     arguments (``fourbit.absmax_args``), ``code`` the (16,) float32 code table, outputs ``w8_bits`` (N, K) uint8
-    and ``sw`` (N,) float32."""
+    and ``sw`` (N,) float32. N > 0 (one program per row)."""
     nblk = K // blocksize
     rb = triton.next_power_of_2(max(nblk, 1))
     cb = min(rb, max(1, _CHUNK // blocksize))
     kwargs = dict(BLOCKSIZE=blocksize, RB=rb, CB=cb, NESTED=stats[1] is not stats[0], USE_PTX=USE_PTX,
                   num_warps=4)
-    return (max(N, 1),), (data, *stats, code, w8_bits, sw, K), kwargs
+    return (N,), (data, *stats, code, w8_bits, sw, K), kwargs
 
 
 def gemm_4bit_fp8(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blocksize, quant_type):
@@ -165,8 +167,8 @@ def gemm_4bit_fp8(A, B, absmax, nested_absmax, nested_code, offset, bias, shape,
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CUDA kernel of ``halfbyte::quantize_rows_fp8``: x (M, K) float16/bfloat16/float32 -> (x8 (M, K)
-    float8_e4m3fn, sx (M,) float32), the bits of ``formats.fp8.quantize_rows_fp8``."""
+    """The activation half of ``gemm_4bit_fp8``: x (M, K) float16/bfloat16/float32 -> (x8 (M, K) float8_e4m3fn,
+    sx (M,) float32), the bits of ``formats.fp8.quantize_rows_fp8``."""
     if x.dim() != 2 or x.dtype not in fourbit.FLOAT_DTYPES:
         raise ValueError(f"quantize_rows_fp8 takes a 2-d float16/bfloat16/float32 tensor, got {tuple(x.shape)} "
                          f"{x.dtype}")
@@ -201,6 +203,9 @@ class Fp8Plan:
     def __init__(self, B, absmax, nested_absmax, nested_code, offset, N, K, blocksize, quant_type, dtype):
         data = check_weight(B, absmax, blocksize, quant_type, N, K)
         self.N, self.K, self.device = N, K, data.device
+        self._deq = self._xq = None  # an empty weight: calls take gemm_4bit_fp8
+        if N == 0 or K == 0:
+            return
         w8 = torch.empty(N, K, dtype=torch.uint8, device=data.device)
         sw = torch.empty(N, dtype=torch.float32, device=data.device)
         stats = absmax_args(absmax, nested_absmax, nested_code, offset, data.device)

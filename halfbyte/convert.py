@@ -203,7 +203,7 @@ def set_fp8_compute(model: nn.Module, enabled: bool = True) -> list[str]:
             module.fp8_compute = True
             switched.append(name)
     if left:
-        warnings.warn("set_fp8_compute: these 4-bit layers keep bf16 compute (fp8 matmuls need in_features a "
-                      "multiple of the blocksize and of 16, out_features a multiple of 16): " + ", ".join(left),
-                      stacklevel=2)
+        warnings.warn("set_fp8_compute: these 4-bit layers keep their exact path (fp8 matmuls need in_features a "
+                      "multiple of the blocksize and of 16, out_features a multiple of 16, neither 0): "
+                      + ", ".join(left), stacklevel=2)
     return switched

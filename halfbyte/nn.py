@@ -11,31 +11,17 @@ kernel, training calls an autograd.Function with the op's own backward; the same
 per-call cost). Weights are frozen; inputs and bias get gradients, so adapters can train on top.
 """
 
-import contextlib
-import math
-
 import torch
 from torch import Tensor, nn
 
 from . import ops as _ops  # noqa: F401  (registers the halfbyte:: ops)
 from . import ops_fp8 as _ops_fp8
-from . import transfer
+from . import pieces, transfer
 from .formats import blockwise, fourbit
 from .formats import int8 as int8_format
-from .formats.codebooks import dynamic_map
+from .pieces import release_scratch  # noqa: F401  (public here: callers quantizing layers one by one)
 from .tables import code_table as _code_table
 from .tables import nested_code as _nested_code
-
-#: Weights are quantized in row pieces of about this many elements (on the CPU; ``QUANT_PIECE_NUMEL_DEVICE`` on
-#: accelerators). The reference kernels make several float32 temporaries of their input, and a memory-mapped
-#: weight, or one in another dtype, is read and cast piece by piece: quantizing a layer never holds more than one
-#: piece's worth of extra memory beside its result. On the CPU pieces are small (1 MiB as float32) because glibc
-#: keeps freed temporaries of a few MiB resident; accelerators' caching allocators reuse blocks, and bigger pieces
-#: there save kernel launches. Pieces cover whole 4-bit blocks (blocks never straddle rows of different pieces),
-#: so the bytes equal those of quantizing the weight at once.
-QUANT_PIECE_NUMEL = 1 << 18
-QUANT_PIECE_NUMEL_DEVICE = 1 << 22
-
 
 #: Compiled CUDA inference of a 4-bit layer over more tokens than the fused kernels serve dequantizes inside the
 #: graph (``Linear4bit._dequantize_in_graph``). False keeps the opaque ``gemm_4bit`` op there (benches compare).
@@ -55,66 +41,6 @@ IN_GRAPH_DEQUANTIZE = "auto"
 def _f32_bits(t: Tensor) -> Tensor:
     """float32 tensor -> int32 tensor with the same bits (the storage form of statistics)."""
     return t.to(torch.float32).contiguous().view(torch.int32)
-
-
-def _piece_numel(device: torch.device) -> int:
-    return QUANT_PIECE_NUMEL if device.type == "cpu" else QUANT_PIECE_NUMEL_DEVICE
-
-
-def _row_pieces(rows: int, cols: int, device: torch.device, multiple: int = 1) -> list[tuple[int, int]]:
-    """Row ranges [r0, r1) of about ``_piece_numel(device)`` elements; all but the last hold a multiple of
-    ``multiple`` elements."""
-    step = multiple // math.gcd(cols, multiple) if cols else 1
-    per = max(step, _piece_numel(device) // max(cols, 1) // step * step)
-    return [(r, min(r + per, rows)) for r in range(0, rows, per)]
-
-
-_SCRATCH: dict[int, object] = {}  # CUDA device index -> MemPool
-
-
-@contextlib.contextmanager
-def _scratch(device: torch.device):
-    """Allocate a quantization's temporaries (pieces of the float weight, per-piece results) from a private CUDA
-    memory pool, apart from the layers' long-lived tensors.
-
-    Why: the caching allocator hands a request a free block whole when splitting it would leave less than 1 MiB,
-    and that slack stays allocated for the block's lifetime. Loading ~500 layers interleaves temporaries and
-    results of many sizes, so results landing in blocks freed by temporaries kept 40-100 MB of slack beyond the
-    model's bytes after a FLUX load (H200, BENCHMARKS.md) and raised the load's peak. With the temporaries in
-    their own pool the results pack tightly. ``release_scratch()`` returns the pool's memory (loaders call it).
-    """
-    if device.type != "cuda" or not hasattr(torch.cuda, "use_mem_pool"):
-        yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    pool = _SCRATCH.get(index)
-    if pool is None:
-        pool = _SCRATCH[index] = torch.cuda.MemPool()
-    with torch.cuda.use_mem_pool(pool, device=index):
-        yield
-
-
-def release_scratch() -> None:
-    """Give the quantization scratch pools' memory back to the devices (the end of a load)."""
-    _SCRATCH.clear()  # a MemPool returns its cached blocks to the device when it is destroyed
-
-
-def _double_quantize(absmax: Tensor, codes: Tensor, nested: Tensor) -> Tensor:
-    """(B,) float32 absmax -> codes (B,) uint8 and nested absmax (ceil(B/256),) float32 written into the given
-    tensors; returns offset (1,) float32.
-
-    bitsandbytes' ``compress_statistics``: ``absmax - mean(absmax)`` quantized blockwise (256) over the dynamic
-    map, in pieces of whole nested blocks (the reference search keeps ~80 bytes of temporaries per value).
-    """
-    nb = blockwise.NESTED_BLOCKSIZE
-    offset = absmax.mean().reshape(1)
-    code = dynamic_map(absmax.device)
-    per = max(nb, _piece_numel(absmax.device) // 16 // nb * nb)
-    for s in range(0, absmax.numel(), per):
-        q, a = torch.ops.halfbyte.quantize_blockwise(absmax[s:s + per] - offset, code, nb)
-        codes[s:s + q.numel()] = q
-        nested[s // nb:s // nb + a.numel()] = a
-    return offset
 
 
 def _bias_for(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Parameter:
@@ -256,9 +182,9 @@ class Linear4bit(_QuantizedLinear):
         """Quantize ``linear`` (on ``device`` if given, else where its weight is). A meta weight gives a shell.
 
         ``dtype``: cast the weight and bias to it first (default: the weight's dtype); it becomes the layer's
-        ``dtype``. The weight is read, cast and quantized in row pieces (``QUANT_PIECE_NUMEL``), so it may be a
+        ``dtype``. The weight is read, cast and quantized in row pieces (``pieces.QUANT_PIECE_NUMEL``), so it may be a
         memory-mapped tensor on another device without ever being copied whole. On CUDA the pieces live in a
-        scratch memory pool kept for the next call (``_scratch``); ``quantize_`` and the loaders release it when
+        scratch memory pool kept for the next call (``pieces.scratch``); ``quantize_`` and the loaders release it when
         they finish, callers quantizing layers one by one call ``halfbyte.nn.release_scratch()``.
         """
         w = linear.weight.detach()
@@ -280,18 +206,18 @@ class Linear4bit(_QuantizedLinear):
             codes = torch.empty(nb, dtype=torch.uint8, device=device)
             nested = torch.empty(fourbit.num_blocks(nb, blockwise.NESTED_BLOCKSIZE), dtype=torch.float32,
                                  device=device)
-            with _scratch(device):
+            with pieces.scratch(device):
                 absmax = torch.empty(nb, dtype=torch.float32, device=device)
         else:
             absmax = torch.empty(nb, dtype=torch.float32, device=device)
-        with _scratch(device):
-            for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device, blocksize), device, dtype):
+        with pieces.scratch(device):
+            for r0, r1, piece in transfer.row_pieces_to(w, pieces.row_pieces(N, K, device, blocksize), device, dtype):
                 p, a = torch.ops.halfbyte.quantize_4bit(piece, blocksize, quant_type)
                 e0 = r0 * K  # a multiple of blocksize (even): the piece's bytes and blocks start on boundaries
                 packed[e0 // 2:e0 // 2 + p.numel()] = p
                 absmax[e0 // blocksize:e0 // blocksize + a.numel()] = a
             if double_quant:
-                offset = _double_quantize(absmax, codes, nested)
+                offset = pieces.double_quantize(absmax, codes, nested)
         layer.weight = nn.Parameter(packed.view(layer.weight.shape), requires_grad=False)
         if double_quant:
             layer.absmax, layer.nested_absmax, layer.offset = codes, _f32_bits(nested), _f32_bits(offset.clone())
@@ -476,8 +402,8 @@ class Linear8bit(_QuantizedLinear):
         N, K = w.shape
         CB = torch.empty(N, K, dtype=torch.int8, device=device)
         SCB = torch.empty(N, dtype=torch.float32, device=device)
-        with _scratch(device):
-            for r0, r1, piece in transfer.row_pieces_to(w, _row_pieces(N, K, device), device, dtype):
+        with pieces.scratch(device):
+            for r0, r1, piece in transfer.row_pieces_to(w, pieces.row_pieces(N, K, device), device, dtype):
                 CB[r0:r1], SCB[r0:r1], _ = torch.ops.halfbyte.int8_vectorwise_quant(piece.to(torch.float16), 0.0)
         layer.weight = nn.Parameter(CB, requires_grad=False)
         layer.SCB = _f32_bits(SCB)

@@ -35,8 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import halfbyte
-import halfbyte.nn as hnn
-from halfbyte import BitsAndBytesConfig, Linear4bit, Linear8bit
+from halfbyte import BitsAndBytesConfig, Linear4bit, Linear8bit, pieces
 
 # --- round trips and streaming quantization ----------------------------------------------------------------
 
@@ -185,16 +184,16 @@ def test_float_layers_join_the_skip_list_and_plain_modules(tmp_path):
 
 
 def test_row_pieces_give_the_bytes_of_one_shot_quantization(monkeypatch):
-    monkeypatch.setattr(hnn, "QUANT_PIECE_NUMEL", 256)  # 100 columns: pieces of 16 rows (1600 = 25 blocks)
+    monkeypatch.setattr(pieces, "QUANT_PIECE_NUMEL", 256)  # 100 columns: pieces of 16 rows (1600 = 25 blocks)
     lin = nn.Linear(100, 37).to(BF16)
     q = Linear4bit.from_linear(lin, double_quant=True)
     packed, absmax = torch.ops.halfbyte.quantize_4bit(lin.weight.detach(), 64, "nf4")
     assert torch.equal(q.weight.reshape(-1), packed)
-    monkeypatch.setattr(hnn, "QUANT_PIECE_NUMEL", 1 << 30)
+    monkeypatch.setattr(pieces, "QUANT_PIECE_NUMEL", 1 << 30)
     assert_same_state(q, Linear4bit.from_linear(lin, double_quant=True))
     wide = nn.Linear(64, 9000)  # 9000 blocks: 36 nested pieces of 256 below
     big = Linear4bit.from_linear(wide, double_quant=True)
-    monkeypatch.setattr(hnn, "QUANT_PIECE_NUMEL", 4096)
+    monkeypatch.setattr(pieces, "QUANT_PIECE_NUMEL", 4096)
     assert_same_state(big, Linear4bit.from_linear(wide, double_quant=True))
     q8 = Linear8bit.from_linear(lin)
     assert torch.equal(q8.weight, torch.ops.halfbyte.int8_vectorwise_quant(lin.weight.detach().half(), 0.0)[0])
@@ -294,7 +293,7 @@ def test_streaming_load_memory_bound(tmp_path):
     # allowance), but glibc may keep a few freed pieces resident between two malloc_trim calls (after each layer);
     # allow four pieces' worth (16 MiB), which also covers the load's Python objects (~2 MiB). Measured peaks on
     # this model: 30-45 MiB, against a bound of ~57 MiB before this allowance.
-    constant = 4 * 16 * hnn.QUANT_PIECE_NUMEL
+    constant = 4 * 16 * pieces.QUANT_PIECE_NUMEL
     bound = 1.1 * (measured["final"] + largest) + constant
     assert measured["peak"] <= bound, (measured, largest, bound)
 

@@ -43,6 +43,20 @@ def _f32_bits(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous().view(torch.int32)
 
 
+def _ring_gemm_tokens(N: int, K: int, blocksize: int, quant_type: str, device: torch.device) -> int:
+    """Up to how many tokens compiled bf16 calls of an (N, K) layer on ``device`` call ``gemm_4bit`` (whose CUDA
+    kernel takes the fused GEMM, ``kernels.gemm_ring``) instead of dequantizing in the graph; 0: never. Imports
+    triton, so CUDA layers only."""
+    if device.type != "cuda":
+        return 0
+    try:
+        from .kernels import gemm_ring
+    except ImportError:  # no triton
+        return 0
+    ok = gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.device_ok(device)
+    return gemm_ring.MAX_M if ok else 0
+
+
 def _bias_for(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Parameter:
     """``linear.bias`` on ``device``, cast to ``dtype`` if given (shares memory when nothing changes)."""
     b = linear.bias.detach()
@@ -133,6 +147,7 @@ class Linear4bit(_QuantizedLinear):
 
     _f32_buffers = ("absmax", "nested_absmax", "offset")
     fp8_compute = False
+    _ring_gemm_tokens = 0  # see _cache_tables
 
     def __init__(
         self,
@@ -236,6 +251,10 @@ class Linear4bit(_QuantizedLinear):
             _code_table(self.quant_type, dev)
             if self.double_quant:
                 _nested_code(dev)
+        # Decided here, not in a traced forward (it queries the device): compiled calls of this layer leave the
+        # matmul to the op, whose CUDA kernel takes the fused GEMM (``kernels.gemm_ring``).
+        self._ring_gemm_tokens = _ring_gemm_tokens(self.out_features, self.in_features, self.blocksize,
+                                                   self.quant_type, dev) if not self.double_quant else 0
 
     def quant_stats(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """(absmax, nested_absmax, nested_code, offset) as the ops take them (float32, or uint8 + nested)."""
@@ -284,15 +303,19 @@ class Linear4bit(_QuantizedLinear):
     def _dequantize_in_graph(self, x: Tensor) -> bool:
         """Whether a traced CUDA forward dequantizes in the graph (``ops.dequantize_4bit_fused`` or
         ``ops.dequantize_4bit_after``, as ``IN_GRAPH_DEQUANTIZE`` picks) and leaves the matmul to Inductor, instead of
-        calling ``gemm_4bit``: the calls ``gemm_4bit``
-        would serve by dequantize + matmul anyway (more than ``ops.FUSED_MAX_TOKENS`` tokens), with nothing recorded
-        for backward (a traced backward would keep the dequantized weight alive until it runs; ``gemm_4bit``'s
+        calling ``gemm_4bit``: the calls ``gemm_4bit`` would serve by dequantize + matmul anyway (more than
+        ``ops.FUSED_MAX_TOKENS`` tokens; not bf16 calls of the layers ``kernels.gemm_ring`` serves), with nothing
+        recorded for backward (a traced backward would keep the dequantized weight alive until it runs; ``gemm_4bit``'s
         dequantizes it again). Same numbers as ``gemm_4bit`` up to how Inductor adds the bias."""
         if not DEQUANTIZE_IN_GRAPH:
             return False
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             return False
-        return x.numel() // self.in_features > _ops.FUSED_MAX_TOKENS
+        M = x.numel() // self.in_features
+        # a guard on M, as the line after: its second compile serves token counts across the boundary
+        if M <= self._ring_gemm_tokens and (self.compute_dtype or x.dtype) == torch.bfloat16:
+            return False
+        return M > _ops.FUSED_MAX_TOKENS
 
     def _inference_plan(self, x: Tensor, op: str = "gemm_4bit"):
         """The prebuilt-launch plan for this eager inference call of ``op`` (``ops.inference_plan``: gemm_4bit, or

@@ -8,12 +8,17 @@
   - fp32, and where those do not apply (alignment, K): ``_gemv_kernel``, two loads from the code table per byte.
 * 2 <= M <= 64 with 16-bit activations: ``kernels.gemm_small``, the GEMV's decode feeding ``mma`` with up to 32
   tokens per decode (the weight is read once in 4 bits and never written out).
-* Larger M (and fp32): dequantize the whole weight with the nested absmax fused (``fourbit.dequantize``) into x's
-  dtype, then cuBLAS. At M = 4608 the GEMMs are compute-bound and cuBLAS's speed is what counts.
+* 65 to 2048 tokens, bf16, float32 absmax, on Hopper: ``kernels.gemm_ring``, a fused GEMM that decodes the codes
+  straight into the tensor cores' operand (the weight is never written out), where ``gemm_ring.wanted`` says it beats
+  the next path (weights from 2^24 elements: 0.55-0.96x its time).
+* Larger M (and fp32, fp16, double-quantized absmax): dequantize the whole weight with the nested absmax fused
+  (``fourbit.dequantize``) into x's dtype, then cuBLAS. At M = 4608 the GEMMs are compute-bound and cuBLAS's speed
+  is what counts.
   Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
   holds every SM, so the two kernels do not run concurrently; BENCHMARKS.md, "Side-stream dequantize").
 The dequantize path uses the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's
-dtype). The GEMVs never round a weight: they sum ``code * x`` over each group sharing an absmax in float32 and
+dtype); the fused GEMM rounds the code and the absmax to bf16 before their product (``gemm_ring``'s doc). The
+GEMVs never round a weight: they sum ``code * x`` over each group sharing an absmax in float32 and
 multiply the group's sum by the absmax once (bitsandbytes' GEMV rounds every weight to x's dtype first). The
 register-table kernels use the codes rounded to x's dtype (as bitsandbytes' table is); fp32 uses them exactly.
 The result differs from the reference by those roundings plus float32 sum order (tests/test_kernels.py derives
@@ -33,7 +38,7 @@ import triton
 import triton.language as tl
 
 from ..formats import fourbit as ref4
-from . import gemm_small, gemv_mma, gemv_ring, lut
+from . import gemm_ring, gemm_small, gemv_mma, gemv_ring, lut
 from .common import INTERPRET, USE_PTX, gemv_rows, gemv_split, gemv_store, load_absmax_inbounds
 from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
@@ -280,6 +285,11 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
         if gemm_small.small_supported(M, N, K, x.dtype, blocksize, x, data):
             return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                        quant_type).view(*A.shape[:-1], N)
+    if nested_absmax is None and A.dtype == torch.bfloat16 and gemm_ring.wanted(M, N, K):
+        if gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data):
+            x = A.reshape(M, K)
+            x = x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
+            return gemm_ring.gemm_for(data, absmax, N, K, quant_type)(x, bias).view(*A.shape[:-1], N)
     W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
     return torch.nn.functional.linear(A, W.view(N, K), bias)
 
@@ -290,14 +300,15 @@ class Plan:
     A FLUX step makes ~500 4-bit calls; through ``gemm_4bit`` each pays ~35 us of Python (checks, key lookups,
     pointer queries) on top of the launch itself, and the host outran the GPU. A plan binds the dequantize launch
     (and the GEMV launch when the weight allows it) once, to device addresses (``launch.Bound``), and the
-    small-batch kernel's when its owner binds them (``bind_small``; until then such calls return None), so a call is
-    an allocation, one bound launch and, for more tokens, ``F.linear``. It holds no tensor: its owner passes the
+    small-batch kernel's when its owner binds them (``bind_small``; until then such calls return None), and the fused
+    GEMM's (``gemm_ring.RingGemm``) where it serves, so a call is an allocation, one bound launch and, for more
+    tokens, ``F.linear``. It holds no tensor: its owner passes the
     bias and checks that the weight tensors still sit where the plan was bound (``halfbyte.nn``'s eager layers
     compare addresses; ``gemm_4bit`` itself, for compiled graphs and direct calls, looks plans up by the call's
     addresses, ``plan_key``). Results are those of ``gemm_4bit``'s direct path (same kernels, same arguments).
     """
 
-    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_ring", "_atomic", "_small", "_small_args")
+    __slots__ = ("N", "K", "dtype", "device", "_deq", "_gemv", "_ring", "_atomic", "_small", "_small_args", "_fused")
 
     def __init__(self, B, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize, quant_type,
                  dtype: torch.dtype):
@@ -309,6 +320,9 @@ class Plan:
         self._deq = bind_dequantize(data, absmax, nested_absmax, nested_code, offset, N * K, blocksize, quant_type,
                                     dtype)
         self._gemv, self._ring, self._atomic = None, None, False
+        self._fused = None  # calls over 64 tokens that gemm_ring.wanted picks
+        if nested_absmax is None and gemm_ring.supported(N, K, blocksize, quant_type, dtype, absmax, data):
+            self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type)
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
             nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
@@ -366,6 +380,11 @@ class Plan:
                 ws = torch.empty((splits, M, self.N), dtype=torch.float32, device=self.device)
                 mm(stream, x.data_ptr(), b, ws.data_ptr(), M)
                 sum_(stream, ws.data_ptr(), b, out.data_ptr(), M)
+            return out
+        if (self._fused is not None and gemm_ring.wanted(M, self.N, self.K) and x.is_contiguous()
+                and x.data_ptr() % 16 == 0):
+            out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
+            self._fused.run(stream, x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), M)
             return out
         W = torch.empty((self.N, self.K), dtype=self.dtype, device=self.device)
         self._deq(stream, W.data_ptr())

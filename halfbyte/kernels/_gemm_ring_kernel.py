@@ -1,0 +1,331 @@
+"""The Gluon code of ``gemm_ring`` (imported only where triton has Gluon; the design is in that module's doc).
+
+Shapes and names: the program computes out^T tiles, 128 weight rows (``pn``) x BT tokens (``pm``), in K steps of
+64 (one absmax block per row). Two consumer warpgroups (WG 0 / 1) own 64 rows each; the loader partition fills the
+STAGES-deep ring of (x tile, weight words, absmax) stages by TMA.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from .lut import pair_decode_lines
+
+# triton 3.7+ renamed the TMA copies (3.9 raises on the old names) and the CTA barrier
+_tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+_tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+
+
+def _word_asm() -> str:
+    """$0..$3: the four bf16 pairs of word $4's codes (weights 0-1, 2-3, 4-5, 6-7) times $13 (the bf16 absmax in
+    both halves); $5..$12 the ``lut.pair_tables`` words of the code."""
+    lines = ["{", ".reg .b32 %o0, %o1, %o2, %o3;"]
+    lines += pair_decode_lines(tuple(f"${5 + i}" for i in range(8)), "$4", ("%o0", "%o1", "%o2", "%o3"), "%u")
+    lines += [f"mul.rn.bf16x2 ${i}, %o{i}, $13;" for i in range(4)]
+    lines.append("}")
+    return "\n".join(lines)
+
+
+_WORD_ASM = gl.constexpr(_word_asm())
+_WORD_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
+
+# prmt selectors: $8 picks byte b of $4 and of $5 into bytes 0-1 (and of $6, $7); 0x5410 joins the two halves
+_GATHER_ASM = gl.constexpr("""{
+.reg .b32 %lo, %hi;
+prmt.b32 %lo, $4, $5, $8;
+prmt.b32 %hi, $6, $7, $8;
+prmt.b32 $0, %lo, %hi, 0x5410;
+mov.b32 $1, 0;
+mov.b32 $2, 0;
+mov.b32 $3, 0;
+}""")
+
+
+@gluon.jit
+def _tile(t, tiles_m, tiles_n, GROUP_M: gl.constexpr):
+    """Tile t's (m, n) tile indices, GROUP_M token tiles per group so that a group's weight tiles stay in L2."""
+    per_group = GROUP_M * tiles_n
+    first_m = (t // per_group) * GROUP_M
+    size_m = gl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (t % per_group) % size_m, (t % per_group) // size_m
+
+
+@gluon.jit
+def _item(j, full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, GROUP_M: gl.constexpr):
+    """The program's j-th work item: (m tile, n tile, first K step, end K step, piece or -1). Items below
+    ``full_rounds`` are whole tiles pid + j * grid; the one after is piece pid % S of tail tile pid // S (the
+    tiles past full_rounds * grid, each split along K into S ranges of whole step pairs)."""
+    P = gl.num_programs(0)
+    pid = gl.program_id(0)
+    tail = (j >= full_rounds).to(gl.int32)
+    t = pid + j * P + tail * (full_rounds * P + pid // S - pid - j * P)
+    r = pid % S
+    pairs = k_steps // 2
+    kb = tail * 2 * ((r * pairs) // S)
+    ke = k_steps + tail * (2 * (((r + 1) * pairs) // S) - k_steps)
+    pm, pn = _tile(t, tiles_m, tiles_n, GROUP_M)
+    return pm, pn, kb, ke, tail * (pid + 1) - 1
+
+
+@gluon.jit
+def _tail(full_rounds, n_tiles, S: gl.constexpr):
+    """How many programs run a tail item (a piece when S > 1, else a whole tile)."""
+    return (n_tiles - full_rounds * gl.num_programs(0)) * S
+
+
+@gluon.jit
+def _n_items(full_rounds, n_tiles, S: gl.constexpr):
+    return full_rounds + (gl.program_id(0) < _tail(full_rounds, n_tiles, S)).to(gl.int32)
+
+
+@gluon.jit
+def _loader(x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m, tiles_n,
+            k_steps, S: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+    BT: gl.constexpr = x_desc.block_type.shape[0]
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes + a_desc.block_type.nbytes
+    i = 0
+    for j in range(_n_items(full_rounds, n_tiles, S)):
+        pm, pn, kb, ke, piece = _item(j, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
+        for k in range(kb, ke):
+            s = i % STAGES
+            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            bar = ready.index(s)
+            mbarrier.expect(bar, nbytes)
+            _tma_load(x_desc, [pm * BT, k * 64], bar, x_bufs.index(s))
+            _tma_load(w_desc, [pn * 128, k * 8], bar, w_bufs.index(s))
+            # TMA's smallest box row is 16 bytes: the absmax of 4 steps, re-read at each of them
+            _tma_load(a_desc, [pn * 128, (k // 4) * 4], bar, a_bufs.index(s))
+            i += 1
+
+
+@gluon.jit
+def _gather_words(wbuf, WG: gl.constexpr, g_layout: gl.constexpr):
+    """This warpgroup's 64 rows of the stage's (128, 8) words in bitsandbytes' order, transposed on the way to
+    registers: element (r, 2b + t) of the result (g_layout) holds byte b of the row's words 4t .. 4t + 3 (the 8
+    codes one wgmma A-fragment lane needs). Each lane loads its rows' 8 words (the four lanes b of a row read the
+    same 32 bytes) and picks its bytes with three prmt."""
+    # [64 rows, 4 b, 2 t, 4 j] (word 4t + j): j, t and row + 8 in registers, b and rows on the lanes
+    L4: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [8, 0, 0, 0]],
+        lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
+        warp_bases=[[16, 0, 0, 0], [32, 0, 0, 0]], block_bases=[], shape=[64, 4, 2, 4])
+    z4 = gl.zeros([64, 4, 2, 4], gl.int32, L4)
+    rows = wbuf.reshape([128, 2, 4]).slice(64 * WG, 64, 0)
+    words = gl.expand_dims(rows.load(gl.SliceLayout(1, L4)), 1) + z4
+    b = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
+    sel = gl.expand_dims(gl.expand_dims(gl.expand_dims(b | ((b + 4) << 4), 0), 2), 3) + z4
+    g = gl.inline_asm_elementwise(_GATHER_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [words, sel], dtype=gl.int32,
+                                  is_pure=True, pack=4)
+    g0, _ = gl.split(g.reshape([64, 4, 2, 2, 2]))  # j = 0 (the other three are zeros)
+    g0, _ = gl.split(g0)
+    return gl.convert_layout(g0.reshape([64, 8]), g_layout)
+
+
+@gluon.jit
+def _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout: gl.constexpr):
+    """The (64, 64) bf16 A fragment of gathered words ``w`` (64, 8) and the rows' absmax ``am`` (64,):
+    bf16(bf16(code) * bf16(absmax)) per weight."""
+    h = am.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    scale = (h | (h << 16))[:, None] + gl.zeros_like(w)
+    q0, q1, q2, q3 = gl.inline_asm_elementwise(_WORD_ASM, _WORD_CONSTRAINTS,
+                                               [w, t0, t1, t2, t3, t4, t5, t6, t7, scale],
+                                               dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+    # q_j of element (r, 2b + t) is the pair of original byte b + 4 (4t + j): pair column b + 4h + 8s0 + 16t
+    # with j = h + 2 s0
+    q = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # [64, 8 (b, t), 2 (h), 2 (s0)]
+    q = q.reshape([64, 4, 2, 2, 2]).permute((0, 2, 4, 3, 1)).reshape([64, 32])
+    lo = q.to(gl.int16).to(gl.bfloat16, bitcast=True)
+    hi = (q >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+    a = gl.join(lo, hi).reshape([64, 64])
+    return gl.convert_layout(a, a_layout)
+
+
+@gluon.jit
+def _frag(i, k, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG: gl.constexpr, STAGES: gl.constexpr,
+          g_layout: gl.constexpr, am_layout: gl.constexpr, a_layout: gl.constexpr):
+    """Step i's (the tile's K step k) A fragment of this warpgroup's 64 rows, decoded from the stage."""
+    s = i % STAGES
+    mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+    w = _gather_words(w_bufs.index(s), WG, g_layout)
+    a4 = a_bufs.index(s).slice(64 * WG, 64, 0).load(am_layout)
+    col = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, am_layout)), 0)
+    am = gl.sum(gl.where(col == k % 4, a4, 0.0), axis=1)
+    am = gl.convert_layout(am, gl.SliceLayout(1, g_layout))
+    return _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout)
+
+
+@gluon.jit
+def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7,
+              WG: gl.constexpr, STAGES: gl.constexpr, g_layout: gl.constexpr, am_layout: gl.constexpr,
+              a_layout: gl.constexpr):
+    """acc += this warpgroup's rows of W[:, 64 kb: 64 ke] @ x^T from the stages i, i + 1, ...; ke - kb even."""
+    fa = _frag(i, kb, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout, am_layout,
+               a_layout)
+    n = ke - kb
+    # Two fragment variables: the decode of the next step must not write the registers a wgmma in flight reads
+    # (with one, ptxas serialized every wgmma). Each wgmma retires before the next issues; the other warpgroup's
+    # keep the tensor cores busy meanwhile (two in flight per warpgroup need more than 168 registers).
+    for k in range(0, n - 2, 2):
+        acc = warpgroup_mma(fa, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
+        fb = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
+                   g_layout, am_layout, a_layout)
+        acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
+        mbarrier.arrive(empty.index((i + k) % STAGES), count=1)
+        acc = warpgroup_mma(fb, x_bufs.index((i + k + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        fa = _frag(i + k + 2, kb + k + 2, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
+                   g_layout, am_layout, a_layout)
+        acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
+        mbarrier.arrive(empty.index((i + k + 1) % STAGES), count=1)
+    acc = warpgroup_mma(fa, x_bufs.index((i + n - 2) % STAGES).permute((1, 0)), acc, is_async=True)
+    fb = _frag(i + n - 1, ke - 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout,
+               am_layout, a_layout)
+    acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
+    mbarrier.arrive(empty.index((i + n - 2) % STAGES), count=1)
+    acc = warpgroup_mma(fb, x_bufs.index((i + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+    acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
+    mbarrier.arrive(empty.index((i + n - 1) % STAGES), count=1)
+    return acc
+
+
+@gluon.jit
+def _add_bias(acc, bias_ptr, pn, WG: gl.constexpr, layout: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """acc (64 weight rows, tokens) + the rows' bias, in float32 (as cuBLAS's epilogue adds it)."""
+    if HAS_BIAS:
+        rows = pn * 128 + 64 * WG + gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+        acc = acc + gl.expand_dims(gl.load(bias_ptr + rows).to(gl.float32), 1)
+    return acc
+
+
+@gluon.jit
+def _store_tile(acc, c_smem, out_desc, pm, pn, WG: gl.constexpr, BT: gl.constexpr):
+    """out[m, n] = acc[n, m] through shared memory by TMA (rows past M are clipped); the previous tile's store
+    must have left c_smem first."""
+    tma.store_wait(pendings=0)
+    c_smem.store(acc.to(gl.bfloat16).permute((1, 0)))
+    fence_async_shared()
+    _tma_store(out_desc, [pm * BT, pn * 128 + 64 * WG], c_smem)
+
+
+@gluon.jit
+def _fence(like):
+    """fence.acq_rel.gpu in every thread (``like``: a tensor with one element per thread)."""
+    return gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r,r", [like], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def _store_piece(acc, piece, pm, pn, ws_ptr, cnt_ptr, out_ptr, bias_ptr, M, N, S: gl.constexpr, WG: gl.constexpr,
+                 BT: gl.constexpr, mma_layout: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """A K range of a tail tile: the float32 partial sum to the workspace (per piece (BT, 128), token-major); the
+    last of the tile's S pieces to arrive (a per-tile counter per warpgroup, acq_rel) adds the S partials in piece
+    order -- the same bits whatever the arrival order -- CW tokens at a time (the S loads of a chunk in flight
+    together), stores them, and resets the counter for the next call."""
+    tile = piece // S
+    rows = gl.arange(0, 64, layout=gl.SliceLayout(1, mma_layout))
+    cols = gl.arange(0, BT, layout=gl.SliceLayout(0, mma_layout))
+    offs = gl.expand_dims(cols, 0) * 128 + gl.expand_dims(rows, 1) + 64 * WG
+    gl.store(ws_ptr + piece.to(gl.int64) * (128 * BT) + offs, acc)
+    L1: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    _fence(gl.zeros([128], gl.int32, L1))
+    _barrier()
+    arrived = gl.atomic_add(cnt_ptr + tile * 2 + WG, 1, sem="acq_rel", scope="gpu")
+    if arrived == S - 1:
+        _fence(gl.zeros([128], gl.int32, L1))
+        CW: gl.constexpr = 64 if S <= 3 else 32
+        CL: gl.constexpr = gl.BlockedLayout([2, CW // 4], [32, 1], [1, 4], [0, 1])  # [64 rows, CW tokens]
+        n = gl.expand_dims(gl.arange(0, 64, layout=gl.SliceLayout(1, CL)), 1)
+        m = gl.expand_dims(gl.arange(0, CW, layout=gl.SliceLayout(0, CL)), 0)
+        base = ws_ptr + (tile * S).to(gl.int64) * (128 * BT)
+        for c in gl.static_range(BT // CW):
+            o = (m + c * CW) * 128 + n + 64 * WG
+            part = gl.load(base + o)
+            for r in gl.static_range(1, S):
+                part += gl.load(base + r * (128 * BT) + o)
+            part = _add_bias(part, bias_ptr, pn, WG, CL, HAS_BIAS)
+            tok = pm * BT + c * CW + m
+            gl.store(out_ptr + tok.to(gl.int64) * N + pn * 128 + 64 * WG + n, part.to(gl.bfloat16),
+                     mask=(tok < M) & (n >= 0))
+        gl.store(cnt_ptr + tile * 2 + WG, 0)
+
+
+@gluon.jit
+def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, bias_ptr, M, N, tab_ptr, ws_ptr,
+              cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, WG: gl.constexpr,
+              BT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, HAS_BIAS: gl.constexpr):
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BT, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+    # (row, 2b + t): registers row + 8, t; lanes b (bits 0-1), row (bits 2-4); warps row + 16, + 32
+    g_layout: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[8, 0], [0, 1]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 8])
+    # the rows as g_layout's, the 4 steps' absmax of a row in registers
+    am_layout: gl.constexpr = gl.DistributedLinearLayout(
+        reg_bases=[[8, 0], [0, 1], [0, 2]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])
+    z = gl.zeros([64, 8], gl.int32, g_layout)
+    t0 = z + gl.load(tab_ptr)
+    t1 = z + gl.load(tab_ptr + 1)
+    t2 = z + gl.load(tab_ptr + 2)
+    t3 = z + gl.load(tab_ptr + 3)
+    t4 = z + gl.load(tab_ptr + 4)
+    t5 = z + gl.load(tab_ptr + 5)
+    t6 = z + gl.load(tab_ptr + 6)
+    t7 = z + gl.load(tab_ptr + 7)
+    i = 0
+    # whole tiles (with S == 1 the tail tiles too); a split tail piece after the loop, so that nothing of its
+    # epilogue is hoisted into the loop's registers
+    n_whole = _n_items(full_rounds, n_tiles, S)
+    if S > 1:
+        n_whole = full_rounds
+    for j in range(n_whole):
+        pm, pn, kb, ke, piece = _item(j, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
+        acc = gl.zeros((64, BT), dtype=gl.float32, layout=mma_layout)
+        acc = _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7, WG,
+                        STAGES, g_layout, am_layout, a_layout)
+        i += ke - kb
+        acc = _add_bias(acc, bias_ptr, pn, WG, mma_layout, HAS_BIAS)
+        _store_tile(acc, c_smem, out_desc, pm, pn, WG, BT)
+    if S > 1:
+        if gl.program_id(0) < _tail(full_rounds, n_tiles, S):
+            pm, pn, kb, ke, piece = _item(full_rounds, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
+            acc = gl.zeros((64, BT), dtype=gl.float32, layout=mma_layout)
+            acc = _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7,
+                            WG, STAGES, g_layout, am_layout, a_layout)
+            _store_piece(acc, piece, pm, pn, ws_ptr, cnt_ptr, out_ptr, bias_ptr, M, N, S, WG, BT, mma_layout,
+                         HAS_BIAS)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit(do_not_specialize=["M", "N", "n_tiles", "full_rounds", "tiles_m", "tiles_n", "k_steps"])
+def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, tab_ptr, ws_ptr, cnt_ptr, M, N, n_tiles,
+                     full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, STAGES: gl.constexpr,
+                     GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr, HAS_BIAS: gl.constexpr):
+    BT: gl.constexpr = x_desc.block_type.shape[0]
+    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, 64], x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 128, 8], w_desc.layout)
+    a_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 128, 4], a_desc.layout)
+    c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BT, 64], out_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
+    # the loader is the default partition (4 warps): 12 warps
+    gl.warp_specialize([
+        (_loader, (x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m,
+                   tiles_n, k_steps, S, STAGES, GROUP_M)),
+        (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
+                     tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
+                     GROUP_M, HAS_BIAS)),
+        (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(1), out_desc, out_ptr, bias_ptr, M, N,
+                     tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 1, BT, STAGES,
+                     GROUP_M, HAS_BIAS)),
+    ], [4, 4], [CONS_REGS, CONS_REGS])

@@ -1,0 +1,313 @@
+"""4-bit matmul for more than 64 tokens on Hopper without writing the weight out: the NF4/FP4 codes decoded in
+registers straight into wgmma's A operand (Gluon, warp-specialized, persistent).
+
+Why: for M > 64 the other path dequantizes the whole weight to bf16 (0.5 byte read, 2 written per weight, at a
+copy's speed) and calls cuBLAS. At 512 tokens that dequantize is a third of the layer's time; at 4608 tokens it is
+4-8 %, which is what a quantized FLUX step spends over bf16 (BENCHMARKS.md, sessions 16, 22 and 24). Here:
+* the product is transposed, out^T = W x^T, so that the decoded weight is wgmma's register operand A (never written
+  to shared memory) and x tiles (256 tokens x 64) are operand B;
+* a loader partition (4 warps, one thread issues) streams each K step's x tile, the 128 weight rows' packed words
+  and their absmax into a 4-stage shared-memory ring by TMA; two consumer warpgroups (64 rows each) gather their
+  lanes' bytes from bitsandbytes' byte order (3 ``prmt`` per word), decode them with the ``prmt`` pair tables of
+  ``kernels.lut`` and multiply by the absmax (``mul.bf16x2``) while their previous wgmma runs;
+* programs are persistent, one per SM: equal rounds of whole 128 x 256 tiles (GROUP_M token tiles per group, so a
+  group's weight stays in L2), then the tiles left over -- all of them when there are fewer tiles than SMs, as at
+  512 tokens -- are split along K into S pieces with a deterministic fix-up: the last piece of a tile to arrive
+  adds the S float32 partials in piece order, so every call gives the same bits;
+* bias in float32 in the epilogue; the tile leaves through shared memory by TMA.
+Numerics: each weight is bf16(bf16(code) * bf16(absmax)), summed in float32 by the tensor cores; the reference
+rounds code * absmax once (float32 product). The difference is a few bf16 roundings per weight, inside the
+matmul tolerance tests/test_gemm_ring.py derives.
+
+Serves: bf16 activations, NF4/FP4 with blocksize 64 and float32 absmax (double-quantized absmax take the other
+path), K % 256 == 0, N % 128 == 0, compute capability 9.x, triton with Gluon; ``supported`` says where, ``wanted``
+for which token counts (measured: ``bench/gemm_ring.py``), and each device runs it once against the reference
+before use (``verdict``). ``RingGemm`` binds the launch (weight descriptors encoded once). Gluon does not run
+under the interpreter: the CPU tier compiles the kernel for sm_90, checks the schedule and emulates the byte
+gather (tests/test_gemm_ring.py).
+"""
+
+import functools
+import os
+import warnings
+
+import torch
+
+from ..formats import fourbit as ref4
+from . import lut
+from .common import INTERPRET
+from .gemv_ring import _Address, _sms
+from .launch import descriptor_launcher
+
+BT = 256  # tokens per tile
+BN = 128  # weight rows per tile
+STAGES = 4
+GROUP_M = 4  # bitsandbytes' byte order: 4 beat 8 by 3-7 % at the wide FLUX shapes (BENCHMARKS.md, session 22)
+MAXNREG = 168  # 12 warps per program
+CONS_REGS = 232
+S_CHOICES = (1, 2, 3, 4, 6, 8)  # split factors compiled (S is a constexpr): a few specializations per weight
+FUSED_MIN_M = 64  # up to this many tokens ``gemm_small`` serves (ops.FUSED_MAX_TOKENS)
+MAX_M = 2048  # tokens up to which the kernel beats dequantize + cuBLAS (``wanted``)
+MIN_WORK = 1 << 24  # weight elements from which it does
+
+#: Whether 4-bit calls of more than 64 tokens take this kernel where it serves and is wanted (on by default;
+#: ``HALFBYTE_GEMM_RING=0`` or setting this to False turns it off).
+ENABLED = os.environ.get("HALFBYTE_GEMM_RING", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon():
+    """(Gluon's language module, its TensorDescriptor, the kernel), or None where this triton has no Gluon (or one
+    this code does not know)."""
+    try:
+        from triton.experimental.gluon import language as gl
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+        from ._gemm_ring_kernel import gemm_ring_kernel
+    except Exception:  # noqa: BLE001  (the dequantize path serves)
+        return None
+    return gl, TensorDescriptor, gemm_ring_kernel
+
+
+def available() -> bool:
+    """Whether this triton can build the kernel."""
+    return _gluon() is not None
+
+
+def shape_ok(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype) -> bool:
+    """The static part of ``supported``: what the kernel's tiling and decode take."""
+    return (ENABLED and not INTERPRET and dtype == torch.bfloat16 and blocksize == 64
+            and quant_type in ("nf4", "fp4") and N > 0 and K > 0 and N % BN == 0 and K % 256 == 0)
+
+
+@functools.lru_cache(maxsize=None)
+def device_ok(device: torch.device) -> bool:
+    """Compute capability 9.x and a triton with Gluon (the kernel is sm_90a code)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9 and available()
+
+
+def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype, absmax: torch.Tensor,
+              *tensors: torch.Tensor) -> bool:
+    """Whether this kernel can serve calls of this weight (any token count; ``wanted`` picks the counts), the
+    device's ``verdict`` included. ``absmax`` must be float32 (double-quantized absmax: not served); ``tensors``
+    (the packed weight...) must be 16-byte aligned, as TMA needs."""
+    if not shape_ok(N, K, blocksize, quant_type, dtype) or absmax.dtype != torch.float32:
+        return False
+    if any(t.data_ptr() % 16 for t in (absmax, *tensors)) or not device_ok(absmax.device):
+        return False
+    return verdict(absmax.device)
+
+
+def wanted(M: int, N: int, K: int) -> bool:
+    """Whether a call of M tokens should take this kernel rather than dequantize + cuBLAS, by measurement on an
+    H100 (``bench/gemm_ring.py``, BENCHMARKS.md session 24): 65 to ``MAX_M`` tokens of weights from ``MIN_WORK``
+    elements. There the dequantize (a fixed cost per call) is 10-45 % of the layer and the kernel takes 0.55-0.96x
+    its time; at 4096 tokens and more cuBLAS's bf16 GEMM outruns the decode (1.01-1.08x), and a 3072 x 3072 weight
+    is too small to keep the SMs fed at 512 tokens (1.08x)."""
+    return FUSED_MIN_M < M <= MAX_M and N * K >= MIN_WORK
+
+
+def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
+    """Whether bf16 calls of an (N, K) weight take this kernel at some token count (then exactly at 65 to
+    ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the token count)."""
+    return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK
+
+
+def schedule(n_tiles: int, k_steps: int, programs: int) -> tuple[int, int, int]:
+    """(grid, full rounds, S): every program runs ``full_rounds`` whole tiles; then the tiles left over (fewer
+    than a round, or all of them when there are fewer tiles than programs) are split along K into S pieces of
+    whole step pairs, one per program. S is the largest of ``S_CHOICES`` that the programs allow and that leaves
+    every piece at least 4 steps."""
+    full = n_tiles // programs
+    tail = n_tiles - full * programs
+    S = 1
+    if tail:  # the pieces (tail * S) must fit the programs
+        S = max(s for s in S_CHOICES if s <= max(1, min(programs // tail, k_steps // 8)))
+    grid = programs if full else tail * S
+    return grid, full, S
+
+
+@functools.lru_cache(maxsize=None)
+def _table_words(quant_type: str) -> tuple[int, ...]:
+    code = ref4.code_4bit(quant_type, torch.device("cpu"))
+    words = lut.pair_tables(tuple(code.tolist()), torch.bfloat16)
+    return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
+
+
+_TABLES: dict[tuple, torch.Tensor] = {}
+
+
+def pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
+    """The 8 ``prmt`` pair-table words of the code rounded to bf16 (int32 on ``device``, one copy per device)."""
+    t = _TABLES.get((quant_type, device))
+    if t is None:
+        t = _TABLES[(quant_type, device)] = torch.tensor(_table_words(quant_type), dtype=torch.int32, device=device)
+    return t
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, stream: int) -> torch.Tensor:
+    """Per (device, stream): the split tiles' arrival counters (2 per tile, fewer tiles than SMs), zero between
+    calls (the last piece of a tile resets its counter). Per stream, so that calls on two streams never share one."""
+    key = (device, stream)
+    c = _COUNTERS.get(key)
+    if c is None:
+        c = _COUNTERS[key] = torch.zeros(2 * _sms(device.index), dtype=torch.int32, device=device)
+    return c
+
+
+def _layouts(gl):
+    x_layout = gl.NVMMASharedLayout.get_default_for([BT, 64], gl.bfloat16)
+    flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    return x_layout, flat
+
+
+def _launch_kwargs(S: int, has_bias: bool) -> dict:
+    return dict(S=S, STAGES=STAGES, GROUP_M=GROUP_M, CONS_REGS=CONS_REGS, HAS_BIAS=has_bias, num_warps=4,
+                maxnreg=MAXNREG)
+
+
+class RingGemm:
+    """The launch of one (N, K) 4-bit weight, bound: the weight and absmax descriptors are encoded once, x's and
+    out's once per (address, token count) (a few dozen kept), and a call is one call of triton's C launcher
+    (``launch.descriptor_launcher``) plus the split's workspace. ``__call__(x, bias)``: x (M, K) bf16, contiguous,
+    16-byte aligned on the weight's device, bias (N,) bf16 or None -> (M, N) bf16.
+    Holds the weight's addresses, not its tensors: its owner checks that they still hold the weight."""
+
+    def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str):
+        self.N, self.K, self.device = N, K, data.device
+        gl, self._descriptor, self._kernel = _gluon()
+        self.x_layout, flat = _layouts(gl)
+        self.programs = _sms(data.device.index)
+        self.w_desc = self._descriptor(_Address(data.data_ptr(), torch.int32), [N, K // 8], [K // 8, 1], [BN, 8],
+                                       flat)
+        self.a_desc = self._descriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
+                                       [BN, 4], flat)
+        self.table = pair_table(quant_type, data.device)
+        self._bound: dict[tuple[int, bool], tuple] = {}  # (S, has_bias) -> (launcher, head, w / absmax, expand)
+        self._io: dict[tuple[int, int, int], list] = {}  # (x, out, M) -> their descriptors' parameters
+
+    def _bind(self, S: int, has_bias: bool) -> tuple:
+        """Compiles (no launch) the (S, has_bias) specialization and encodes the weight's descriptors for it."""
+        x = torch.empty(BT, self.K, dtype=torch.bfloat16, device=self.device)  # dtypes and alignment specialize
+        out = torch.empty(BT, self.N, dtype=torch.bfloat16, device=self.device)
+        ws = torch.empty(16, dtype=torch.float32, device=self.device)
+        args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, self.a_desc,
+                self._io_desc(out.data_ptr(), BT, self.N), out, out, self.table, ws,
+                _counters(self.device, 0), BT, self.N, 1, 1, 1, 1, 2)
+        compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias))
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        c_launch, head, expand = descriptor_launcher(compiled)
+        bound = self._bound[(S, has_bias)] = (c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)),
+                                              expand)
+        return bound
+
+    def _io_desc(self, ptr: int, M: int, cols: int):
+        return self._descriptor(_Address(ptr, torch.bfloat16), [M, cols], [cols, 1], [BT, 64], self.x_layout)
+
+    def run(self, stream: int, x: int, out: int, bias: int | None, M: int) -> None:
+        """Launches on the raw CUDA ``stream`` with device addresses: x (M, K) and out (M, N) bf16 row-major,
+        16-byte aligned; ``bias`` (N,) bf16 or None."""
+        tiles_m, tiles_n, k_steps = -(-M // BT), self.N // BN, self.K // 64
+        n_tiles = tiles_m * tiles_n
+        grid, full, S = schedule(n_tiles, k_steps, self.programs)
+        has_bias = bias is not None
+        c_launch, head, wa, expand = self._bound.get((S, has_bias)) or self._bind(S, has_bias)
+        io = self._io.get((x, out, M))
+        if io is None:
+            if len(self._io) >= 64:
+                self._io.clear()
+            io = self._io[(x, out, M)] = [expand(self._io_desc(x, M, self.K), 0),
+                                         expand(self._io_desc(out, M, self.N), 3)]
+        tail = n_tiles - full * grid
+        ws = torch.empty(tail * S * BN * BT if S > 1 else 16, dtype=torch.float32, device=self.device)
+        cnt = _counters(self.device, stream)
+        c_launch(grid, 1, 1, stream, *head, *io[0], *wa, *io[1], out, bias if has_bias else out,
+                 self.table.data_ptr(), ws.data_ptr(), cnt.data_ptr(), M, self.N, n_tiles, full, tiles_m, tiles_n,
+                 k_steps, S, STAGES, GROUP_M, CONS_REGS, has_bias)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        M = x.shape[0]
+        out = torch.empty(M, self.N, dtype=torch.bfloat16, device=self.device)
+        if M:
+            self.run(torch._C._cuda_getCurrentRawStream(self.device.index), x.data_ptr(), out.data_ptr(),
+                     None if bias is None else bias.data_ptr(), M)
+        return out
+
+
+_GEMMS: dict[tuple, RingGemm] = {}
+
+
+def gemm_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str) -> RingGemm:
+    """A ``RingGemm`` for ``gemm_4bit``'s direct calls, kept by the weight's addresses and shape (at most 256,
+    forgotten together when full)."""
+    key = (data.data_ptr(), absmax.data_ptr(), N, K, quant_type, data.device)
+    g = _GEMMS.get(key)
+    if g is None:
+        if len(_GEMMS) >= 256:
+            _GEMMS.clear()
+        g = _GEMMS[key] = RingGemm(data, absmax, N, K, quant_type)
+    return g
+
+
+_VERDICTS: dict[torch.device, bool] = {}
+
+
+def verdict(device: torch.device) -> bool:
+    """Runs the kernel once on ``device`` (a 256 x 512 NF4 weight, 300 tokens: whole tiles and a split tail;
+    compiling first) against the dequantized float32 product; False, with a warning, if it fails or disagrees, and
+    the dequantize path serves. While a CUDA graph is being captured an unchecked device answers False and is
+    checked on a later call."""
+    if device not in _VERDICTS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _VERDICTS[device] = _check(device)
+    return _VERDICTS[device]
+
+
+def _check(device: torch.device) -> bool:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    M, N, K = 300, 256, 512
+    w = torch.randn(N, K, generator=g) / K**0.5
+    packed, absmax = ref4.quantize_4bit(w, 64, "nf4")
+    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float32)
+    exact = x.float() @ W.T + bias.float()
+    bound = 2.0**-7 * (x.float().abs() @ W.abs().T + bias.float().abs()) + 1e-3
+    try:
+        with torch.cuda.device(device):
+            data, am = packed.reshape(-1).to(device), absmax.to(device)
+            out = RingGemm(data, am, N, K, "nf4")(x.to(device), bias.to(device))
+        ok = bool(((out.float().cpu() - exact).abs() <= bound).all())
+        reason = "disagreed with the reference"
+    except Exception as e:  # noqa: BLE001  (a triton or driver without what it needs: the dequantize path serves)
+        ok, reason = False, f"failed ({type(e).__name__}: {str(e)[:200]})"
+    if not ok:
+        warnings.warn(f"halfbyte: the fused 4-bit GEMM {reason} on {device}; calls over 64 tokens dequantize and "
+                      "call cuBLAS", RuntimeWarning, stacklevel=4)
+    return ok
+
+
+def compile_offline(S: int = 3, has_bias: bool = True):
+    """Compiles the kernel for sm_90 without a GPU (``triton.compile``) -> the CompiledKernel. For the CPU tests
+    and the bench's ``--compile-only``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    gl, _, kernel = _gluon()
+    x_layout, flat = _layouts(gl)
+    sig = {"x_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
+           "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>",
+           "out_ptr": "*bf16", "bias_ptr": "*bf16", "tab_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+           "M": "i32", "N": "i32", "n_tiles": "i32", "full_rounds": "i32", "tiles_m": "i32", "tiles_n": "i32",
+           "k_steps": "i32"}
+    kw = _launch_kwargs(S, has_bias)
+    opts = {"num_warps": kw.pop("num_warps"), "maxnreg": kw.pop("maxnreg")}
+    sig.update({k: "constexpr" for k in kw})
+    src = GluonASTSource(kernel, sig, constexprs=kw,
+                         attrs={(i,): [["tt.divisibility", 16]] for i in range(4, 9)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)

@@ -1,0 +1,341 @@
+"""The fused 4-bit GEMM for more than 64 tokens (``halfbyte.kernels.gemm_ring``). Gluon does not run under the
+interpreter, so the CPU tier checks what it can without a GPU: the persistent schedule (every tile's every K step
+computed exactly once, the split pieces within the programs and the counters), the byte gather and decode
+assembly emulated for each lane and mapped to the fragment's columns as the kernel maps them, the routing rules,
+and that the kernel compiles for sm_90 with the installed triton. The GPU tier runs it over the FLUX/T5 shapes
+against the derived bound (``test_kernels.assert_within_fp32_sum_bound`` with the kernel's weight roundings),
+through the kernel, a plan, the registered op, a CUDA graph, a second stream and a compiled layer."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from kernel_helpers import DEV, gpu
+from ptx_emulator import run_ptx
+from test_kernels import _quantized_linear, assert_within_fp32_sum_bound
+
+from halfbyte.formats import fourbit
+from halfbyte.formats.codebooks import code_4bit
+from halfbyte.kernels import gemm_ring, lut
+
+needs_gluon = pytest.mark.skipif(not gemm_ring.available(), reason="this triton has no Gluon: the kernel is not built")
+WEIGHT_TERMS = 5  # bf16(bf16(code) * bf16(absmax)) against the reference's bf16(code * absmax): see the helper
+
+
+def _items(M: int, N: int, K: int, programs: int):
+    """The (program, m tile, n tile, first step, end step, piece) work items of a launch, as the kernel's ``_item``
+    and ``_n_items`` compute them (integer arithmetic transcribed, not re-derived)."""
+    tiles_m, tiles_n, k_steps = -(-M // gemm_ring.BT), N // gemm_ring.BN, K // 64
+    n_tiles = tiles_m * tiles_n
+    grid, full, S = gemm_ring.schedule(n_tiles, k_steps, programs)
+    tail_programs = (n_tiles - full * grid) * S
+    out = []
+    for pid in range(grid):
+        for j in range(full + (pid < tail_programs)):
+            tail = int(j >= full)
+            t = pid + j * grid + tail * (full * grid + pid // S - pid - j * grid)
+            r, pairs = pid % S, k_steps // 2
+            kb = tail * 2 * ((r * pairs) // S)
+            ke = k_steps + tail * (2 * (((r + 1) * pairs) // S) - k_steps)
+            per_group = gemm_ring.GROUP_M * tiles_n
+            first_m = (t // per_group) * gemm_ring.GROUP_M
+            size_m = min(tiles_m - first_m, gemm_ring.GROUP_M)
+            pm, pn = first_m + (t % per_group) % size_m, (t % per_group) // size_m
+            out.append((pid, pm, pn, kb, ke, tail * (pid + 1) - 1))
+    return grid, S, out
+
+
+@pytest.mark.parametrize("M, N, K", [(65, 3072, 3072), (512, 3072, 3072), (512, 12288, 3072), (512, 4096, 10240),
+                                     (4096, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 15360), (300, 256, 512),
+                                     (8192, 128, 256), (1000, 18432, 3072), (257, 128, 768)])
+@pytest.mark.parametrize("programs", [132, 114])
+def test_schedule_computes_every_step_of_every_tile_once(M, N, K, programs):
+    """Whole tiles and split pieces together cover each (tile, K step) exactly once; the grid fits the SMs, every
+    piece spans an even number (>= 4) of steps, split tiles index counters below 2 per SM, and the pieces of a
+    split tile are S consecutive programs (the fix-up adds them in that order)."""
+    grid, S, items = _items(M, N, K, programs)
+    tiles_m, tiles_n, k_steps = -(-M // gemm_ring.BT), N // gemm_ring.BN, K // 64
+    assert 1 <= grid <= programs and S in gemm_ring.S_CHOICES
+    seen = np.zeros((tiles_m, tiles_n, k_steps), dtype=np.int64)
+    pieces: dict[int, list[int]] = {}
+    for pid, pm, pn, kb, ke, piece in items:
+        assert 0 <= pm < tiles_m and 0 <= pn < tiles_n and 0 <= kb < ke <= k_steps
+        seen[pm, pn, kb:ke] += 1
+        if piece >= 0 and S > 1:
+            assert piece == pid and (ke - kb) % 2 == 0 and ke - kb >= 4
+            assert piece // S < programs  # the counter pair 2 * tile + WG lies in the 2-per-SM array
+            pieces.setdefault(piece // S, []).append(pid)
+    assert (seen == 1).all()
+    for pids in pieces.values():
+        assert len(pids) == S and pids == list(range(pids[0], pids[0] + S))
+
+
+def test_schedule_splits_small_launches_across_the_sms():
+    """Fewer tiles than SMs (512 tokens at N = 3072: 48 tiles) are split along K so that more SMs work; a launch
+    of whole rounds is not split."""
+    assert gemm_ring.schedule(48, 48, 132) == (96, 0, 2)
+    assert gemm_ring.schedule(20, 48, 132) == (120, 0, 6)
+    assert gemm_ring.schedule(264, 48, 132) == (132, 2, 1)
+    assert gemm_ring.schedule(12 * 24 + 12, 48, 132) == (132, 2, 3)  # 36 tiles left: 3 pieces each (108 programs)
+    assert gemm_ring.schedule(2, 8, 132) == (2, 0, 1)  # 8 steps: pieces of 4 need S <= 1 here (k_steps // 8)
+
+
+def test_routing_rules(monkeypatch):
+    """65 to ``MAX_M`` tokens of weights from ``MIN_WORK`` elements (the measured rule); ``layer_wanted`` (the
+    compiled layers' static part) agrees with ``wanted`` at every token count in that range."""
+    monkeypatch.setattr(gemm_ring, "INTERPRET", False)  # this tier's TRITON_INTERPRET turns the kernel off
+    assert not gemm_ring.wanted(64, 12288, 3072) and gemm_ring.wanted(65, 12288, 3072)
+    assert gemm_ring.wanted(2048, 12288, 3072) and not gemm_ring.wanted(2049, 12288, 3072)
+    assert gemm_ring.wanted(512, 10240, 4096) and gemm_ring.wanted(512, 3072, 12288)
+    assert gemm_ring.wanted(512, 4096, 4096) and not gemm_ring.wanted(512, 3072, 3072)
+    assert not gemm_ring.wanted(4608, 12288, 3072)
+    for N, K in ((12288, 3072), (10240, 4096), (3072, 12288), (4096, 4096), (3072, 3072), (8192, 256)):
+        served = gemm_ring.layer_wanted(N, K, 64, "nf4")
+        assert all(gemm_ring.wanted(M, N, K) == served for M in (65, 100, 512, 2048))
+    assert not gemm_ring.layer_wanted(3072, 3072, 64, "nf4") and gemm_ring.layer_wanted(4096, 4096, 64, "nf4")
+
+
+@pytest.mark.parametrize("N, K, bs, qt, dtype", [
+    (12288, 3072, 64, "nf4", torch.bfloat16), (12288, 3072, 64, "fp4", torch.bfloat16),
+])
+def test_shape_rule_takes_what_the_kernel_tiles(N, K, bs, qt, dtype, monkeypatch):
+    monkeypatch.setattr(gemm_ring, "INTERPRET", False)
+    assert gemm_ring.shape_ok(N, K, bs, qt, dtype)
+    assert not gemm_ring.shape_ok(N, K, bs, qt, torch.float16)
+    assert not gemm_ring.shape_ok(N, K, 128, qt, dtype)
+    assert not gemm_ring.shape_ok(N, K + 64, bs, qt, dtype)  # K % 256
+    assert not gemm_ring.shape_ok(N + 64, K, bs, qt, dtype)  # N % 128
+    monkeypatch.setattr(gemm_ring, "ENABLED", False)
+    assert not gemm_ring.shape_ok(N, K, bs, qt, dtype)
+
+
+def _bits(x) -> int:
+    return int(x) & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_gather_and_decode_give_each_fragment_column(qt):
+    """One weight row's 64-weight step (32 bytes, bitsandbytes' order: byte p holds weights 2p (high nibble) and
+    2p + 1), emulated for the four lanes b of the row: ``_GATHER_ASM`` picks byte b of words 4t..4t+3, ``_WORD_ASM``
+    decodes the gathered word into four bf16 pairs times the bf16 absmax, and the kernel's join/permute puts pair
+    q_(h + 2 s0) of lane (b, t) at column b + 4h + 8s0 + 16t. Every column must hold
+    bf16(bf16(code) * bf16(absmax)) of its weights."""
+    from halfbyte.kernels import _gemm_ring_kernel as kr
+
+    g = torch.Generator().manual_seed(3)
+    code = code_4bit(qt)
+    tables = [_bits(w) for w in lut.pair_tables(tuple(code.tolist()), torch.bfloat16)]
+    for _ in range(4):
+        row = torch.randint(0, 256, (32,), generator=g, dtype=torch.int64)
+        words = [int(sum(int(row[4 * w + i]) << (8 * i) for i in range(4))) for w in range(8)]
+        absmax = float(torch.rand(1, generator=g) * 3 + 0.01)
+        ab = int(torch.tensor([absmax]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+        got = [None] * 64
+        for b in range(4):
+            for t in range(2):
+                ops = {4: words[4 * t], 5: words[4 * t + 1], 6: words[4 * t + 2], 7: words[4 * t + 3],
+                       8: b | ((b + 4) << 4)}
+                run_ptx(kr._GATHER_ASM.value, ops)
+                dops = {4: ops[0], **{5 + i: tables[i] for i in range(8)}, 13: ab | (ab << 16)}
+                run_ptx(kr._WORD_ASM.value, dops)
+                for j in range(4):
+                    h, s0 = j % 2, j // 2
+                    p = b + 4 * h + 8 * s0 + 16 * t
+                    got[2 * p], got[2 * p + 1] = dops[j] & 0xFFFF, dops[j] >> 16
+        nib = torch.stack([row >> 4, row & 15], 1).reshape(-1)
+        expect = (code.to(torch.bfloat16)[nib].float() * torch.tensor(absmax).to(torch.bfloat16).float())
+        expect = expect.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+        assert got == expect.tolist()
+
+
+_COMPILE = """
+import json, sys
+from halfbyte.kernels import gemm_ring
+k = gemm_ring.compile_offline(int(sys.argv[1]), sys.argv[2] == "1")
+ptx = k.asm["ptx"]
+print(json.dumps({"shared": k.metadata.shared, "warps": k.metadata.num_warps,
+                  "wgmma": ptx.count("wgmma.mma_async.sync.aligned"),
+                  "tma_load": ptx.count("cp.async.bulk.tensor.2d.shared"),
+                  "tma_store": ptx.count("cp.async.bulk.tensor.2d.global"), "setmaxnreg": "setmaxnreg" in ptx,
+                  "bf16x2": ptx.count("mul.rn.bf16x2"), "atom": ptx.count("atom.")}))
+"""
+
+
+@needs_gluon
+@pytest.mark.parametrize("S, has_bias", [(1, True), (3, False), (8, True)])
+def test_compiles_for_sm90(S, has_bias):
+    """The kernel compiles for sm_90 with this triton (its Gluon API moves between releases): 12 warps (a loader
+    warpgroup and two consumer warpgroups with reallocated registers), three TMA loads per stage and a TMA store,
+    wgmma, the decode's bf16x2 products, a split's arrival counter only where S > 1, and its ring within the
+    227 KB an SM gives one program. In a process of its own: this tier's TRITON_INTERPRET turns triton's own
+    helpers into interpreter functions, which Gluon cannot compile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), "1" if has_bias else "0"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["warps"] == 12 and got["setmaxnreg"] and got["wgmma"] > 0 and got["bf16x2"] > 0
+    assert got["tma_load"] >= 3 and got["tma_store"] >= 1
+    assert (got["atom"] > 0) == (S > 1)
+    assert 200 * 1024 < got["shared"] <= 227 * 1024
+
+
+# --- GPU tier --------------------------------------------------------------------------------------------------
+
+def _expected(device) -> bool:
+    return gemm_ring.available() and torch.cuda.get_device_capability(device)[0] == 9
+
+
+@pytest.fixture
+def ring_on(monkeypatch):
+    """On by default (``gemm_ring.ENABLED``) unless ``HALFBYTE_GEMM_RING=0``: its tests turn it on."""
+    monkeypatch.setattr(gemm_ring, "ENABLED", True)
+
+
+CASES = [(65, 12288, 3072), (512, 12288, 3072), (4608, 12288, 3072), (300, 18432, 3072), (512, 10240, 4096),
+         (1000, 10240, 4096), (512, 3072, 3072), (129, 3072, 12288), (512, 4096, 10240), (4096, 3072, 3072),
+         (8192, 8192, 256)]
+
+
+@gpu
+@pytest.mark.parametrize("M, N, K", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_fused_gemm_within_bound(M, N, K, qt, ring_on):
+    """The kernel itself, with and without bias, at FLUX/T5 widths and token counts that end mid-tile, against
+    the derived bound; three calls give the same bits (the split's fixed summation order)."""
+    if not _expected(torch.device(DEV)):
+        pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
+    packed, stats, am = _quantized_linear(N, K, 64, qt, False, torch.bfloat16)
+    W = fourbit.dequantize_4bit(packed, am, 64, qt, (N, K), torch.bfloat16)
+    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(N, device=DEV).to(torch.bfloat16)
+    gemm = gemm_ring.RingGemm(packed.reshape(-1), am, N, K, qt)
+    for b in (bias, None):
+        outs = [gemm(x, b) for _ in range(3)]
+        assert_within_fp32_sum_bound(outs[0], x, W, b, weight_terms=WEIGHT_TERMS)
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@gpu
+@pytest.mark.parametrize("M, N, K", [(512, 12288, 3072), (4608, 12288, 3072), (512, 3072, 3072), (100, 8192, 2048)],
+                         ids=lambda v: str(v))
+def test_op_plan_and_direct_call_agree(M, N, K, ring_on):
+    """Where ``wanted``, the registered op (first call: the direct path; later: its plan) and a ``Plan`` give the
+    kernel's bits, on a (2, M/2, K) input too; where not wanted (or off) they give dequantize + cuBLAS's."""
+    from halfbyte.kernels import gemm4bit
+
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
+    x = torch.randn(2, M // 2, K, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(N, device=DEV).to(torch.bfloat16)
+    ref = gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4")(x.reshape(-1, K), bias).view(2, M // 2, N)
+    W = fourbit.dequantize_4bit(packed, am, 64, "nf4", (N, K), torch.bfloat16)
+    plain = torch.nn.functional.linear(x, W, bias)
+    fused = _expected(x.device) and gemm_ring.wanted(M // 2 * 2, N, K)
+    for _ in range(3):  # direct, then the op's plan (built at the second sighting)
+        out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, "nf4")
+        assert torch.equal(out, ref if fused else plain)
+    plan = gemm4bit.Plan(packed, *stats, bias, N, K, 64, "nf4", torch.bfloat16)
+    assert (plan._fused is not None) == _expected(x.device)
+    assert torch.equal(plan(x, bias), ref if fused else plain)
+
+
+@gpu
+def test_fused_gemm_serves_only_what_it_can(ring_on, monkeypatch):
+    """Double-quantized absmax, fp16 activations and blocksize 128 take dequantize + cuBLAS (bit-identical to it);
+    so does everything with ``ENABLED`` off."""
+    from halfbyte.kernels import gemm4bit
+
+    M, N, K = 512, 12288, 3072
+    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+    for nested, bs, dtype in ((True, 64, torch.bfloat16), (False, 64, torch.float16), (False, 128, torch.bfloat16)):
+        packed, stats, am = _quantized_linear(N, K, bs, "nf4", nested, dtype)
+        W = fourbit.dequantize_4bit(packed, am, bs, "nf4", (N, K), dtype)
+        out = gemm4bit.gemm_4bit(x.to(dtype), packed, *stats, None, [N, K], bs, "nf4")
+        assert torch.equal(out, torch.nn.functional.linear(x.to(dtype), W))
+        plan = gemm4bit.Plan(packed, *stats, None, N, K, bs, "nf4", dtype)
+        assert plan._fused is None
+    monkeypatch.setattr(gemm_ring, "ENABLED", False)
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
+    assert gemm4bit.Plan(packed, *stats, None, N, K, 64, "nf4", torch.bfloat16)._fused is None
+
+
+@gpu
+def test_fused_gemm_in_a_cuda_graph_and_on_two_streams(ring_on):
+    """A plan's fused call captured in a CUDA graph replays to the eager bits (its split counters reset in the
+    kernel); calls on two streams at once (one counter array each) give the same bits as one stream."""
+    from halfbyte.kernels import gemm4bit
+
+    if not _expected(torch.device(DEV)):
+        pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
+    M, N, K = 512, 12288, 3072
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
+    plan = gemm4bit.Plan(packed, *stats, None, N, K, 64, "nf4", torch.bfloat16)
+    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+    ref = plan(x, None)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        plan(x, None)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = plan(x, None)
+    for _ in range(2):
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ref)
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    xs = [torch.randn(M, K, device=DEV).to(torch.bfloat16) for _ in range(2)]
+    refs = [plan(t, None) for t in xs]
+    torch.cuda.synchronize()
+    for _ in range(3):
+        outs = []
+        for st, t in zip((s1, s2), xs, strict=True):
+            st.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(st):
+                outs.append(plan(t, None))
+        torch.cuda.synchronize()
+        assert all(torch.equal(o, r) for o, r in zip(outs, refs, strict=True))
+
+
+@gpu
+def test_compiled_layer_calls_the_fused_gemm(ring_on):
+    """A compiled bf16 NF4 2048 -> 8192 layer (``layer_wanted``): one graph for two token counts within 65..MAX_M,
+    no graph break, the matmul left to ``gemm_4bit`` (no dequantize in the graph) where the kernel serves, and the
+    eager layer's bits (both reach the same kernel). Past ``MAX_M`` tokens it dequantizes in the graph again."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    import halfbyte
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(2048, 8192).to(DEV, torch.bfloat16)
+    layer = halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
+    fused = _expected(torch.device(DEV))
+    assert layer._ring_gemm_tokens == (gemm_ring.MAX_M if fused else 0)
+    backend = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        for M in (80, 130):
+            x = torch.randn(2, M, 2048, device=DEV, dtype=torch.bfloat16)
+            torch._dynamo.mark_dynamic(x, 1)
+            out = compiled(x)
+            want = layer(x)
+            assert torch.equal(out, want) if fused else torch.allclose(out, want, rtol=2**-7, atol=1e-2)
+        assert backend.frame_count == 1
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
+        code = "".join(code)
+        assert ("gemm_4bit" in code and "_dequant_kernel" not in code) == fused
+        big = torch.randn(1, gemm_ring.MAX_M + 1, 2048, device=DEV, dtype=torch.bfloat16)
+        _, code = run_and_get_code(torch.compile(layer, fullgraph=True), big)
+        assert "gemm_4bit" not in "".join(code)

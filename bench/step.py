@@ -10,11 +10,13 @@ image (4096 latent tokens), 512 text tokens, batch 1, guidance 3.5; one step = o
 quantized on the GPU from the same bf16 weights, one variant at a time; halfbyte's int8 variants then get the
 groups of layers that share their input's quantization (``halfbyte.share_int8_inputs``, as ``quantize_`` and the
 loaders do; ``hb-int8-unshared`` without); ``hb-nf4-fp8`` / ``hb-nf4-dq-fp8`` are halfbyte's NF4 with the opt-in fp8
-compute (``halfbyte.set_fp8_compute``: no longer bitsandbytes' numbers). "peak" is the variant's own peak GPU
-memory: the allocator's peak during its steps minus the bf16 linear weights held aside (allocated before and
-untouched; exact accounting). ``--compile`` compiles the repeated blocks (``compile_repeated_blocks(fullgraph=
-True)``, diffusers' regional compilation: one graph per block class, the way diffusers recommends compiling FLUX)
-and reports the first call's seconds too. Every ratio is between columns of this one run.
+compute (``halfbyte.set_fp8_compute``: no longer bitsandbytes' numbers); ``hb-nf4-noring`` is halfbyte's NF4 with the
+fused GEMM for 65-2048 tokens off (``halfbyte.kernels.gemm_ring.ENABLED``: dequantize + cuBLAS, as before it).
+"peak" is the variant's own peak GPU memory: the allocator's peak during its steps minus the bf16 linear weights
+held aside (allocated before and untouched; exact accounting). ``--compile`` compiles the repeated blocks
+(``compile_repeated_blocks(fullgraph=True)``, diffusers' regional compilation: one graph per block class, the way
+diffusers recommends compiling FLUX) and reports the first call's seconds too. Every ratio is between columns of
+this one run.
 """
 
 import argparse
@@ -113,7 +115,7 @@ def materialise(model: nn.Module) -> nn.Module:
 def quantized(kind: str, lin: nn.Linear) -> nn.Module:
     w = lin.weight.detach()
     N, K = w.shape
-    if kind in ("hb-nf4", "hb-nf4-op", "hb-nf4-launch", "hb-nf4-after", "hb-nf4-fp8"):
+    if kind in ("hb-nf4", "hb-nf4-op", "hb-nf4-launch", "hb-nf4-after", "hb-nf4-fp8", "hb-nf4-noring"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
     if kind in ("hb-nf4-dq", "hb-nf4-dq-fp8"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
@@ -181,6 +183,11 @@ def set_int8_fusion(on: bool | None) -> None:
         int8_plan.PLANS.clear()  # plans keep the launches they were built with
 
 
+def set_gemm_ring(on: bool) -> None:
+    if DEV == "cuda":
+        importlib.import_module("halfbyte.kernels.gemm_ring").ENABLED = on
+
+
 def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[str, ...] = ()) -> list[dict]:
     base = linears(model, skip)
     held = sum(m.weight.numel() * m.weight.element_size() + (m.bias.numel() * 2 if m.bias is not None else 0)
@@ -191,6 +198,9 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             continue
         torch._dynamo.reset()
         layers = None
+        # hb-nf4-noring: halfbyte NF4 without the fused GEMM for 65-2048 tokens (kernels.gemm_ring; read when a
+        # layer is built or moved and when its plan is built, so for the whole variant)
+        set_gemm_ring(kind != "hb-nf4-noring")
         try:
             if kind != "bf16":
                 if kind.startswith("hb"):  # as halfbyte.quantize_ does: one reserved segment, no block rounding
@@ -247,6 +257,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             halfbyte.nn.DEQUANTIZE_IN_GRAPH = True
             halfbyte.nn.IN_GRAPH_DEQUANTIZE = "auto"
             set_int8_fusion(None)
+            set_gemm_ring(True)
             for blk in model.modules():  # undo compile_repeated_blocks
                 if getattr(blk, "_compiled_call_impl", None) is not None:
                     blk._compiled_call_impl = None

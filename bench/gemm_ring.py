@@ -1,0 +1,104 @@
+"""Per layer: the fused 4-bit GEMM (``halfbyte.kernels.gemm_ring``) against dequantize + cuBLAS, bf16 and
+bitsandbytes, one GPU.
+
+    python bench/gemm_ring.py [--mnk M,N,K ...] [--sweep] [--json out.json]
+
+For each shape (tokens x out x in; default: the FLUX/T5 layers over 64 tokens, ``--sweep`` adds token counts at two
+widths): bf16 ``F.linear``; bitsandbytes' NF4 ``Linear4bit`` (bf16 compute, plain absmax; when installed);
+halfbyte's dequantize + cuBLAS (``kernels.fourbit.dequantize`` into bf16, then ``F.linear``: the path the library
+took before); the fused kernel alone (``RingGemm``); halfbyte's ``Linear4bit`` as routed (``gemm_ring.wanted``).
+CUDA graph replay, ms (``benchutil.timed_graph``). Every fused output is checked against the float64 product of
+the dequantized weight within 2^-7 of |x| @ |W|^T + |bias| (the GPU tests' bound), and three calls must give the
+same bits; the error column is each path's relative Frobenius error against that float64 product.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from benchutil import timed_graph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import halfbyte  # noqa: E402
+from halfbyte.kernels import fourbit, gemm_ring  # noqa: E402
+
+try:
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+
+SHAPES = [(4608, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 12288), (4608, 3072, 15360),
+          (4096, 3072, 3072), (4096, 12288, 3072), (4096, 3072, 12288),
+          (512, 3072, 3072), (512, 12288, 3072), (512, 3072, 12288),
+          (512, 10240, 4096), (512, 4096, 10240), (512, 4096, 4096)]
+SWEEP = [(m, n, k) for n, k in ((12288, 3072), (3072, 3072)) for m in (65, 128, 256, 384, 1024, 2048, 8192)]
+
+
+def rel(out, exact):
+    return ((out.double() - exact).norm() / exact.norm()).item()
+
+
+def row(M: int, N: int, K: int) -> dict:
+    lin = torch.nn.Linear(K, N, device="cuda", dtype=torch.bfloat16)
+    lin.weight.normal_(0, K ** -0.5)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    r = {"M": M, "N": N, "K": K, "bf16": timed_graph(lambda: lin(x))}
+    if bnb is not None:
+        qb = bnb.nn.Linear4bit(K, N, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+        qb.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=False).cuda()
+        qb.bias = lin.bias
+        r["bnb"] = timed_graph(lambda: qb(x))
+    q = halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
+    data, absmax = q.weight.reshape(-1), q.absmax.view(torch.float32)
+    bias = lin.bias.detach()
+
+    def deq():
+        W = fourbit.dequantize(data, absmax, None, None, None, 64, "nf4", N * K, torch.bfloat16)
+        return torch.nn.functional.linear(x, W.view(N, K), bias)
+
+    r["deq+cublas"] = timed_graph(deq)
+    fused = gemm_ring.RingGemm(data, absmax, N, K, "nf4")
+    r["fused"] = timed_graph(lambda: fused(x, bias))
+    q(x)
+    q(x)  # binds the plan
+    r["routed"] = timed_graph(lambda: q(x))
+    r["wanted"] = gemm_ring.wanted(M, N, K)
+    W = q.dequantize(torch.float32).double()
+    exact = x.double() @ W.T + bias.double()
+    outs = [fused(x, bias) for _ in range(3)]
+    bound = 2.0 ** -7 * (x.double().abs() @ W.abs().T + bias.double().abs()) + 1e-3
+    r["ok"] = bool(((outs[0].double() - exact).abs() <= bound).all()) and all(torch.equal(outs[0], o) for o in outs)
+    r["err_deq"], r["err_fused"] = rel(deq(), exact), rel(outs[0], exact)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mnk", nargs="*", default=[])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    shapes = [tuple(int(v) for v in t.split(",")) for t in a.mnk] or SHAPES + (SWEEP if a.sweep else [])
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes "
+          f"{getattr(bnb, '__version__', '-')}")
+    print("| M x N x K | bf16 | bnb NF4 | dequant + cuBLAS | fused (vs d+c) | routed | ok | err d+c / fused |")
+    print("|---|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        for M, N, K in shapes:
+            r = row(M, N, K)
+            rows.append(r)
+            print(f"| {M}x{N}x{K} | {r['bf16']:.4f} | {r.get('bnb', float('nan')):.4f} | {r['deq+cublas']:.4f} | "
+                  f"{r['fused']:.4f} ({r['fused'] / r['deq+cublas']:.3f}) | {r['routed']:.4f}"
+                  f"{' (fused)' if r['wanted'] else ''} | {'yes' if r['ok'] else 'NO'} | "
+                  f"{r['err_deq']:.5f} / {r['err_fused']:.5f} |", flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

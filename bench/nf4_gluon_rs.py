@@ -42,11 +42,9 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nf4_gluon import DECODE_ASM, DECODE_CONSTRAINTS  # noqa: E402
-
-# the shared-memory bench's decode: word -> four bf16 pairs scaled by the absmax pair
-WORD_ASM = DECODE_ASM
-WORD_CONSTRAINTS = DECODE_CONSTRAINTS
+# the decode of a repacked word: the library's fused GEMM (halfbyte.kernels.gemm_ring) grew out of this bench
+from halfbyte.kernels._gemm_ring_kernel import _decode as _decode_repacked  # noqa: E402
+from halfbyte.kernels._gemm_ring_kernel import pair_tables  # noqa: E402
 
 
 def repack(packed: torch.Tensor, N: int, K: int) -> torch.Tensor:
@@ -62,23 +60,6 @@ def _load_words_repacked(wq_ptr, base, step, KW, layout: gl.constexpr):
     rows = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
     cols = gl.arange(0, 8, layout=gl.SliceLayout(0, layout))
     return gl.load(wq_ptr + base + rows[:, None].to(gl.int64) * KW + step * 8 + cols[None, :])
-
-
-@gluon.jit
-def _decode_repacked(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout: gl.constexpr):
-    h = am.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    scale = (h | (h << 16))[:, None] + gl.zeros_like(w)
-    q0, q1, q2, q3 = gl.inline_asm_elementwise(WORD_ASM, WORD_CONSTRAINTS,
-                                               [w, t0, t1, t2, t3, t4, t5, t6, t7, scale],
-                                               dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
-    # q_j of element (r, 2b + t) is the pair of original byte b + 4 (4t + j): pair column b + 4h + 8s0 + 16t
-    # with j = h + 2 s0
-    q = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # [64, 8 (b, t), 2 (h), 2 (s0)]
-    q = q.reshape([64, 4, 2, 2, 2]).permute((0, 2, 4, 3, 1)).reshape([64, 32])
-    lo = q.to(gl.int16).to(gl.bfloat16, bitcast=True)
-    hi = (q >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
-    a = gl.join(lo, hi).reshape([64, 64])
-    return gl.convert_layout(a, a_layout)
 
 
 @gluon.jit
@@ -111,15 +92,7 @@ def _consumer(x_bufs, x_ready, empty, out_desc, wq_ptr, absmax_ptr, tab_ptr, off
         warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 8])
     row0 = off_n + 64 * WG
     base = row0.to(gl.int64) * KW
-    z = gl.zeros([64, 8], gl.int32, g_layout)
-    t0 = z + gl.load(tab_ptr)
-    t1 = z + gl.load(tab_ptr + 1)
-    t2 = z + gl.load(tab_ptr + 2)
-    t3 = z + gl.load(tab_ptr + 3)
-    t4 = z + gl.load(tab_ptr + 4)
-    t5 = z + gl.load(tab_ptr + 5)
-    t6 = z + gl.load(tab_ptr + 6)
-    t7 = z + gl.load(tab_ptr + 7)
+    t0, t1, t2, t3, t4, t5, t6, t7 = pair_tables(tab_ptr, gl.zeros([64, 8], gl.int32, g_layout))
     arow = absmax_ptr + (row0 + gl.arange(0, 64, layout=gl.SliceLayout(1, g_layout))).to(gl.int64) * KB
     last = k_tiles - 1
 

@@ -119,14 +119,6 @@ def quantized(kind: str, lin: nn.Linear) -> nn.Module:
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
     if kind in ("hb-nf4-dq", "hb-nf4-dq-fp8"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
-    if kind in ("hb-nf4-fused", "hb-nf4-fused-wide"):
-        # exploratory, eager only: bench/nf4_gluon_tma.py's fused GEMM over > 64 tokens (-wide: layers of >= 8192
-        # outputs only, where it measured faster than dequantize + cuBLAS)
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from nf4_gluon_tma import FusedNF4Linear
-
-        return FusedNF4Linear(halfbyte.Linear4bit.from_linear(lin, quant_type="nf4"),
-                              min_n=8192 if kind.endswith("wide") else 0)
     if kind in ("hb-int8", "hb-int8-fused", "hb-int8-separate", "hb-int8-unshared"):
         return halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
     if kind == "bnb-nf4":

@@ -49,6 +49,14 @@ mov.b32 $3, 0;
 
 
 @gluon.jit
+def pair_tables(tab_ptr, z):
+    """The 8 ``lut.pair_tables`` words at ``tab_ptr``, each broadcast to ``z``'s shape and layout (operands of
+    ``_WORD_ASM``, held in registers)."""
+    return (z + gl.load(tab_ptr), z + gl.load(tab_ptr + 1), z + gl.load(tab_ptr + 2), z + gl.load(tab_ptr + 3),
+            z + gl.load(tab_ptr + 4), z + gl.load(tab_ptr + 5), z + gl.load(tab_ptr + 6), z + gl.load(tab_ptr + 7))
+
+
+@gluon.jit
 def _tile(t, tiles_m, tiles_n, GROUP_M: gl.constexpr):
     """Tile t's (m, n) tile indices, GROUP_M token tiles per group so that a group's weight tiles stay in L2."""
     per_group = GROUP_M * tiles_n
@@ -270,15 +278,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
     am_layout: gl.constexpr = gl.DistributedLinearLayout(
         reg_bases=[[8, 0], [0, 1], [0, 2]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
         warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])
-    z = gl.zeros([64, 8], gl.int32, g_layout)
-    t0 = z + gl.load(tab_ptr)
-    t1 = z + gl.load(tab_ptr + 1)
-    t2 = z + gl.load(tab_ptr + 2)
-    t3 = z + gl.load(tab_ptr + 3)
-    t4 = z + gl.load(tab_ptr + 4)
-    t5 = z + gl.load(tab_ptr + 5)
-    t6 = z + gl.load(tab_ptr + 6)
-    t7 = z + gl.load(tab_ptr + 7)
+    t0, t1, t2, t3, t4, t5, t6, t7 = pair_tables(tab_ptr, gl.zeros([64, 8], gl.int32, g_layout))
     i = 0
     # whole tiles (with S == 1 the tail tiles too); a split tail piece after the loop, so that nothing of its
     # epilogue is hoisted into the loop's registers

@@ -184,12 +184,14 @@ def test_tables_are_cached_where_layers_reach_a_device():
     """A 4-bit layer's forward reads device copies of its code table and (double quantization) the dynamic map
     (``halfbyte.tables``). They are cached when a layer is built, moved or loaded, not by its first call: a first
     call traced by torch.compile that inserted them would leave the graph guarded on their absence, and the next
-    call would compile again (seen on CUDA, session 23). Here the loaders' path (a meta shell filled by
-    ``load_state_dict(assign=True)``) on the CPU, whose compiled forward reads the dynamic map."""
+    call would compile again (seen on CUDA, session 23). Here the loaders' paths (a meta shell filled by
+    ``load_state_dict(assign=True)``, or by the integrations' ``assign``) on the CPU, whose compiled forward reads the
+    dynamic map."""
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
     from halfbyte import tables
+    from halfbyte.integrations._layers import assign
 
     src = Linear4bit.from_linear(nn.Linear(128, 64), quant_type="fp4", double_quant=True)
     tables._TABLES.clear()
@@ -199,6 +201,10 @@ def test_tables_are_cached_where_layers_reach_a_device():
     assert set(tables._TABLES) == {("fp4", torch.device("cpu")), ("dynamic", torch.device("cpu"))}
     tables._TABLES.clear()
     nn.Sequential(layer).to("cpu")  # moved (here: to where it is)
+    assert set(tables._TABLES) == {("fp4", torch.device("cpu")), ("dynamic", torch.device("cpu"))}
+    tables._TABLES.clear()  # the transformers/diffusers integrations' path: tensors written into a meta shell
+    shell = Linear4bit(128, 64, quant_type="fp4", double_quant=True, device="meta")
+    assign(shell, {k: v for k, v in src.state_dict().items() if k != "bias"})
     assert set(tables._TABLES) == {("fp4", torch.device("cpu")), ("dynamic", torch.device("cpu"))}
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("eager")

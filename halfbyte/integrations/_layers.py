@@ -115,7 +115,9 @@ def check_all_filled(model: nn.Module) -> None:
 
 def assign(module: nn.Module, tensors: Mapping[str, Tensor], device: torch.device | str | None = None) -> None:
     """Put ``tensors`` (from ``quantized_tensors`` / ``deserialized_tensors``) into ``module``, replacing the
-    placeholders: ``weight`` as a frozen Parameter, statistics as persistent buffers."""
+    placeholders: ``weight`` as a frozen Parameter, statistics as persistent buffers. Then the layer caches what its
+    forward reads on that device (``_cache_tables``: code tables, the compiled route), as ``load_state_dict`` and
+    moves do: these writes bypass both."""
     for name, t in tensors.items():
         t = t.to(device) if device is not None else t
         if name == "weight":
@@ -123,6 +125,9 @@ def assign(module: nn.Module, tensors: Mapping[str, Tensor], device: torch.devic
         else:
             module._buffers[name] = t
     module._is_hf_initialized = True
+    cache = getattr(module, "_cache_tables", None)
+    if cache is not None:
+        cache()
 
 
 def layer_of(model: nn.Module, param_name: str) -> tuple[nn.Module, str]:

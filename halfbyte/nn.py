@@ -43,20 +43,6 @@ def _f32_bits(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous().view(torch.int32)
 
 
-def _ring_gemm_tokens(N: int, K: int, blocksize: int, quant_type: str, device: torch.device) -> int:
-    """Up to how many tokens compiled bf16 calls of an (N, K) layer on ``device`` call ``gemm_4bit`` (whose CUDA
-    kernel takes the fused GEMM, ``kernels.gemm_ring``) instead of dequantizing in the graph; 0: never. Imports
-    triton, so CUDA layers only."""
-    if device.type != "cuda":
-        return 0
-    try:
-        from .kernels import gemm_ring
-    except ImportError:  # no triton
-        return 0
-    ok = gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.device_ok(device)
-    return gemm_ring.MAX_M if ok else 0
-
-
 def _bias_for(linear: nn.Linear, device: torch.device, dtype: torch.dtype | None) -> nn.Parameter:
     """``linear.bias`` on ``device``, cast to ``dtype`` if given (shares memory when nothing changes)."""
     b = linear.bias.detach()
@@ -99,9 +85,11 @@ class _QuantizedLinear(nn.Module):
             )
 
     def __getstate__(self):
-        # Inference plans hold device addresses and compiled launchers: never pickled or deep-copied.
+        # Inference plans hold device addresses and compiled launchers: never pickled or deep-copied. The compiled
+        # route was decided for this machine's device: a copy decides again when it is moved or loaded.
         state = dict(self.__dict__)
         state.pop("_plans", None)
+        state.pop("_ring_gemm_tokens", None)
         return state
 
     def _refuse_cast(self, *args, **kwargs):
@@ -253,8 +241,8 @@ class Linear4bit(_QuantizedLinear):
                 _nested_code(dev)
         # Decided here, not in a traced forward (it queries the device): compiled calls of this layer leave the
         # matmul to the op, whose CUDA kernel takes the fused GEMM (``kernels.gemm_ring``).
-        self._ring_gemm_tokens = _ring_gemm_tokens(self.out_features, self.in_features, self.blocksize,
-                                                   self.quant_type, dev) if not self.double_quant else 0
+        self._ring_gemm_tokens = 0 if self.double_quant else _ops.fused_gemm_tokens(
+            self.out_features, self.in_features, self.blocksize, self.quant_type, dev)
 
     def quant_stats(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """(absmax, nested_absmax, nested_code, offset) as the ops take them (float32, or uint8 + nested)."""
@@ -312,8 +300,9 @@ class Linear4bit(_QuantizedLinear):
         if torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad)):
             return False
         M = x.numel() // self.in_features
-        # a guard on M, as the line after: its second compile serves token counts across the boundary
-        if M <= self._ring_gemm_tokens and (self.compute_dtype or x.dtype) == torch.bfloat16:
+        # a guard on M (as the line after; the dtype first, so that other dtypes get none): a second compile serves
+        # token counts across the boundary
+        if (self.compute_dtype or x.dtype) == torch.bfloat16 and M <= self._ring_gemm_tokens:
             return False
         return M > _ops.FUSED_MAX_TOKENS
 

@@ -161,6 +161,21 @@ gemm_4bit.register_autograd(_gemm_4bit_backward, setup_context=_gemm_4bit_setup)
 FUSED_MAX_TOKENS = 64
 
 
+def fused_gemm_tokens(N: int, K: int, blocksize: int, quant_type: str, device: torch.device) -> int:
+    """Up to how many tokens ``gemm_4bit``'s CUDA kernel serves bf16 calls of an (N, K) weight (float32 absmax) on
+    ``device`` with the fused GEMM (``kernels.gemm_ring``, from ``FUSED_MAX_TOKENS`` + 1 tokens); 0: never (not a
+    Hopper GPU, no Gluon, a weight it does not serve). Compiled 4-bit layers call ``gemm_4bit`` for those token
+    counts instead of dequantizing in the graph. Imports triton, so it is asked for CUDA devices only."""
+    if device.type != "cuda" or importlib.util.find_spec("triton") is None:
+        return 0
+    try:
+        gemm_ring = importlib.import_module("halfbyte.kernels.gemm_ring")
+        ok = gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.device_ok(device)
+    except Exception:  # noqa: BLE001  (a triton that fails to import or query: layers dequantize in the graph)
+        return 0
+    return gemm_ring.MAX_M if ok else 0
+
+
 # Defined with a CompositeImplicitAutograd body rather than ``torch.library.triton_op``, which imports triton when
 # it decorates (``import halfbyte`` must not, and must work without triton). The effect under torch.compile is the
 # same: AOTAutograd decomposes the op into its body, where ``wrap_triton`` records the kernel launch for Inductor.

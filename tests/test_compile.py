@@ -452,7 +452,7 @@ def test_compiled_mlp_down_weight_lives_only_at_its_matmul():
     with torch.no_grad():
         _, code = run_and_get_code(torch.compile(mlp, fullgraph=True), x)
     code = "".join(code)
-    if halfbyte.nn._ring_gemm_tokens(hidden, dim, 64, "nf4", x.device) >= M:  # Hopper: both take the fused GEMM
+    if halfbyte.ops.fused_gemm_tokens(hidden, dim, 64, "nf4", x.device) >= M:  # Hopper: both take the fused GEMM
         assert code.count("gemm_4bit.default(") == 2 and "_dequant_kernel" not in code
         assert "dequantize_4bit_after" not in code
     else:

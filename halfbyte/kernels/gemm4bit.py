@@ -285,11 +285,11 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
         if gemm_small.small_supported(M, N, K, x.dtype, blocksize, x, data):
             return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                        quant_type).view(*A.shape[:-1], N)
-    if nested_absmax is None and A.dtype == torch.bfloat16 and gemm_ring.wanted(M, N, K):
-        if gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data):
-            x = A.reshape(M, K)
-            x = x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
-            return gemm_ring.gemm_for(data, absmax, N, K, quant_type)(x, bias).view(*A.shape[:-1], N)
+    if (nested_absmax is None and A.dtype == torch.bfloat16 and gemm_ring.wanted(M, N, K)
+            and A.device == data.device == absmax.device == (A.device if bias is None else bias.device)
+            and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data)):
+        x, bias = gemm_ring.aligned(A.reshape(M, K)), None if bias is None else gemm_ring.aligned(bias)
+        return gemm_ring.gemm_for(data, absmax, N, K, quant_type)(x, bias).view(*A.shape[:-1], N)
     W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
     return torch.nn.functional.linear(A, W.view(N, K), bias)
 
@@ -321,7 +321,8 @@ class Plan:
                                     dtype)
         self._gemv, self._ring, self._atomic = None, None, False
         self._fused = None  # calls over 64 tokens that gemm_ring.wanted picks
-        if nested_absmax is None and gemm_ring.supported(N, K, blocksize, quant_type, dtype, absmax, data):
+        if (nested_absmax is None and gemm_ring.layer_wanted(N, K, blocksize, quant_type)
+                and gemm_ring.supported(N, K, blocksize, quant_type, dtype, absmax, data)):
             self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type)
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
@@ -381,9 +382,9 @@ class Plan:
                 mm(stream, x.data_ptr(), b, ws.data_ptr(), M)
                 sum_(stream, ws.data_ptr(), b, out.data_ptr(), M)
             return out
-        if (self._fused is not None and gemm_ring.wanted(M, self.N, self.K) and x.is_contiguous()
-                and x.data_ptr() % 16 == 0):
+        if self._fused is not None and gemm_ring.wanted(M, self.N, self.K):
             out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
+            x, bias = gemm_ring.aligned(x), None if bias is None else gemm_ring.aligned(bias)
             self._fused.run(stream, x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), M)
             return out
         W = torch.empty((self.N, self.K), dtype=self.dtype, device=self.device)

@@ -51,7 +51,8 @@ MAX_M = 2048  # tokens up to which the kernel beats dequantize + cuBLAS (``wante
 MIN_WORK = 1 << 24  # weight elements from which it does
 
 #: Whether 4-bit calls of more than 64 tokens take this kernel where it serves and is wanted (on by default;
-#: ``HALFBYTE_GEMM_RING=0`` or setting this to False turns it off).
+#: ``HALFBYTE_GEMM_RING=0`` turns it off). Read when a plan is built and when a layer is built, moved or loaded
+#: (its compiled route): set it before those.
 ENABLED = os.environ.get("HALFBYTE_GEMM_RING", "1") != "0"
 
 
@@ -116,8 +117,8 @@ def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
 def schedule(n_tiles: int, k_steps: int, programs: int) -> tuple[int, int, int]:
     """(grid, full rounds, S): every program runs ``full_rounds`` whole tiles; then the tiles left over (fewer
     than a round, or all of them when there are fewer tiles than programs) are split along K into S pieces of
-    whole step pairs, one per program. S is the largest of ``S_CHOICES`` that the programs allow and that leaves
-    every piece at least 4 steps."""
+    whole step pairs, one per program. S is the largest of ``S_CHOICES`` that the programs allow and at most
+    k_steps / 8, so that every piece keeps at least 4 step pairs."""
     full = n_tiles // programs
     tail = n_tiles - full * programs
     S = 1
@@ -149,12 +150,18 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def _counters(device: torch.device, stream: int) -> torch.Tensor:
-    """Per (device, stream): the split tiles' arrival counters (2 per tile, fewer tiles than SMs), zero between
-    calls (the last piece of a tile resets its counter). Per stream, so that calls on two streams never share one."""
+    """The split tiles' arrival counters (2 per tile, fewer tiles than SMs), zero between calls (the last piece of
+    a tile resets its counter). Per (device, stream), so that calls on two streams never share one. While a CUDA
+    graph is captured, a new zeroed array per call: its memset is part of that graph (a cached array first
+    created inside a capture would hold garbage until the graph replayed), and graphs replayed on several streams
+    at once share none."""
+    n = 2 * _sms(device.index)
+    if torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     key = (device, stream)
     c = _COUNTERS.get(key)
     if c is None:
-        c = _COUNTERS[key] = torch.zeros(2 * _sms(device.index), dtype=torch.int32, device=device)
+        c = _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
     return c
 
 
@@ -194,9 +201,9 @@ class RingGemm:
         x = torch.empty(BT, self.K, dtype=torch.bfloat16, device=self.device)  # dtypes and alignment specialize
         out = torch.empty(BT, self.N, dtype=torch.bfloat16, device=self.device)
         ws = torch.empty(16, dtype=torch.float32, device=self.device)
+        cnt = torch.empty(16, dtype=torch.int32, device=self.device)
         args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, self.a_desc,
-                self._io_desc(out.data_ptr(), BT, self.N), out, out, self.table, ws,
-                _counters(self.device, 0), BT, self.N, 1, 1, 1, 1, 2)
+                self._io_desc(out.data_ptr(), BT, self.N), out, out, self.table, ws, cnt, BT, self.N, 1, 1, 1, 1, 2)
         compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias))
         compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
@@ -237,6 +244,12 @@ class RingGemm:
         return out
 
 
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when contiguous and 16-byte aligned (what the kernel's TMA descriptors and its vectorized bias
+    loads assume), else a contiguous copy (new storage is aligned)."""
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 _GEMMS: dict[tuple, RingGemm] = {}
 
 
@@ -256,10 +269,11 @@ _VERDICTS: dict[torch.device, bool] = {}
 
 
 def verdict(device: torch.device) -> bool:
-    """Runs the kernel once on ``device`` (a 256 x 512 NF4 weight, 300 tokens: whole tiles and a split tail;
-    compiling first) against the dequantized float32 product; False, with a warning, if it fails or disagrees, and
-    the dequantize path serves. While a CUDA graph is being captured an unchecked device answers False and is
-    checked on a later call."""
+    """Runs the kernel once on ``device`` (a 256 x 1024 NF4 weight, 300 tokens, on 3 programs: a round of whole
+    tiles, then a tail tile split in 2 with its fix-up; compiling first) against the dequantized float32 product;
+    False, with a warning, if it fails or disagrees, and the dequantize path serves. While a CUDA graph is being
+    captured an unchecked device answers False (a plan built then keeps the dequantize path) and is checked on a
+    later call."""
     if device not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
@@ -269,7 +283,7 @@ def verdict(device: torch.device) -> bool:
 
 def _check(device: torch.device) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
-    M, N, K = 300, 256, 512
+    M, N, K = 300, 256, 1024
     w = torch.randn(N, K, generator=g) / K**0.5
     packed, absmax = ref4.quantize_4bit(w, 64, "nf4")
     x = torch.randn(M, K, generator=g).to(torch.bfloat16)
@@ -280,7 +294,9 @@ def _check(device: torch.device) -> bool:
     try:
         with torch.cuda.device(device):
             data, am = packed.reshape(-1).to(device), absmax.to(device)
-            out = RingGemm(data, am, N, K, "nf4")(x.to(device), bias.to(device))
+            gemm = RingGemm(data, am, N, K, "nf4")
+            gemm.programs = 3  # 4 tiles: one round of 3, then the last tile in 2 pieces (schedule: (3, 1, 2))
+            out = gemm(x.to(device), bias.to(device))
         ok = bool(((out.float().cpu() - exact).abs() <= bound).all())
         reason = "disagreed with the reference"
     except Exception as e:  # noqa: BLE001  (a triton or driver without what it needs: the dequantize path serves)

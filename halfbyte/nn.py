@@ -85,11 +85,11 @@ class _QuantizedLinear(nn.Module):
             )
 
     def __getstate__(self):
-        # Inference plans hold device addresses and compiled launchers: never pickled or deep-copied. The compiled
-        # route was decided for this machine's device: a copy decides again when it is moved or loaded.
+        # Inference plans hold device addresses and compiled launchers: never pickled or deep-copied. (The compiled
+        # route, _ring_gemm_tokens, is kept: a deep copy on this machine keeps it right, and elsewhere it only sends
+        # compiled calls to gemm_4bit, whose CUDA kernel picks what that device runs.)
         state = dict(self.__dict__)
         state.pop("_plans", None)
-        state.pop("_ring_gemm_tokens", None)
         return state
 
     def _refuse_cast(self, *args, **kwargs):

@@ -37,21 +37,11 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton.language.core import _aggregate as aggregate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from halfbyte.kernels import lut  # noqa: E402
+from halfbyte.kernels import _gemm_ring_kernel, lut  # noqa: E402
 
-
-def _decode_asm() -> str:
-    """$0..$3 the four scaled bf16 pairs of word $4 (weights 0-1, 2-3, 4-5, 6-7); $5..$12 the pair tables;
-    $13 the bf16 absmax in both halves."""
-    lines = ["{", ".reg .b32 %o0, %o1, %o2, %o3;"]
-    lines += lut.pair_decode_lines(tuple(f"${5 + i}" for i in range(8)), "$4", ("%o0", "%o1", "%o2", "%o3"), "%u")
-    lines += [f"mul.rn.bf16x2 ${i}, %o{i}, $13;" for i in range(4)]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-DECODE_ASM = gl.constexpr(_decode_asm())
-DECODE_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
+# $0..$3 the four scaled bf16 pairs of word $4; $5..$12 the pair tables; $13 the bf16 absmax in both halves: the
+# decode the library's fused GEMM kept (halfbyte.kernels._gemm_ring_kernel)
+DECODE_ASM, DECODE_CONSTRAINTS = _gemm_ring_kernel._WORD_ASM, _gemm_ring_kernel._WORD_CONSTRAINTS
 
 
 @aggregate

@@ -114,11 +114,12 @@ def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
     return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK
 
 
+@functools.lru_cache(maxsize=1024)
 def schedule(n_tiles: int, k_steps: int, programs: int) -> tuple[int, int, int]:
     """(grid, full rounds, S): every program runs ``full_rounds`` whole tiles; then the tiles left over (fewer
     than a round, or all of them when there are fewer tiles than programs) are split along K into S pieces of
     whole step pairs, one per program. S is the largest of ``S_CHOICES`` that the programs allow and at most
-    k_steps / 8, so that every piece keeps at least 4 step pairs."""
+    k_steps / 8, so that every piece keeps at least 4 step pairs. Cached: every call of a layer asks it."""
     full = n_tiles // programs
     tail = n_tiles - full * programs
     S = 1

@@ -1,7 +1,7 @@
 """Per layer: the fused 4-bit GEMM (``halfbyte.kernels.gemm_ring``) against dequantize + cuBLAS, bf16 and
 bitsandbytes, one GPU.
 
-    python bench/gemm_ring.py [--mnk M,N,K ...] [--sweep] [--json out.json]
+    python bench/gemm_ring.py [--mnk M,N,K ...] [--sweep] [--nested] [--json out.json]
 
 For each shape (tokens x out x in; default: the FLUX/T5 layers over 64 tokens, ``--sweep`` adds token counts at two
 widths): bf16 ``F.linear``; bitsandbytes' NF4 ``Linear4bit`` (bf16 compute, plain absmax; when installed);
@@ -9,7 +9,10 @@ halfbyte's dequantize + cuBLAS (``kernels.fourbit.dequantize`` into bf16, then `
 took before); the fused kernel alone (``RingGemm``); halfbyte's ``Linear4bit`` as routed (``gemm_ring.wanted``).
 CUDA graph replay, ms (``benchutil.timed_graph``). Every fused output is checked against the float64 product of
 the dequantized weight within 2^-7 of |x| @ |W|^T + |bias| (the GPU tests' bound), and three calls must give the
-same bits; the error column is each path's relative Frobenius error against that float64 product.
+same bits; the error column is each path's relative Frobenius error against that float64 product. ``--nested``:
+double-quantized absmax in both libraries (bitsandbytes' ``compress_statistics=True``); the fused kernel then
+decodes the absmax first (its "fused" column includes that launch) and must give the bits of the same weight with
+its absmax decoded to float32.
 """
 
 import argparse
@@ -40,7 +43,7 @@ def rel(out, exact):
     return ((out.double() - exact).norm() / exact.norm()).item()
 
 
-def row(M: int, N: int, K: int) -> dict:
+def row(M: int, N: int, K: int, nested: bool = False) -> dict:
     lin = torch.nn.Linear(K, N, device="cuda", dtype=torch.bfloat16)
     lin.weight.normal_(0, K ** -0.5)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -48,19 +51,19 @@ def row(M: int, N: int, K: int) -> dict:
     if bnb is not None:
         qb = bnb.nn.Linear4bit(K, N, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
         qb.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                      compress_statistics=False).cuda()
+                                      compress_statistics=nested).cuda()
         qb.bias = lin.bias
         r["bnb"] = timed_graph(lambda: qb(x))
-    q = halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
-    data, absmax = q.weight.reshape(-1), q.absmax.view(torch.float32)
+    q = halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=nested)
+    data, (absmax, *stats) = q.weight.reshape(-1), q.quant_stats()
     bias = lin.bias.detach()
 
     def deq():
-        W = fourbit.dequantize(data, absmax, None, None, None, 64, "nf4", N * K, torch.bfloat16)
+        W = fourbit.dequantize(data, absmax, *stats, 64, "nf4", N * K, torch.bfloat16)
         return torch.nn.functional.linear(x, W.view(N, K), bias)
 
     r["deq+cublas"] = timed_graph(deq)
-    fused = gemm_ring.RingGemm(data, absmax, N, K, "nf4")
+    fused = gemm_ring.RingGemm(data, absmax, N, K, "nf4", tuple(stats) if nested else None)
     r["fused"] = timed_graph(lambda: fused(x, bias))
     q(x)
     q(x)  # binds the plan
@@ -71,6 +74,9 @@ def row(M: int, N: int, K: int) -> dict:
     outs = [fused(x, bias) for _ in range(3)]
     bound = 2.0 ** -7 * (x.double().abs() @ W.abs().T + bias.double().abs()) + 1e-3
     r["ok"] = bool(((outs[0].double() - exact).abs() <= bound).all()) and all(torch.equal(outs[0], o) for o in outs)
+    if nested:  # the bits of the same weight with its absmax decoded
+        am = fourbit.decode_absmax(absmax, *stats)  # held: a RingGemm keeps addresses, not tensors
+        r["ok"] = r["ok"] and torch.equal(gemm_ring.RingGemm(data, am, N, K, "nf4")(x, bias), outs[0])
     r["err_deq"], r["err_fused"] = rel(deq(), exact), rel(outs[0], exact)
     return r
 
@@ -79,18 +85,19 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mnk", nargs="*", default=[])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--nested", action="store_true", help="double-quantized absmax")
     ap.add_argument("--json")
     a = ap.parse_args()
     shapes = [tuple(int(v) for v in t.split(",")) for t in a.mnk] or SHAPES + (SWEEP if a.sweep else [])
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bitsandbytes "
-          f"{getattr(bnb, '__version__', '-')}")
+          f"{getattr(bnb, '__version__', '-')}{', double-quantized absmax' if a.nested else ''}")
     print("| M x N x K | bf16 | bnb NF4 | dequant + cuBLAS | fused (vs d+c) | routed | ok | err d+c / fused |")
     print("|---|---|---|---|---|---|---|---|")
     torch.manual_seed(0)
     rows = []
     with torch.inference_mode():
         for M, N, K in shapes:
-            r = row(M, N, K)
+            r = row(M, N, K, a.nested)
             rows.append(r)
             print(f"| {M}x{N}x{K} | {r['bf16']:.4f} | {r.get('bnb', float('nan')):.4f} | {r['deq+cublas']:.4f} | "
                   f"{r['fused']:.4f} ({r['fused'] / r['deq+cublas']:.3f}) | {r['routed']:.4f}"

@@ -10,8 +10,9 @@ image (4096 latent tokens), 512 text tokens, batch 1, guidance 3.5; one step = o
 quantized on the GPU from the same bf16 weights, one variant at a time; halfbyte's int8 variants then get the
 groups of layers that share their input's quantization (``halfbyte.share_int8_inputs``, as ``quantize_`` and the
 loaders do; ``hb-int8-unshared`` without); ``hb-nf4-fp8`` / ``hb-nf4-dq-fp8`` are halfbyte's NF4 with the opt-in fp8
-compute (``halfbyte.set_fp8_compute``: no longer bitsandbytes' numbers); ``hb-nf4-noring`` is halfbyte's NF4 with the
-fused GEMM for 65-2048 tokens off (``halfbyte.kernels.gemm_ring.ENABLED``: dequantize + cuBLAS, as before it).
+compute (``halfbyte.set_fp8_compute``: no longer bitsandbytes' numbers); ``hb-nf4-noring`` / ``hb-nf4-dq-noring`` are
+halfbyte's NF4 with the fused GEMM for 65-2048 tokens off (``halfbyte.kernels.gemm_ring.ENABLED``: dequantize +
+cuBLAS, as before it).
 "peak" is the variant's own peak GPU memory: the allocator's peak during its steps minus the bf16 linear weights
 held aside (allocated before and untouched; exact accounting). ``--compile`` compiles the repeated blocks
 (``compile_repeated_blocks(fullgraph=True)``, diffusers' regional compilation: one graph per block class, the way
@@ -117,15 +118,15 @@ def quantized(kind: str, lin: nn.Linear) -> nn.Module:
     N, K = w.shape
     if kind in ("hb-nf4", "hb-nf4-op", "hb-nf4-launch", "hb-nf4-after", "hb-nf4-fp8", "hb-nf4-noring"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
-    if kind in ("hb-nf4-dq", "hb-nf4-dq-fp8"):
+    if kind in ("hb-nf4-dq", "hb-nf4-dq-fp8", "hb-nf4-dq-noring"):
         return halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=True)
     if kind in ("hb-int8", "hb-int8-fused", "hb-int8-separate", "hb-int8-unshared"):
         return halfbyte.Linear8bit.from_linear(lin, threshold=6.0)
-    if kind == "bnb-nf4":
+    if kind in ("bnb-nf4", "bnb-nf4-dq"):
         q = bnb.nn.Linear4bit(K, N, bias=lin.bias is not None, compute_dtype=BF16, quant_type="nf4",
                               device="meta")
         q.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
-                                     compress_statistics=False).to(DEV)
+                                     compress_statistics=kind == "bnb-nf4-dq").to(DEV)
     elif kind == "bnb-int8":
         q = bnb.nn.Linear8bitLt(K, N, bias=lin.bias is not None, has_fp16_weights=False, threshold=6.0,
                                 device="meta")
@@ -192,7 +193,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
         layers = None
         # hb-nf4-noring: halfbyte NF4 without the fused GEMM for 65-2048 tokens (kernels.gemm_ring; read when a
         # layer is built or moved and when its plan is built, so for the whole variant)
-        set_gemm_ring(kind != "hb-nf4-noring")
+        set_gemm_ring(not kind.endswith("-noring"))
         try:
             if kind != "bf16":
                 if kind.startswith("hb"):  # as halfbyte.quantize_ does: one reserved segment, no block rounding

@@ -241,8 +241,8 @@ class Linear4bit(_QuantizedLinear):
                 _nested_code(dev)
         # Decided here, not in a traced forward (it queries the device): compiled calls of this layer leave the
         # matmul to the op, whose CUDA kernel takes the fused GEMM (``kernels.gemm_ring``).
-        self._ring_gemm_tokens = 0 if self.double_quant else _ops.fused_gemm_tokens(
-            self.out_features, self.in_features, self.blocksize, self.quant_type, dev)
+        self._ring_gemm_tokens = _ops.fused_gemm_tokens(self.out_features, self.in_features, self.blocksize,
+                                                        self.quant_type, dev)
 
     def quant_stats(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
         """(absmax, nested_absmax, nested_code, offset) as the ops take them (float32, or uint8 + nested)."""

@@ -115,6 +115,27 @@ def test_shape_rule_takes_what_the_kernel_tiles(N, K, bs, qt, dtype, monkeypatch
     assert not gemm_ring.shape_ok(N, K, bs, qt, dtype)
 
 
+def test_supported_takes_float32_or_double_quantized_absmax(monkeypatch):
+    """What ``supported`` asks of the statistics (here without a GPU: the device checks stubbed): float32 absmax
+    16-byte aligned, or uint8 codes with their nested statistics; one absmax per 64 weights either way."""
+    monkeypatch.setattr(gemm_ring, "INTERPRET", False)
+    monkeypatch.setattr(gemm_ring, "device_ok", lambda device: True)
+    monkeypatch.setattr(gemm_ring, "verdict", lambda device: True)
+    N, K = 256, 1024
+    data = torch.zeros(N * K // 2, dtype=torch.uint8)
+    f32 = torch.zeros(N * K // 64, dtype=torch.float32)
+    codes = torch.zeros(N * K // 64, dtype=torch.uint8)
+    nested = (torch.zeros(N * K // 64 // 256, dtype=torch.float32), None, torch.zeros(1))
+    args = (N, K, 64, "nf4", torch.bfloat16)
+    assert gemm_ring.supported(*args, f32, data) and gemm_ring.supported(*args, codes, data, nested=nested)
+    assert not gemm_ring.supported(*args, codes, data)  # uint8 codes need their nested statistics
+    assert not gemm_ring.supported(*args, f32, data, nested=nested)
+    assert not gemm_ring.supported(*args, f32[:-1], data) and not gemm_ring.supported(*args, codes[:-1], data,
+                                                                                       nested=nested)
+    assert not gemm_ring.supported(*args, torch.zeros(N * K // 64 + 1)[1:], data)  # absmax 4 bytes off
+    assert not gemm_ring.supported(N, K, 64, "nf4", torch.float16, codes, data, nested=nested)
+
+
 def _bits(x) -> int:
     return int(x) & 0xFFFFFFFF
 
@@ -259,13 +280,14 @@ def test_op_plan_and_direct_call_agree(M, N, K, ring_on):
 
 @gpu
 def test_fused_gemm_serves_only_what_it_can(ring_on, monkeypatch):
-    """Double-quantized absmax, fp16 activations and blocksize 128 take dequantize + cuBLAS (bit-identical to it);
-    so does everything with ``ENABLED`` off."""
+    """fp16 activations and blocksize 128 (plain or double-quantized) take dequantize + cuBLAS (bit-identical to
+    it); so does everything with ``ENABLED`` off."""
     from halfbyte.kernels import gemm4bit
 
     M, N, K = 512, 12288, 3072
     x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
-    for nested, bs, dtype in ((True, 64, torch.bfloat16), (False, 64, torch.float16), (False, 128, torch.bfloat16)):
+    for nested, bs, dtype in ((True, 64, torch.float16), (False, 64, torch.float16), (False, 128, torch.bfloat16),
+                              (True, 128, torch.bfloat16)):
         packed, stats, am = _quantized_linear(N, K, bs, "nf4", nested, dtype)
         W = fourbit.dequantize_4bit(packed, am, bs, "nf4", (N, K), dtype)
         out = gemm4bit.gemm_4bit(x.to(dtype), packed, *stats, None, [N, K], bs, "nf4")
@@ -275,6 +297,50 @@ def test_fused_gemm_serves_only_what_it_can(ring_on, monkeypatch):
     monkeypatch.setattr(gemm_ring, "ENABLED", False)
     packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
     assert gemm4bit.Plan(packed, *stats, None, N, K, 64, "nf4", torch.bfloat16)._fused is None
+
+
+@gpu
+@pytest.mark.parametrize("M, N, K, qt", [(512, 12288, 3072, "nf4"), (300, 10240, 4096, "fp4"),
+                                         (2048, 3072, 12288, "nf4")], ids=lambda v: str(v))
+def test_double_quantized_layers_give_the_bits_of_their_decoded_absmax(M, N, K, qt, ring_on):
+    """A double-quantized weight takes the fused GEMM through the kernel, the op (direct path, then its plan), a
+    ``Plan`` and an eager ``Linear4bit`` (statistics stored as int32 bits), and each gives exactly the bits of the
+    same weight with its absmax decoded to float32 (``double_dequantize``); twice in a row, and in a CUDA graph."""
+    import halfbyte
+    from halfbyte.kernels import gemm4bit
+
+    if not _expected(torch.device(DEV)):
+        pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
+    packed, stats, am = _quantized_linear(N, K, 64, qt, True, torch.bfloat16)
+    q, nested_absmax, _, offset = stats
+    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(N, device=DEV).to(torch.bfloat16)
+    want = gemm_ring.RingGemm(packed.reshape(-1), am, N, K, qt)(x, bias)
+    W = fourbit.dequantize_4bit(packed, am, 64, qt, (N, K), torch.bfloat16)
+    assert_within_fp32_sum_bound(want, x, W, bias, weight_terms=WEIGHT_TERMS)
+    dq = gemm_ring.RingGemm(packed.reshape(-1), q, N, K, qt, nested=(nested_absmax, None, offset))
+    assert torch.equal(dq(x, bias), want) and torch.equal(dq(x, bias), want)
+    for _ in range(3):  # direct, then the op's plan
+        assert torch.equal(torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, qt), want)
+    plan = gemm4bit.Plan(packed, *stats, bias, N, K, 64, qt, torch.bfloat16)
+    assert plan._fused is not None and torch.equal(plan(x, bias), want)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = plan(x, bias)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want)
+    # an eager layer holding these bytes (its float32 statistics stored as int32 bits)
+    layer = halfbyte.Linear4bit(K, N, quant_type=qt, double_quant=True, dtype=torch.bfloat16, device=DEV)
+    layer.weight.data.copy_(packed.reshape(layer.weight.shape))
+    layer.absmax.copy_(q)
+    layer.nested_absmax.copy_(nested_absmax.view(torch.int32))
+    layer.offset.copy_(offset.view(torch.int32))
+    layer.bias.data.copy_(bias)
+    assert layer._ring_gemm_tokens == gemm_ring.MAX_M
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(layer(x), want)
 
 
 @gpu

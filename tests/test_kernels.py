@@ -145,6 +145,20 @@ def test_4bit_kernels_reject_bad_arguments():
         k4.dequantize_4bit(packed[:10], absmax, 64, "nf4", (128,), torch.float32)
 
 
+
+@pytest.mark.parametrize("nb", [1, 300, 256 * 5 + 3, 4100])
+def test_decode_absmax_kernel_is_the_reference(nb):
+    """``kernels.fourbit.decode_absmax`` (what the fused GEMM reads for double-quantized layers) gives
+    ``double_dequantize``'s float32 bits, with the dynamic map given or defaulted, with the float32 statistics as
+    their int32 bits (``halfbyte.nn``'s storage), past a program's 2048 blocks and in a partial nested block."""
+    absmax = torch.rand(nb, device=DEV) * 0.3 + 1e-4
+    q, nested, offset = blockwise.double_quantize(absmax)
+    ref = blockwise.double_dequantize(q, nested, offset)
+    assert torch.equal(bits(k4.decode_absmax(q, nested, None, offset)), bits(ref))
+    assert torch.equal(bits(k4.decode_absmax(q, nested.view(torch.int32), k4.nested_code_table(q.device),
+                                             offset.view(torch.int32))), bits(ref))
+    assert k4.decode_absmax(q[:0], nested, None, offset).numel() == 0
+
 @gpu
 @pytest.mark.parametrize("shape", FLUX_T5, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dn", DTYPES)
@@ -400,17 +414,26 @@ def test_gemm_4bit_fallbacks_and_leading_dims():
 @pytest.mark.parametrize("shape", FLUX_T5, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dn", ["bf16", "fp16"])
 def test_gemm_4bit_flux_t5_shapes(shape, dn):
+    """Double-quantized NF4 through the registered op at every token-count regime: the GEMV and the small-batch
+    kernel within the bound; the fused GEMM (bf16, 65-2048 tokens, Hopper) within its bound and with the bits of
+    the weight's absmax decoded to float32; dequantize + cuBLAS bit-identical to ``F.linear``."""
+    from halfbyte.kernels import gemm_ring
+
     dtype = DTYPES[dn]
     N, K = shape
     packed, stats, am = _quantized_linear(N, K, 64, "nf4", True, dtype)
     W = fourbit.dequantize_4bit(packed, am, 64, "nf4", shape, dtype)
     bias = torch.randn(N, device=DEV).to(dtype)
+    ring = gemm_ring.supported(N, K, 64, "nf4", dtype, stats[0], packed, nested=stats[1:])
     for M in (1, 2, 16, 40, 64, 65, 512, 4608):
         x = torch.randn(M, K, device=DEV).to(dtype)
         out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, "nf4")  # the registered kernel
         if M == 1 or small_serves(x, packed, K, 64):  # the GEMV and the small-batch kernel
             assert M <= 16 or N * K >= 2**24
             assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
+        elif ring and gemm_ring.wanted(M, N, K):
+            assert_within_fp32_sum_bound(out, x, W, bias, weight_terms=5)
+            assert torch.equal(out, gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4")(x, bias))
         else:
             assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W, bias)))
 

@@ -8,10 +8,10 @@
   - fp32, and where those do not apply (alignment, K): ``_gemv_kernel``, two loads from the code table per byte.
 * 2 <= M <= 64 with 16-bit activations: ``kernels.gemm_small``, the GEMV's decode feeding ``mma`` with up to 32
   tokens per decode (the weight is read once in 4 bits and never written out).
-* 65 to 2048 tokens, bf16, float32 absmax, on Hopper: ``kernels.gemm_ring``, a fused GEMM that decodes the codes
+* 65 to 2048 tokens, bf16, on Hopper: ``kernels.gemm_ring``, a fused GEMM that decodes the codes
   straight into the tensor cores' operand (the weight is never written out), where ``gemm_ring.wanted`` says it beats
   the next path (weights from 2^24 elements: 0.55-0.96x its time).
-* Larger M (and fp32, fp16, double-quantized absmax): dequantize the whole weight with the nested absmax fused
+* Larger M (and fp32, fp16): dequantize the whole weight with the nested absmax fused
   (``fourbit.dequantize``) into x's dtype, then cuBLAS. At M = 4608 the GEMMs are compute-bound and cuBLAS's speed
   is what counts.
   Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
@@ -285,11 +285,12 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
         if gemm_small.small_supported(M, N, K, x.dtype, blocksize, x, data):
             return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                        quant_type).view(*A.shape[:-1], N)
-    if (nested_absmax is None and A.dtype == torch.bfloat16 and gemm_ring.wanted(M, N, K)
+    nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
+    if (A.dtype == torch.bfloat16 and gemm_ring.wanted(M, N, K)
             and A.device == data.device == absmax.device == (A.device if bias is None else bias.device)
-            and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data)):
+            and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data, nested=nested)):
         x, bias = gemm_ring.aligned(A.reshape(M, K)), None if bias is None else gemm_ring.aligned(bias)
-        return gemm_ring.gemm_for(data, absmax, N, K, quant_type)(x, bias).view(*A.shape[:-1], N)
+        return gemm_ring.gemm_for(data, absmax, N, K, quant_type, nested)(x, bias).view(*A.shape[:-1], N)
     W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
     return torch.nn.functional.linear(A, W.view(N, K), bias)
 
@@ -321,12 +322,12 @@ class Plan:
                                     dtype)
         self._gemv, self._ring, self._atomic = None, None, False
         self._fused = None  # calls over 64 tokens that gemm_ring.wanted picks
-        if (nested_absmax is None and gemm_ring.layer_wanted(N, K, blocksize, quant_type)
-                and gemm_ring.supported(N, K, blocksize, quant_type, dtype, absmax, data)):
-            self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type)
+        nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
+        if (gemm_ring.layer_wanted(N, K, blocksize, quant_type)
+                and gemm_ring.supported(N, K, blocksize, quant_type, dtype, absmax, data, nested=nested)):
+            self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type, nested)
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
-            nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
             if gemv_ring.supported(dtype, N, K, blocksize, nested, absmax, x, data):
                 self._ring = gemv_ring.RingGemv(data, absmax, N, K, quant_type, dtype, nested=nested)
             if gemv_mma.mma_supported(dtype, K, blocksize, x, data):

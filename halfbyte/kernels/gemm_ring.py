@@ -19,12 +19,17 @@ Numerics: each weight is bf16(bf16(code) * bf16(absmax)), summed in float32 by t
 rounds code * absmax once (float32 product). The difference is a few bf16 roundings per weight, inside the
 matmul tolerance tests/test_gemm_ring.py derives.
 
-Serves: bf16 activations, NF4/FP4 with blocksize 64 and float32 absmax (double-quantized absmax take the other
-path), K % 256 == 0, N % 128 == 0, compute capability 9.x, triton with Gluon; ``supported`` says where, ``wanted``
-for which token counts (measured: ``bench/gemm_ring.py``), and each device runs it once against the reference
-before use (``verdict``). ``RingGemm`` binds the launch (weight descriptors encoded once). Gluon does not run
+Serves: bf16 activations, NF4/FP4 with blocksize 64 (float32 or double-quantized absmax), K % 256 == 0,
+N % 128 == 0, compute capability 9.x, triton with Gluon; ``supported`` says where, ``wanted`` for which token
+counts (measured: ``bench/gemm_ring.py``), and each device runs it once against the reference before use
+(``verdict``). ``RingGemm`` binds the launch (weight descriptors encoded once). Gluon does not run
 under the interpreter: the CPU tier compiles the kernel for sm_90, checks the schedule and emulates the byte
 gather (tests/test_gemm_ring.py).
+
+Double-quantized absmax (uint8 codes + nested float32 stats): a Triton kernel decodes the layer's absmax into a
+float32 scratch first (``fourbit.absmax_launch``: ``ops.decode_absmax``'s bits; 4 bytes per 64 weights, e.g.
+2.4 MB for a 12288 x 3072 weight, freed after the call), then the GEMM reads it as it reads float32 absmax. So a
+double-quantized layer gives exactly the bits of the same layer with its absmax decoded, for ~3 us more.
 """
 
 import functools
@@ -34,10 +39,10 @@ import warnings
 import torch
 
 from ..formats import fourbit as ref4
-from . import lut
+from . import fourbit, lut
 from .common import INTERPRET
 from .gemv_ring import _Address, _sms
-from .launch import descriptor_launcher
+from .launch import Bound, descriptor_launcher
 
 BT = 256  # tokens per tile
 BN = 128  # weight rows per tile
@@ -88,13 +93,19 @@ def device_ok(device: torch.device) -> bool:
 
 
 def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype, absmax: torch.Tensor,
-              *tensors: torch.Tensor) -> bool:
+              *tensors: torch.Tensor, nested: tuple | None = None) -> bool:
     """Whether this kernel can serve calls of this weight (any token count; ``wanted`` picks the counts), the
-    device's ``verdict`` included. ``absmax`` must be float32 (double-quantized absmax: not served); ``tensors``
-    (the packed weight...) must be 16-byte aligned, as TMA needs."""
-    if not shape_ok(N, K, blocksize, quant_type, dtype) or absmax.dtype != torch.float32:
+    device's ``verdict`` included. ``absmax``: (N K / 64,) float32, 16-byte aligned (TMA reads it), or with
+    ``nested`` = (nested_absmax, nested_code or None, offset) the uint8 codes of double quantization, all on the
+    weight's device; ``tensors`` (the packed weight...) must be 16-byte aligned, as TMA needs."""
+    if not shape_ok(N, K, blocksize, quant_type, dtype) or absmax.numel() != N * K // 64:
         return False
-    if any(t.data_ptr() % 16 for t in (absmax, *tensors)) or not device_ok(absmax.device):
+    if nested is None:
+        if absmax.dtype != torch.float32 or absmax.data_ptr() % 16:
+            return False
+    elif absmax.dtype != torch.uint8 or any(t is not None and t.device != absmax.device for t in nested):
+        return False
+    if any(t.data_ptr() % 16 for t in tensors) or not device_ok(absmax.device):
         return False
     return verdict(absmax.device)
 
@@ -181,21 +192,35 @@ class RingGemm:
     """The launch of one (N, K) 4-bit weight, bound: the weight and absmax descriptors are encoded once, x's and
     out's once per (address, token count) (a few dozen kept), and a call is one call of triton's C launcher
     (``launch.descriptor_launcher``) plus the split's workspace. ``__call__(x, bias)``: x (M, K) bf16, contiguous,
-    16-byte aligned on the weight's device, bias (N,) bf16 or None -> (M, N) bf16.
+    16-byte aligned on the weight's device, bias (N,) bf16 or None -> (M, N) bf16. ``absmax`` float32, or uint8
+    with ``nested`` = (nested_absmax, nested_code or None, offset) (double quantization; a call then decodes the
+    absmax into a scratch first, whose descriptor is kept per address as x's).
     Holds the weight's addresses, not its tensors: its owner checks that they still hold the weight."""
 
-    def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str):
+    def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
+                 nested: tuple | None = None):
         self.N, self.K, self.device = N, K, data.device
         gl, self._descriptor, self._kernel = _gluon()
-        self.x_layout, flat = _layouts(gl)
+        self.x_layout, self._flat = _layouts(gl)
         self.programs = _sms(data.device.index)
         self.w_desc = self._descriptor(_Address(data.data_ptr(), torch.int32), [N, K // 8], [K // 8, 1], [BN, 8],
-                                       flat)
-        self.a_desc = self._descriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
-                                       [BN, 4], flat)
+                                       self._flat)
+        self._decode = None  # double quantization: the bound absmax decode, its output's address free
+        if nested is None:
+            self.a_desc = self._absmax_desc(absmax.data_ptr())
+        else:
+            self.a_desc = None
+            scratch = torch.empty(absmax.numel(), dtype=torch.float32, device=data.device)
+            grid, args, kwargs = fourbit.absmax_launch(absmax, *nested, scratch)
+            self._decode = Bound(fourbit._absmax_kernel, grid, args, kwargs, free=(4,))
+            self._scratch: dict[int, list] = {}  # scratch address -> its descriptor's parameters
         self.table = pair_table(quant_type, data.device)
         self._bound: dict[tuple[int, bool], tuple] = {}  # (S, has_bias) -> (launcher, head, w / absmax, expand)
         self._io: dict[tuple[int, int, int], list] = {}  # (x, out, M) -> their descriptors' parameters
+
+    def _absmax_desc(self, ptr: int):
+        return self._descriptor(_Address(ptr, torch.float32), [self.N, self.K // 64], [self.K // 64, 1], [BN, 4],
+                                self._flat)
 
     def _bind(self, S: int, has_bias: bool) -> tuple:
         """Compiles (no launch) the (S, has_bias) specialization and encodes the weight's descriptors for it."""
@@ -203,13 +228,17 @@ class RingGemm:
         out = torch.empty(BT, self.N, dtype=torch.bfloat16, device=self.device)
         ws = torch.empty(16, dtype=torch.float32, device=self.device)
         cnt = torch.empty(16, dtype=torch.int32, device=self.device)
-        args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, self.a_desc,
+        a_desc = self.a_desc
+        if a_desc is None:  # double quantization: a scratch's address (only alignment specializes)
+            am = torch.empty(self.N * self.K // 64, dtype=torch.float32, device=self.device)
+            a_desc = self._absmax_desc(am.data_ptr())
+        args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, a_desc,
                 self._io_desc(out.data_ptr(), BT, self.N), out, out, self.table, ws, cnt, BT, self.N, 1, 1, 1, 1, 2)
         compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias))
         compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
-        bound = self._bound[(S, has_bias)] = (c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)),
-                                              expand)
+        w = expand(self.w_desc, 1) + ([] if self.a_desc is None else expand(self.a_desc, 2))
+        bound = self._bound[(S, has_bias)] = (c_launch, head, w, expand)
         return bound
 
     def _io_desc(self, ptr: int, M: int, cols: int):
@@ -229,6 +258,15 @@ class RingGemm:
                 self._io.clear()
             io = self._io[(x, out, M)] = [expand(self._io_desc(x, M, self.K), 0),
                                          expand(self._io_desc(out, M, self.N), 3)]
+        if self._decode is not None:  # double quantization: this call's float32 absmax first
+            am = torch.empty(self.N * self.K // 64, dtype=torch.float32, device=self.device)
+            self._decode(stream, am.data_ptr())
+            a = self._scratch.get(am.data_ptr())
+            if a is None:
+                if len(self._scratch) >= 8:
+                    self._scratch.clear()
+                a = self._scratch[am.data_ptr()] = expand(self._absmax_desc(am.data_ptr()), 2)
+            wa = (*wa, *a)
         tail = n_tiles - full * grid
         ws = torch.empty(tail * S * BN * BT if S > 1 else 16, dtype=torch.float32, device=self.device)
         cnt = _counters(self.device, stream)
@@ -254,15 +292,17 @@ def aligned(t: torch.Tensor) -> torch.Tensor:
 _GEMMS: dict[tuple, RingGemm] = {}
 
 
-def gemm_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str) -> RingGemm:
+def gemm_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
+             nested: tuple | None = None) -> RingGemm:
     """A ``RingGemm`` for ``gemm_4bit``'s direct calls, kept by the weight's addresses and shape (at most 256,
     forgotten together when full)."""
-    key = (data.data_ptr(), absmax.data_ptr(), N, K, quant_type, data.device)
+    stats = () if nested is None else tuple(0 if t is None else t.data_ptr() for t in nested)
+    key = (data.data_ptr(), absmax.data_ptr(), *stats, N, K, quant_type, data.device)
     g = _GEMMS.get(key)
     if g is None:
         if len(_GEMMS) >= 256:
             _GEMMS.clear()
-        g = _GEMMS[key] = RingGemm(data, absmax, N, K, quant_type)
+        g = _GEMMS[key] = RingGemm(data, absmax, N, K, quant_type, nested)
     return g
 
 

@@ -120,7 +120,7 @@ def test_supported_takes_float32_or_double_quantized_absmax(monkeypatch):
     16-byte aligned, or uint8 codes with their nested statistics; one absmax per 64 weights either way."""
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)
     monkeypatch.setattr(gemm_ring, "device_ok", lambda device: True)
-    monkeypatch.setattr(gemm_ring, "verdict", lambda device: True)
+    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False: True)
     N, K = 256, 1024
     data = torch.zeros(N * K // 2, dtype=torch.uint8)
     f32 = torch.zeros(N * K // 64, dtype=torch.float32)
@@ -178,32 +178,37 @@ def test_gather_and_decode_give_each_fragment_column(qt):
 _COMPILE = """
 import json, sys
 from halfbyte.kernels import gemm_ring
-k = gemm_ring.compile_offline(int(sys.argv[1]), sys.argv[2] == "1")
+k = gemm_ring.compile_offline(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1")
 ptx = k.asm["ptx"]
 print(json.dumps({"shared": k.metadata.shared, "warps": k.metadata.num_warps,
                   "wgmma": ptx.count("wgmma.mma_async.sync.aligned"),
                   "tma_load": ptx.count("cp.async.bulk.tensor.2d.shared"),
                   "tma_store": ptx.count("cp.async.bulk.tensor.2d.global"), "setmaxnreg": "setmaxnreg" in ptx,
-                  "bf16x2": ptx.count("mul.rn.bf16x2"), "atom": ptx.count("atom.")}))
+                  "bf16x2": ptx.count("mul.rn.bf16x2"), "atom": ptx.count("atom."),
+                  "mul_f32": ptx.count("mul.rn.f32")}))
 """
 
 
 @needs_gluon
-@pytest.mark.parametrize("S, has_bias", [(1, True), (3, False), (8, True)])
-def test_compiles_for_sm90(S, has_bias):
+@pytest.mark.parametrize("S, has_bias, nested", [(1, True, False), (3, False, False), (8, True, False),
+                                                 (2, True, True)])
+def test_compiles_for_sm90(S, has_bias, nested):
     """The kernel compiles for sm_90 with this triton (its Gluon API moves between releases): 12 warps (a loader
-    warpgroup and two consumer warpgroups with reallocated registers), three TMA loads per stage and a TMA store,
-    wgmma, the decode's bf16x2 products, a split's arrival counter only where S > 1, and its ring within the
-    227 KB an SM gives one program. In a process of its own: this tier's TRITON_INTERPRET turns triton's own
-    helpers into interpreter functions, which Gluon cannot compile."""
+    warpgroup and two consumer warpgroups with reallocated registers), three TMA loads per stage (two with
+    double-quantized absmax, which the loader decodes with a rounded float32 product) and a TMA store, wgmma, the
+    decode's bf16x2 products, a split's arrival counter only where S > 1, and its ring within the 227 KB an SM gives
+    one program. In a process of its own: this tier's TRITON_INTERPRET turns triton's own helpers into interpreter
+    functions, which Gluon cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), "1" if has_bias else "0"], env=env,
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), "1" if has_bias else "0", "1" if nested else "0"],
+                         env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["warps"] == 12 and got["setmaxnreg"] and got["wgmma"] > 0 and got["bf16x2"] > 0
-    assert got["tma_load"] >= 3 and got["tma_store"] >= 1
+    assert got["tma_load"] == (2 if nested else 3) and got["tma_store"] >= 1
+    assert (got["mul_f32"] > 0) == nested
     assert (got["atom"] > 0) == (S > 1)
     assert 200 * 1024 < got["shared"] <= 227 * 1024
 

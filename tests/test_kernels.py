@@ -146,19 +146,6 @@ def test_4bit_kernels_reject_bad_arguments():
 
 
 
-@pytest.mark.parametrize("nb", [1, 300, 256 * 5 + 3, 4100])
-def test_decode_absmax_kernel_is_the_reference(nb):
-    """``kernels.fourbit.decode_absmax`` (what the fused GEMM reads for double-quantized layers) gives
-    ``double_dequantize``'s float32 bits, with the dynamic map given or defaulted, with the float32 statistics as
-    their int32 bits (``halfbyte.nn``'s storage), past a program's 2048 blocks and in a partial nested block."""
-    absmax = torch.rand(nb, device=DEV) * 0.3 + 1e-4
-    q, nested, offset = blockwise.double_quantize(absmax)
-    ref = blockwise.double_dequantize(q, nested, offset)
-    assert torch.equal(bits(k4.decode_absmax(q, nested, None, offset)), bits(ref))
-    assert torch.equal(bits(k4.decode_absmax(q, nested.view(torch.int32), k4.nested_code_table(q.device),
-                                             offset.view(torch.int32))), bits(ref))
-    assert k4.decode_absmax(q[:0], nested, None, offset).numel() == 0
-
 @gpu
 @pytest.mark.parametrize("shape", FLUX_T5, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dn", DTYPES)

@@ -94,22 +94,83 @@ def _n_items(full_rounds, n_tiles, S: gl.constexpr):
 
 
 @gluon.jit
+def _fetch_absmax(pn, k, valid, am_ptr, nabs_ptr, k_steps, rows):
+    """Double quantization: the uint8 absmax codes (as int32) and nested float32 absmax of weight rows
+    ``pn * 128 + rows`` at K step k, or zeros where not ``valid``."""
+    blk = (pn * 128 + rows) * k_steps + k
+    ok = (rows >= 0) & valid
+    q = gl.load(am_ptr + blk, mask=ok, other=0).to(gl.int32)
+    return q, gl.load(nabs_ptr + blk // 256, mask=ok, other=0.0)
+
+
+@gluon.jit
+def _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr,
+             GROUP_M: gl.constexpr):
+    """The cursor (item fj, its n tile fpn, step fk, end fke) one K step on, in the order the loader runs them
+    (an item's tile arithmetic only where an item starts; past the last item it stays on that item's tile)."""
+    fk += 1
+    if fk >= fke:
+        fj += 1
+        _pm, fpn, fk, fke, _piece = _item(gl.minimum(fj, n_items - 1), full_rounds, tiles_m, tiles_n, k_steps, S,
+                                          GROUP_M)
+    return fj, fpn, fk, fke
+
+
+@gluon.jit
 def _loader(x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m, tiles_n,
-            k_steps, S: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr):
+            k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S: gl.constexpr, STAGES: gl.constexpr,
+            GROUP_M: gl.constexpr, NESTED: gl.constexpr):
+    """The default partition (4 warps; one thread issues the TMA loads): the program's K steps, in order, into the
+    ring. NESTED (double quantization): instead of the absmax's TMA load, the partition's 128 threads decode the
+    stage's 128 rows' absmax, one each (``ncode[q] * nested + offset``, the product rounded: ``ops.decode_absmax``),
+    into every column of the stage's float32 absmax (the consumers read column k % 4), then arrive on the stage's
+    ready barrier beside the TMA's bytes. A step's codes and nested absmax are loaded three steps ahead, its nested
+    code value two steps ahead, and its absmax computed before the stage frees: the loads' latency stays off the
+    ring."""
     BT: gl.constexpr = x_desc.block_type.shape[0]
-    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes + a_desc.block_type.nbytes
+    if NESTED:
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+        LA: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [4, 1], [1, 0])  # thread r: row r's 4 columns
+        rows = gl.arange(0, 128, layout=gl.SliceLayout(1, LA))
+        offset = gl.load(off_ptr)
+        n_items = _n_items(full_rounds, n_tiles, S)
+        fj = 0  # the fetch cursor, three steps ahead of the stage being filled
+        _pm, fpn, fk, fke, _piece = _item(0, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
+        q0, s0 = _fetch_absmax(fpn, fk, fj < n_items, am_ptr, nabs_ptr, k_steps, rows)
+        fj, fpn, fk, fke = _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
+        q1, s1 = _fetch_absmax(fpn, fk, fj < n_items, am_ptr, nabs_ptr, k_steps, rows)
+        fj, fpn, fk, fke = _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
+        q2, s2 = _fetch_absmax(fpn, fk, fj < n_items, am_ptr, nabs_ptr, k_steps, rows)
+        fj, fpn, fk, fke = _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
+        c0 = gl.load(ncode_ptr + q0)
+        c1 = gl.load(ncode_ptr + q1)
+    else:
+        nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes + a_desc.block_type.nbytes
     i = 0
     for j in range(_n_items(full_rounds, n_tiles, S)):
         pm, pn, kb, ke, piece = _item(j, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
         for k in range(kb, ke):
             s = i % STAGES
+            if NESTED:
+                am = gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [c0, s0], dtype=gl.float32,
+                                               is_pure=True, pack=1) + offset
+                q3, s3 = _fetch_absmax(fpn, fk, fj < n_items, am_ptr, nabs_ptr, k_steps, rows)
+                fj, fpn, fk, fke = _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, S,
+                                            GROUP_M)
+                c2 = gl.load(ncode_ptr + q2)
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             _tma_load(x_desc, [pm * BT, k * 64], bar, x_bufs.index(s))
             _tma_load(w_desc, [pn * 128, k * 8], bar, w_bufs.index(s))
-            # TMA's smallest box row is 16 bytes: the absmax of 4 steps, re-read at each of them
-            _tma_load(a_desc, [pn * 128, (k // 4) * 4], bar, a_bufs.index(s))
+            if NESTED:
+                a_bufs.index(s).store(gl.expand_dims(am, 1) + gl.zeros([128, 4], gl.float32, LA))
+                _barrier()  # every thread's absmax is in the stage before the one arrival
+                mbarrier.arrive(bar, count=1)
+                c0, s0, c1, s1, q2, s2 = c1, s1, c2, s2, q3, s3
+            else:
+                # TMA's smallest box row is 16 bytes: the absmax of 4 steps, re-read at each of them
+                _tma_load(a_desc, [pn * 128, (k // 4) * 4], bar, a_bufs.index(s))
             i += 1
 
 
@@ -304,10 +365,16 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
     tma.store_wait(pendings=0)
 
 
-@gluon.jit(do_not_specialize=["M", "N", "n_tiles", "full_rounds", "tiles_m", "tiles_n", "k_steps"])
-def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, tab_ptr, ws_ptr, cnt_ptr, M, N, n_tiles,
-                     full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, STAGES: gl.constexpr,
-                     GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr, HAS_BIAS: gl.constexpr):
+@gluon.jit(do_not_specialize=["am_ptr", "nabs_ptr", "ncode_ptr", "off_ptr", "M", "N", "n_tiles", "full_rounds",
+                              "tiles_m", "tiles_n", "k_steps"])
+def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, tab_ptr, ws_ptr, cnt_ptr, am_ptr,
+                     nabs_ptr, ncode_ptr, off_ptr, M, N, n_tiles, full_rounds, tiles_m, tiles_n, k_steps,
+                     S: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr,
+                     HAS_BIAS: gl.constexpr, NESTED: gl.constexpr):
+    """NESTED: ``a_desc`` is not read (any float32 descriptor of its block shape); ``am_ptr`` (uint8, N K / 64),
+    ``nabs_ptr`` (float32, one per 256 blocks), ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32) are
+    the double-quantized absmax (scalar loads: their alignment is not specialized). Without NESTED those four are
+    not read."""
     BT: gl.constexpr = x_desc.block_type.shape[0]
     x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, 64], x_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 128, 8], w_desc.layout)
@@ -316,12 +383,12 @@ def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, tab_pt
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(ready.index(s), count=2 if NESTED else 1)  # NESTED: the loader's decode arrives too
         mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
     # the loader is the default partition (4 warps): 12 warps
     gl.warp_specialize([
         (_loader, (x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m,
-                   tiles_n, k_steps, S, STAGES, GROUP_M)),
+                   tiles_n, k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S, STAGES, GROUP_M, NESTED)),
         (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
                      tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
                      GROUP_M, HAS_BIAS)),

@@ -67,13 +67,6 @@ def _dequant_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, c
 
 
 @triton.jit
-def _absmax_kernel(absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, out_ptr, nb, BLOCK: tl.constexpr,
-                   USE_PTX: tl.constexpr):
-    blk = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    am = load_absmax(absmax_ptr, f32_ptr(nested_ptr), ncode_ptr, f32_ptr(offset_ptr), blk, blk < nb, True, USE_PTX)
-    tl.store(out_ptr + blk, am, mask=blk < nb)
-
-@triton.jit
 def _encode(s, thr_ptr, mag_ptr, NF4: tl.constexpr):
     """Scaled float32 values -> int32 codes by CUDA's strict-``>`` rules; NaN fails every test and gets 0."""
     code = tl.zeros(s.shape, tl.int32)
@@ -161,26 +154,6 @@ def dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, 
     kwargs = dict(BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested_absmax is not None, USE_PTX=USE_PTX, num_warps=4)
     return (triton.cdiv(fourbit.num_blocks(n, blocksize), rows),), args, kwargs
 
-
-_ABSMAX_BLOCK = 2048  # blocks per program
-
-
-def absmax_launch(absmax, nested_absmax, nested_code, offset, out):
-    """(grid, args, kwargs) of ``_absmax_kernel`` writing the float32 absmax of double-quantized stats (absmax
-    (B,) uint8, nested_absmax (ceil(B/256),) float32 or its int32 bits, nested_code (256,) float32 or None for the
-    dynamic map, offset (1,)) into ``out`` (B,) float32: ``ops.decode_absmax``'s bits."""
-    nb = absmax.numel()
-    args = (*absmax_args(absmax, nested_absmax, nested_code, offset, absmax.device), out, nb)
-    return (triton.cdiv(nb, _ABSMAX_BLOCK),), args, dict(BLOCK=_ABSMAX_BLOCK, USE_PTX=USE_PTX, num_warps=4)
-
-
-def decode_absmax(absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
-    """The (B,) float32 absmax of double-quantized stats (as ``absmax_launch`` takes them), on their device."""
-    out = torch.empty(absmax.numel(), dtype=torch.float32, device=absmax.device)
-    if out.numel():
-        grid, args, kwargs = absmax_launch(absmax, nested_absmax, nested_code, offset, out)
-        launch(_absmax_kernel, grid, *args, **kwargs)
-    return out
 
 def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):
     """CUDA kernel of ``halfbyte::dequantize_4bit``: same contract as ``formats.fourbit.dequantize_4bit``."""

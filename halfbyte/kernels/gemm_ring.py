@@ -26,10 +26,10 @@ counts (measured: ``bench/gemm_ring.py``), and each device runs it once against 
 under the interpreter: the CPU tier compiles the kernel for sm_90, checks the schedule and emulates the byte
 gather (tests/test_gemm_ring.py).
 
-Double-quantized absmax (uint8 codes + nested float32 stats): a Triton kernel decodes the layer's absmax into a
-float32 scratch first (``fourbit.absmax_launch``: ``ops.decode_absmax``'s bits; 4 bytes per 64 weights, e.g.
-2.4 MB for a 12288 x 3072 weight, freed after the call), then the GEMM reads it as it reads float32 absmax. So a
-double-quantized layer gives exactly the bits of the same layer with its absmax decoded, for ~3 us more.
+Double-quantized absmax (uint8 codes + nested float32 stats): the loader partition's 128 threads decode each
+stage's 128 row absmax themselves (``ncode[q] * nested + offset``, the product rounded: ``ops.decode_absmax``'s
+bits) into the stage, where TMA would have put float32 absmax, so a double-quantized layer gives exactly the bits
+of the same layer with its absmax decoded to float32.
 """
 
 import functools
@@ -38,11 +38,12 @@ import warnings
 
 import torch
 
+from ..formats import blockwise
 from ..formats import fourbit as ref4
 from . import fourbit, lut
 from .common import INTERPRET
 from .gemv_ring import _Address, _sms
-from .launch import Bound, descriptor_launcher
+from .launch import descriptor_launcher
 
 BT = 256  # tokens per tile
 BN = 128  # weight rows per tile
@@ -107,7 +108,7 @@ def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtyp
         return False
     if any(t.data_ptr() % 16 for t in tensors) or not device_ok(absmax.device):
         return False
-    return verdict(absmax.device)
+    return verdict(absmax.device, nested is not None)
 
 
 def wanted(M: int, N: int, K: int) -> bool:
@@ -183,9 +184,20 @@ def _layouts(gl):
     return x_layout, flat
 
 
-def _launch_kwargs(S: int, has_bias: bool) -> dict:
-    return dict(S=S, STAGES=STAGES, GROUP_M=GROUP_M, CONS_REGS=CONS_REGS, HAS_BIAS=has_bias, num_warps=4,
-                maxnreg=MAXNREG)
+def _launch_kwargs(S: int, has_bias: bool, nested: bool) -> dict:
+    return dict(S=S, STAGES=STAGES, GROUP_M=GROUP_M, CONS_REGS=CONS_REGS, HAS_BIAS=has_bias, NESTED=nested,
+                num_warps=4, maxnreg=MAXNREG)
+
+
+_DUMMIES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unread_absmax(device: torch.device) -> torch.Tensor:
+    """A (BN, 4) float32 block for the absmax descriptor of double-quantized launches (which never read it)."""
+    t = _DUMMIES.get(device)
+    if t is None:
+        t = _DUMMIES[device] = torch.zeros(BN, 4, dtype=torch.float32, device=device)
+    return t
 
 
 class RingGemm:
@@ -193,8 +205,8 @@ class RingGemm:
     out's once per (address, token count) (a few dozen kept), and a call is one call of triton's C launcher
     (``launch.descriptor_launcher``) plus the split's workspace. ``__call__(x, bias)``: x (M, K) bf16, contiguous,
     16-byte aligned on the weight's device, bias (N,) bf16 or None -> (M, N) bf16. ``absmax`` float32, or uint8
-    with ``nested`` = (nested_absmax, nested_code or None, offset) (double quantization; a call then decodes the
-    absmax into a scratch first, whose descriptor is kept per address as x's).
+    with ``nested`` = (nested_absmax float32, nested_code (256,) float32 or None for the dynamic map, offset
+    float32): double quantization, decoded in the kernel's loader warps.
     Holds the weight's addresses, not its tensors: its owner checks that they still hold the weight."""
 
     def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
@@ -205,22 +217,19 @@ class RingGemm:
         self.programs = _sms(data.device.index)
         self.w_desc = self._descriptor(_Address(data.data_ptr(), torch.int32), [N, K // 8], [K // 8, 1], [BN, 8],
                                        self._flat)
-        self._decode = None  # double quantization: the bound absmax decode, its output's address free
-        if nested is None:
-            self.a_desc = self._absmax_desc(absmax.data_ptr())
-        else:
-            self.a_desc = None
-            scratch = torch.empty(absmax.numel(), dtype=torch.float32, device=data.device)
-            grid, args, kwargs = fourbit.absmax_launch(absmax, *nested, scratch)
-            self._decode = Bound(fourbit._absmax_kernel, grid, args, kwargs, free=(4,))
-            self._scratch: dict[int, list] = {}  # scratch address -> its descriptor's parameters
         self.table = pair_table(quant_type, data.device)
+        self.nested = nested is not None
+        if nested is None:
+            self.a_desc = self._descriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
+                                           [BN, 4], self._flat)
+            self.stats = (self.table.data_ptr(),) * 4  # not read
+        else:
+            nested_absmax, nested_code, offset = nested
+            code = fourbit.nested_code_table(data.device) if nested_code is None else nested_code
+            self.a_desc = self._descriptor(_unread_absmax(data.device), [BN, 4], [4, 1], [BN, 4], self._flat)
+            self.stats = tuple(t.data_ptr() for t in (absmax, nested_absmax, code, offset))
         self._bound: dict[tuple[int, bool], tuple] = {}  # (S, has_bias) -> (launcher, head, w / absmax, expand)
         self._io: dict[tuple[int, int, int], list] = {}  # (x, out, M) -> their descriptors' parameters
-
-    def _absmax_desc(self, ptr: int):
-        return self._descriptor(_Address(ptr, torch.float32), [self.N, self.K // 64], [self.K // 64, 1], [BN, 4],
-                                self._flat)
 
     def _bind(self, S: int, has_bias: bool) -> tuple:
         """Compiles (no launch) the (S, has_bias) specialization and encodes the weight's descriptors for it."""
@@ -228,17 +237,16 @@ class RingGemm:
         out = torch.empty(BT, self.N, dtype=torch.bfloat16, device=self.device)
         ws = torch.empty(16, dtype=torch.float32, device=self.device)
         cnt = torch.empty(16, dtype=torch.int32, device=self.device)
-        a_desc = self.a_desc
-        if a_desc is None:  # double quantization: a scratch's address (only alignment specializes)
-            am = torch.empty(self.N * self.K // 64, dtype=torch.float32, device=self.device)
-            a_desc = self._absmax_desc(am.data_ptr())
-        args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, a_desc,
-                self._io_desc(out.data_ptr(), BT, self.N), out, out, self.table, ws, cnt, BT, self.N, 1, 1, 1, 1, 2)
-        compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias))
+        stats = (torch.empty(16, dtype=torch.uint8, device=self.device),
+                 *(torch.empty(16, dtype=torch.float32, device=self.device) for _ in range(3)))  # dtypes specialize
+        args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, self.a_desc,
+                self._io_desc(out.data_ptr(), BT, self.N), out, out, self.table, ws, cnt, *stats, BT, self.N, 1, 1,
+                1, 1, 2)
+        compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested))
         compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
-        w = expand(self.w_desc, 1) + ([] if self.a_desc is None else expand(self.a_desc, 2))
-        bound = self._bound[(S, has_bias)] = (c_launch, head, w, expand)
+        bound = self._bound[(S, has_bias)] = (c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)),
+                                              expand)
         return bound
 
     def _io_desc(self, ptr: int, M: int, cols: int):
@@ -258,21 +266,13 @@ class RingGemm:
                 self._io.clear()
             io = self._io[(x, out, M)] = [expand(self._io_desc(x, M, self.K), 0),
                                          expand(self._io_desc(out, M, self.N), 3)]
-        if self._decode is not None:  # double quantization: this call's float32 absmax first
-            am = torch.empty(self.N * self.K // 64, dtype=torch.float32, device=self.device)
-            self._decode(stream, am.data_ptr())
-            a = self._scratch.get(am.data_ptr())
-            if a is None:
-                if len(self._scratch) >= 8:
-                    self._scratch.clear()
-                a = self._scratch[am.data_ptr()] = expand(self._absmax_desc(am.data_ptr()), 2)
-            wa = (*wa, *a)
         tail = n_tiles - full * grid
-        ws = torch.empty(tail * S * BN * BT if S > 1 else 16, dtype=torch.float32, device=self.device)
-        cnt = _counters(self.device, stream)
+        ws = torch.empty(tail * S * BN * BT, dtype=torch.float32, device=self.device) if S > 1 else None
+        cnt = _counters(self.device, stream) if S > 1 else None  # S == 1: neither is read (``out`` stands in)
         c_launch(grid, 1, 1, stream, *head, *io[0], *wa, *io[1], out, bias if has_bias else out,
-                 self.table.data_ptr(), ws.data_ptr(), cnt.data_ptr(), M, self.N, n_tiles, full, tiles_m, tiles_n,
-                 k_steps, S, STAGES, GROUP_M, CONS_REGS, has_bias)
+                 self.table.data_ptr(), out if ws is None else ws.data_ptr(), out if cnt is None else cnt.data_ptr(),
+                 *self.stats, M, self.N, n_tiles, full, tiles_m, tiles_n, k_steps, S, STAGES, GROUP_M, CONS_REGS,
+                 has_bias, self.nested)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         M = x.shape[0]
@@ -306,27 +306,32 @@ def gemm_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_typ
     return g
 
 
-_VERDICTS: dict[torch.device, bool] = {}
+_VERDICTS: dict[tuple[torch.device, bool], bool] = {}
 
 
-def verdict(device: torch.device) -> bool:
+def verdict(device: torch.device, nested: bool = False) -> bool:
     """Runs the kernel once on ``device`` (a 256 x 1024 NF4 weight, 300 tokens, on 3 programs: a round of whole
-    tiles, then a tail tile split in 2 with its fix-up; compiling first) against the dequantized float32 product;
-    False, with a warning, if it fails or disagrees, and the dequantize path serves. While a CUDA graph is being
-    captured an unchecked device answers False (a plan built then keeps the dequantize path) and is checked on a
-    later call."""
-    if device not in _VERDICTS:
+    tiles, then a tail tile split in 2 with its fix-up; compiling first), with float32 or (``nested``)
+    double-quantized absmax, against the dequantized float32 product; False, with a warning, if it fails or
+    disagrees, and the dequantize path serves. While a CUDA graph is being captured an unchecked device answers
+    False (a plan built then keeps the dequantize path) and is checked on a later call."""
+    key = (device, nested)
+    if key not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _VERDICTS[device] = _check(device)
-    return _VERDICTS[device]
+        _VERDICTS[key] = _check(device, nested)
+    return _VERDICTS[key]
 
 
-def _check(device: torch.device) -> bool:
+def _check(device: torch.device, nested: bool) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     M, N, K = 300, 256, 1024
     w = torch.randn(N, K, generator=g) / K**0.5
     packed, absmax = ref4.quantize_4bit(w, 64, "nf4")
+    stats = None
+    if nested:
+        q, nested_absmax, offset = blockwise.double_quantize(absmax)
+        absmax, stats = blockwise.double_dequantize(q, nested_absmax, offset), (q, nested_absmax, None, offset)
     x = torch.randn(M, K, generator=g).to(torch.bfloat16)
     bias = torch.randn(N, generator=g).to(torch.bfloat16)
     W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float32)
@@ -334,8 +339,12 @@ def _check(device: torch.device) -> bool:
     bound = 2.0**-7 * (x.float().abs() @ W.abs().T + bias.float().abs()) + 1e-3
     try:
         with torch.cuda.device(device):
-            data, am = packed.reshape(-1).to(device), absmax.to(device)
-            gemm = RingGemm(data, am, N, K, "nf4")
+            data, am = packed.reshape(-1).to(device), absmax.to(device)  # held: a RingGemm keeps addresses only
+            if stats is None:
+                gemm = RingGemm(data, am, N, K, "nf4")
+            else:
+                q, nested_absmax, _, offset = (None if t is None else t.to(device) for t in stats)
+                gemm = RingGemm(data, q, N, K, "nf4", (nested_absmax, None, offset))
             gemm.programs = 3  # 4 tiles: one round of 3, then the last tile in 2 pieces (schedule: (3, 1, 2))
             out = gemm(x.to(device), bias.to(device))
         ok = bool(((out.float().cpu() - exact).abs() <= bound).all())
@@ -343,12 +352,13 @@ def _check(device: torch.device) -> bool:
     except Exception as e:  # noqa: BLE001  (a triton or driver without what it needs: the dequantize path serves)
         ok, reason = False, f"failed ({type(e).__name__}: {str(e)[:200]})"
     if not ok:
-        warnings.warn(f"halfbyte: the fused 4-bit GEMM {reason} on {device}; calls over 64 tokens dequantize and "
-                      "call cuBLAS", RuntimeWarning, stacklevel=4)
+        what = "with double-quantized absmax " if nested else ""
+        warnings.warn(f"halfbyte: the fused 4-bit GEMM {what}{reason} on {device}; those calls over 64 tokens "
+                      "dequantize and call cuBLAS", RuntimeWarning, stacklevel=4)
     return ok
 
 
-def compile_offline(S: int = 3, has_bias: bool = True):
+def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False):
     """Compiles the kernel for sm_90 without a GPU (``triton.compile``) -> the CompiledKernel. For the CPU tests
     and the bench's ``--compile-only``."""
     import triton
@@ -360,9 +370,9 @@ def compile_offline(S: int = 3, has_bias: bool = True):
     sig = {"x_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
            "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>",
            "out_ptr": "*bf16", "bias_ptr": "*bf16", "tab_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-           "M": "i32", "N": "i32", "n_tiles": "i32", "full_rounds": "i32", "tiles_m": "i32", "tiles_n": "i32",
-           "k_steps": "i32"}
-    kw = _launch_kwargs(S, has_bias)
+           "am_ptr": "*u8", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "off_ptr": "*fp32", "M": "i32", "N": "i32",
+           "n_tiles": "i32", "full_rounds": "i32", "tiles_m": "i32", "tiles_n": "i32", "k_steps": "i32"}
+    kw = _launch_kwargs(S, has_bias, nested)
     opts = {"num_warps": kw.pop("num_warps"), "maxnreg": kw.pop("maxnreg")}
     sig.update({k: "constexpr" for k in kw})
     src = GluonASTSource(kernel, sig, constexprs=kw,

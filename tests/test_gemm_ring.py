@@ -388,10 +388,12 @@ def test_fused_gemm_in_a_cuda_graph_and_on_two_streams(ring_on):
 
 
 @gpu
-def test_compiled_layer_calls_the_fused_gemm(ring_on):
-    """A compiled bf16 NF4 2048 -> 8192 layer (``layer_wanted``): one graph for two token counts within 65..MAX_M,
-    no graph break, the matmul left to ``gemm_4bit`` (no dequantize in the graph) where the kernel serves, and the
-    eager layer's bits (both reach the same kernel). Past ``MAX_M`` tokens it dequantizes in the graph again."""
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_compiled_layer_calls_the_fused_gemm(double_quant, ring_on):
+    """A compiled bf16 NF4 2048 -> 8192 layer (``layer_wanted``), plain or double-quantized: one graph for two token
+    counts within 65..MAX_M, no graph break, the matmul left to ``gemm_4bit`` (no dequantize in the graph) where the
+    kernel serves, and the eager layer's bits (both reach the same kernel). Past ``MAX_M`` tokens it dequantizes in
+    the graph again."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
@@ -402,7 +404,7 @@ def test_compiled_layer_calls_the_fused_gemm(ring_on):
     counters.clear()
     torch.manual_seed(0)
     lin = torch.nn.Linear(2048, 8192).to(DEV, torch.bfloat16)
-    layer = halfbyte.Linear4bit.from_linear(lin, quant_type="nf4")
+    layer = halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=double_quant)
     fused = _expected(torch.device(DEV))
     assert layer._ring_gemm_tokens == (gemm_ring.MAX_M if fused else 0)
     backend = CompileCounterWithBackend("inductor")

@@ -134,6 +134,12 @@ def test_supported_takes_float32_or_double_quantized_absmax(monkeypatch):
                                                                                        nested=nested)
     assert not gemm_ring.supported(*args, torch.zeros(N * K // 64 + 1)[1:], data)  # absmax 4 bytes off
     assert not gemm_ring.supported(N, K, 64, "nf4", torch.float16, codes, data, nested=nested)
+    # the kernel reads the nested statistics by address: their lengths, dtypes and layout must be the expected ones
+    assert gemm_ring.supported(*args, codes, data, nested=(nested[0], torch.zeros(256), nested[2]))
+    for bad in ((nested[0][:-1], None, nested[2]), (nested[0], None, None), (nested[0], torch.zeros(255), nested[2]),
+                (nested[0].view(torch.int32), None, nested[2]), (torch.zeros(2 * nested[0].numel())[::2], None,
+                                                                 nested[2])):
+        assert not gemm_ring.supported(*args, codes, data, nested=bad)
 
 
 def _bits(x) -> int:
@@ -300,13 +306,15 @@ def test_fused_gemm_serves_only_what_it_can(ring_on, monkeypatch):
         plan = gemm4bit.Plan(packed, *stats, None, N, K, bs, "nf4", dtype)
         assert plan._fused is None
     monkeypatch.setattr(gemm_ring, "ENABLED", False)
-    packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
-    assert gemm4bit.Plan(packed, *stats, None, N, K, 64, "nf4", torch.bfloat16)._fused is None
+    for nested in (False, True):
+        packed, stats, am = _quantized_linear(N, K, 64, "nf4", nested, torch.bfloat16)
+        assert gemm4bit.Plan(packed, *stats, None, N, K, 64, "nf4", torch.bfloat16)._fused is None
 
 
 @gpu
 @pytest.mark.parametrize("M, N, K, qt", [(512, 12288, 3072, "nf4"), (300, 10240, 4096, "fp4"),
-                                         (2048, 3072, 12288, "nf4")], ids=lambda v: str(v))
+                                         (2048, 3072, 12288, "nf4"), (512, 12800, 3072, "nf4")],
+                         ids=lambda v: str(v))  # the last: a round, then whole tail tiles (S = 1) on 132 SMs
 def test_double_quantized_layers_give_the_bits_of_their_decoded_absmax(M, N, K, qt, ring_on):
     """A double-quantized weight takes the fused GEMM through the kernel, the op (direct path, then its plan), a
     ``Plan`` and an eager ``Linear4bit`` (statistics stored as int32 bits), and each gives exactly the bits of the

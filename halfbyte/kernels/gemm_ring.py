@@ -97,15 +97,22 @@ def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtyp
               *tensors: torch.Tensor, nested: tuple | None = None) -> bool:
     """Whether this kernel can serve calls of this weight (any token count; ``wanted`` picks the counts), the
     device's ``verdict`` included. ``absmax``: (N K / 64,) float32, 16-byte aligned (TMA reads it), or with
-    ``nested`` = (nested_absmax, nested_code or None, offset) the uint8 codes of double quantization, all on the
-    weight's device; ``tensors`` (the packed weight...) must be 16-byte aligned, as TMA needs."""
-    if not shape_ok(N, K, blocksize, quant_type, dtype) or absmax.numel() != N * K // 64:
+    ``nested`` = (nested_absmax (ceil(N K / 64 / 256),) float32, nested_code (256,) float32 or None, offset (1,)
+    float32) the uint8 codes of double quantization; every statistic contiguous on absmax's device (the kernel
+    reads them by address); ``tensors`` (the packed weight...) must be 16-byte aligned, as TMA needs."""
+    nb = N * K // 64
+    if not shape_ok(N, K, blocksize, quant_type, dtype) or absmax.numel() != nb or not absmax.is_contiguous():
         return False
     if nested is None:
         if absmax.dtype != torch.float32 or absmax.data_ptr() % 16:
             return False
-    elif absmax.dtype != torch.uint8 or any(t is not None and t.device != absmax.device for t in nested):
-        return False
+    else:
+        nested_absmax, nested_code, offset = nested
+        want = ((nested_absmax, -(-nb // 256)), (offset, 1)) + (() if nested_code is None else ((nested_code, 256),))
+        if absmax.dtype != torch.uint8 or any(
+                t is None or t.dtype != torch.float32 or t.numel() != n or not t.is_contiguous()
+                or t.device != absmax.device for t, n in want):
+            return False
     if any(t.data_ptr() % 16 for t in tensors) or not device_ok(absmax.device):
         return False
     return verdict(absmax.device, nested is not None)

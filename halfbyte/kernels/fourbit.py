@@ -65,7 +65,6 @@ def _dequant_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, c
     tl.store(out_ptr + e, vals, mask=e < n)
 
 
-
 @triton.jit
 def _encode(s, thr_ptr, mag_ptr, NF4: tl.constexpr):
     """Scaled float32 values -> int32 codes by CUDA's strict-``>`` rules; NaN fails every test and gets 0."""

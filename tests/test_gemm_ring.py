@@ -201,19 +201,19 @@ print(json.dumps({"shared": k.metadata.shared, "warps": k.metadata.num_warps,
 def test_compiles_for_sm90(S, has_bias, nested):
     """The kernel compiles for sm_90 with this triton (its Gluon API moves between releases): 12 warps (a loader
     warpgroup and two consumer warpgroups with reallocated registers), three TMA loads per stage (two with
-    double-quantized absmax, which the loader decodes with a rounded float32 product) and a TMA store, wgmma, the
-    decode's bf16x2 products, a split's arrival counter only where S > 1, and its ring within the 227 KB an SM gives
-    one program. In a process of its own: this tier's TRITON_INTERPRET turns triton's own helpers into interpreter
-    functions, which Gluon cannot compile."""
+    double-quantized absmax, which the loader decodes with a rounded float32 product; a partial last token tile's x
+    in 64-row boxes: four more) and a TMA store, wgmma, the decode's bf16x2 products, a split's arrival counter only
+    where S > 1, and its ring within the 227 KB an SM gives one program. In a process of its own: this tier's
+    TRITON_INTERPRET turns triton's own helpers into interpreter functions, which Gluon cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), "1" if has_bias else "0", "1" if nested else "0"],
-                         env=env,
-                         capture_output=True, text=True, timeout=600)
+    flags = ("1" if f else "0" for f in (has_bias, nested))
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), *flags],
+                         env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["warps"] == 12 and got["setmaxnreg"] and got["wgmma"] > 0 and got["bf16x2"] > 0
-    assert got["tma_load"] == (2 if nested else 3) and got["tma_store"] >= 1
+    assert got["tma_load"] == (2 if nested else 3) + gemm_ring.BT // gemm_ring.XS and got["tma_store"] >= 1
     assert (got["mul_f32"] > 0) == nested
     assert (got["atom"] > 0) == (S > 1)
     assert 200 * 1024 < got["shared"] <= 227 * 1024
@@ -287,6 +287,24 @@ def test_op_plan_and_direct_call_agree(M, N, K, ring_on):
     want = ref if fused else torch.nn.functional.linear(xs, W, bs)  # cuBLAS may take another path for these
     assert torch.equal(torch.ops.halfbyte.gemm_4bit(xs, packed, *stats, bs, [N, K], 64, "nf4"), want)
     assert torch.equal(plan(xs, bs), want)
+
+
+@gpu
+@pytest.mark.parametrize("M, N, K", [(65, 12288, 3072), (257, 10240, 4096), (300, 10240, 4096), (1000, 3072, 3072),
+                                     (129, 3072, 12288), (1300, 4096, 4096), (4600, 3072, 3072)],
+                         ids=lambda v: str(v))
+def test_partial_token_tile_gives_the_bits_of_the_whole_tile(M, N, K):
+    """The last token tile, when partial, is read in 64-row boxes (its boxes past M re-read x's last 64 rows): its
+    tokens' outputs are the bits of the same tokens in a call whose rows fill the tile (the rows past M are other
+    tokens, computed in columns of their own)."""
+    if not _expected(torch.device(DEV)):
+        pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
+    P = -(-M // gemm_ring.BT) * gemm_ring.BT
+    xp = torch.randn(P, K, device=DEV).to(torch.bfloat16)
+    bias = torch.randn(N, device=DEV).to(torch.bfloat16)
+    gemm = gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4")
+    assert torch.equal(gemm(xp[:M], bias), gemm(xp, bias)[:M])
 
 
 @gpu

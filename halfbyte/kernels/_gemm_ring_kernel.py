@@ -117,8 +117,8 @@ def _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, 
 
 
 @gluon.jit
-def _loader(x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m, tiles_n,
-            k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S: gl.constexpr, STAGES: gl.constexpr,
+def _loader(x_desc, w_desc, a_desc, xs_desc, x_bufs, w_bufs, a_bufs, ready, empty, M, n_tiles, full_rounds, tiles_m,
+            tiles_n, k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S: gl.constexpr, STAGES: gl.constexpr,
             GROUP_M: gl.constexpr, NESTED: gl.constexpr):
     """The default partition (4 warps; one thread issues the TMA loads): the program's K steps, in order, into the
     ring. NESTED (double quantization): instead of the absmax's TMA load, the partition's 128 threads decode the
@@ -126,8 +126,13 @@ def _loader(x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tile
     into every column of the stage's float32 absmax (the consumers read column k % 4), then arrive on the stage's
     ready barrier beside the TMA's bytes. A step's codes and nested absmax are loaded three steps ahead, its nested
     code value two steps ahead, and its absmax computed before the stage frees: the loads' latency stays off the
-    ring."""
+    ring. (Float32 absmax loaded that way, by the threads, was 1.03-1.08x slower than by TMA: BENCHMARKS.md
+    session 26.) The last token tile, where it holds fewer than BT tokens, comes in 64-row boxes (``xs_desc``):
+    TMA fills the rows of a box past M slowly (at 257 tokens of a 512-token tiling a call took 1.3x as long,
+    session 26), so boxes wholly past M re-read x's last 64 rows instead (in L2, inside x; their token columns
+    are dropped at the store) and only the last box with tokens has rows past M, fewer than 64."""
     BT: gl.constexpr = x_desc.block_type.shape[0]
+    XS: gl.constexpr = xs_desc.block_type.shape[0]
     if NESTED:
         nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
         LA: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [4, 1], [1, 0])  # thread r: row r's 4 columns
@@ -161,7 +166,14 @@ def _loader(x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tile
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
-            _tma_load(x_desc, [pm * BT, k * 64], bar, x_bufs.index(s))
+            if pm * BT + BT <= M:
+                _tma_load(x_desc, [pm * BT, k * 64], bar, x_bufs.index(s))
+            else:
+                last = gl.maximum(M - XS, 0)  # the last XS rows: a box inside x (M > XS where wanted)
+                for q in gl.static_range(BT // XS):
+                    past = (pm * BT + q * XS >= M).to(gl.int32)
+                    r0 = pm * BT + q * XS + past * (last - pm * BT - q * XS)
+                    _tma_load(xs_desc, [r0, k * 64], bar, x_bufs.index(s).slice(q * XS, XS, 0))
             _tma_load(w_desc, [pn * 128, k * 8], bar, w_bufs.index(s))
             if NESTED:
                 a_bufs.index(s).store(gl.expand_dims(am, 1) + gl.zeros([128, 4], gl.float32, LA))
@@ -367,14 +379,14 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
 
 @gluon.jit(do_not_specialize=["am_ptr", "nabs_ptr", "ncode_ptr", "off_ptr", "M", "N", "n_tiles", "full_rounds",
                               "tiles_m", "tiles_n", "k_steps"])
-def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, tab_ptr, ws_ptr, cnt_ptr, am_ptr,
+def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, xs_desc, out_ptr, bias_ptr, tab_ptr, ws_ptr, cnt_ptr, am_ptr,
                      nabs_ptr, ncode_ptr, off_ptr, M, N, n_tiles, full_rounds, tiles_m, tiles_n, k_steps,
                      S: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr,
                      HAS_BIAS: gl.constexpr, NESTED: gl.constexpr):
-    """NESTED: ``a_desc`` is not read (any float32 descriptor of its block shape); ``am_ptr`` (uint8, N K / 64),
-    ``nabs_ptr`` (float32, one per 256 blocks), ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32) are
-    the double-quantized absmax (scalar loads: their alignment is not specialized). Without NESTED those four are
-    not read."""
+    """``xs_desc``: x again, in (64, 64) boxes (for the last, partial token tile). NESTED: ``a_desc`` is not read
+    (any float32 descriptor of its block shape); ``am_ptr`` (uint8, N K / 64), ``nabs_ptr`` (float32, one per 256
+    blocks), ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32) are the double-quantized absmax (scalar
+    loads: their alignment is not specialized). Without NESTED those four are not read."""
     BT: gl.constexpr = x_desc.block_type.shape[0]
     x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, 64], x_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 128, 8], w_desc.layout)
@@ -387,8 +399,8 @@ def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, out_ptr, bias_ptr, tab_pt
         mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
     # the loader is the default partition (4 warps): 12 warps
     gl.warp_specialize([
-        (_loader, (x_desc, w_desc, a_desc, x_bufs, w_bufs, a_bufs, ready, empty, n_tiles, full_rounds, tiles_m,
-                   tiles_n, k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S, STAGES, GROUP_M, NESTED)),
+        (_loader, (x_desc, w_desc, a_desc, xs_desc, x_bufs, w_bufs, a_bufs, ready, empty, M, n_tiles, full_rounds,
+                   tiles_m, tiles_n, k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S, STAGES, GROUP_M, NESTED)),
         (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
                      tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
                      GROUP_M, HAS_BIAS)),

@@ -14,7 +14,10 @@ copy's speed) and calls cuBLAS. At 512 tokens that dequantize is a third of the 
   group's weight stays in L2), then the tiles left over -- all of them when there are fewer tiles than SMs, as at
   512 tokens -- are split along K into S pieces with a deterministic fix-up: the last piece of a tile to arrive
   adds the S float32 partials in piece order, so every call gives the same bits;
-* bias in float32 in the epilogue; the tile leaves through shared memory by TMA.
+* bias in float32 in the epilogue; the tile leaves through shared memory by TMA;
+* a last token tile that holds fewer than 256 tokens is read in 64-row boxes, none wholly past M: TMA's fill of
+  box rows past the tensor is slow (a 257-token call took 1.3-1.5x a 512-token one before; BENCHMARKS.md
+  session 26).
 Numerics: each weight is bf16(bf16(code) * bf16(absmax)), summed in float32 by the tensor cores; the reference
 rounds code * absmax once (float32 product). The difference is a few bf16 roundings per weight, inside the
 matmul tolerance tests/test_gemm_ring.py derives.
@@ -46,6 +49,7 @@ from .gemv_ring import _Address, _sms
 from .launch import descriptor_launcher
 
 BT = 256  # tokens per tile
+XS = 64  # rows of the boxes the last, partial token tile is read in
 BN = 128  # weight rows per tile
 STAGES = 4
 GROUP_M = 4  # bitsandbytes' byte order: 4 beat 8 by 3-7 % at the wide FLUX shapes (BENCHMARKS.md, session 22)
@@ -120,10 +124,12 @@ def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtyp
 
 def wanted(M: int, N: int, K: int) -> bool:
     """Whether a call of M tokens should take this kernel rather than dequantize + cuBLAS, by measurement on an
-    H100 (``bench/gemm_ring.py``, BENCHMARKS.md session 24): 65 to ``MAX_M`` tokens of weights from ``MIN_WORK``
-    elements. There the dequantize (a fixed cost per call) is 10-45 % of the layer and the kernel takes 0.55-0.96x
-    its time; at 4096 tokens and more cuBLAS's bf16 GEMM outruns the decode (1.01-1.08x), and a 3072 x 3072 weight
-    is too small to keep the SMs fed at 512 tokens (1.08x)."""
+    H100 (``bench/gemm_ring.py``, BENCHMARKS.md sessions 24 and 26): 65 to ``MAX_M`` tokens of weights from
+    ``MIN_WORK`` elements. There the dequantize (a fixed cost per call) is 10-45 % of the layer and the kernel
+    mostly takes 0.56-0.99x its time. Two known losses remain: schedules that leave SMs idle (600 x 3072 x 12288:
+    72 tiles on 132 SMs, 1.26x) and some wave tails (1300 tokens: 1.01-1.14x). At 4096 tokens and more cuBLAS's
+    bf16 GEMM outruns the decode (1.01-1.08x), and a 3072 x 3072 weight is too small to keep the SMs fed (1.1-1.2x
+    up to 600 tokens)."""
     return FUSED_MIN_M < M <= MAX_M and N * K >= MIN_WORK
 
 
@@ -247,8 +253,8 @@ class RingGemm:
         stats = (torch.empty(16, dtype=torch.uint8, device=self.device),
                  *(torch.empty(16, dtype=torch.float32, device=self.device) for _ in range(3)))  # dtypes specialize
         args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, self.a_desc,
-                self._io_desc(out.data_ptr(), BT, self.N), out, out, self.table, ws, cnt, *stats, BT, self.N, 1, 1,
-                1, 1, 2)
+                self._io_desc(out.data_ptr(), BT, self.N), self._io_desc(x.data_ptr(), BT, self.K, XS), out,
+                out, self.table, ws, cnt, *stats, BT, self.N, 1, 1, 1, 1, 2)
         compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested))
         compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
@@ -256,8 +262,8 @@ class RingGemm:
                                               expand)
         return bound
 
-    def _io_desc(self, ptr: int, M: int, cols: int):
-        return self._descriptor(_Address(ptr, torch.bfloat16), [M, cols], [cols, 1], [BT, 64], self.x_layout)
+    def _io_desc(self, ptr: int, M: int, cols: int, rows: int = BT):
+        return self._descriptor(_Address(ptr, torch.bfloat16), [M, cols], [cols, 1], [rows, 64], self.x_layout)
 
     def run(self, stream: int, x: int, out: int, bias: int | None, M: int) -> None:
         """Launches on the raw CUDA ``stream`` with device addresses: x (M, K) and out (M, N) bf16 row-major,
@@ -272,7 +278,8 @@ class RingGemm:
             if len(self._io) >= 64:
                 self._io.clear()
             io = self._io[(x, out, M)] = [expand(self._io_desc(x, M, self.K), 0),
-                                         expand(self._io_desc(out, M, self.N), 3)]
+                                         expand(self._io_desc(out, M, self.N), 3)
+                                         + expand(self._io_desc(x, M, self.K, XS), 4)]
         tail = n_tiles - full * grid
         ws = torch.empty(tail * S * BN * BT, dtype=torch.float32, device=self.device) if S > 1 else None
         cnt = _counters(self.device, stream) if S > 1 else None  # S == 1: neither is read (``out`` stands in)
@@ -376,12 +383,14 @@ def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False):
     x_layout, flat = _layouts(gl)
     sig = {"x_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
            "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>",
+           "xs_desc": f"tensordesc<bf16[{XS}, 64],{x_layout!r}>",
            "out_ptr": "*bf16", "bias_ptr": "*bf16", "tab_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-           "am_ptr": "*u8", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "off_ptr": "*fp32", "M": "i32", "N": "i32",
-           "n_tiles": "i32", "full_rounds": "i32", "tiles_m": "i32", "tiles_n": "i32", "k_steps": "i32"}
+           "am_ptr": "*u8", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "off_ptr": "*fp32",
+           "M": "i32", "N": "i32", "n_tiles": "i32", "full_rounds": "i32", "tiles_m": "i32",
+           "tiles_n": "i32", "k_steps": "i32"}
     kw = _launch_kwargs(S, has_bias, nested)
     opts = {"num_warps": kw.pop("num_warps"), "maxnreg": kw.pop("maxnreg")}
     sig.update({k: "constexpr" for k in kw})
     src = GluonASTSource(kernel, sig, constexprs=kw,
-                         attrs={(i,): [["tt.divisibility", 16]] for i in range(4, 9)})
+                         attrs={(i,): [["tt.divisibility", 16]] for i in range(5, 10)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)

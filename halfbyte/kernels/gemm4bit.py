@@ -286,7 +286,7 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
             return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                        quant_type).view(*A.shape[:-1], N)
     nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
-    if (A.dtype == torch.bfloat16 and gemm_ring.wanted(M, N, K)
+    if (A.dtype == torch.bfloat16 and A.is_cuda and gemm_ring.wanted(M, N, K, gemm_ring.sms(A.device))
             and A.device == data.device == absmax.device == (A.device if bias is None else bias.device)
             and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data, nested=nested)):
         x, bias = gemm_ring.aligned(A.reshape(M, K)), None if bias is None else gemm_ring.aligned(bias)
@@ -383,7 +383,7 @@ class Plan:
                 mm(stream, x.data_ptr(), b, ws.data_ptr(), M)
                 sum_(stream, ws.data_ptr(), b, out.data_ptr(), M)
             return out
-        if self._fused is not None and gemm_ring.wanted(M, self.N, self.K):
+        if self._fused is not None and gemm_ring.wanted(M, self.N, self.K, self._fused.programs):
             out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
             x, bias = gemm_ring.aligned(x), None if bias is None else gemm_ring.aligned(bias)
             self._fused.run(stream, x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), M)

@@ -59,6 +59,13 @@ S_CHOICES = (1, 2, 3, 4, 6, 8)  # split factors compiled (S is a constexpr): a f
 FUSED_MIN_M = 64  # up to this many tokens ``gemm_small`` serves (ops.FUSED_MAX_TOKENS)
 MAX_M = 2048  # tokens up to which the kernel beats dequantize + cuBLAS (``wanted``)
 MIN_WORK = 1 << 24  # weight elements from which it does
+# ``wanted``'s cost model from MODEL_M tokens on (fitted on an H100 SXM, BENCHMARKS.md session 27)
+MODEL_M = 513
+MARGIN = 0.98  # where the two paths model within 2 %, dequantize + cuBLAS (the model's error is ~3 %)
+RATE_FULL = 1.25  # K steps of a 128 x 256 tile per us per SM with every SM busy (the card's power bound)
+RATE_ALONE = 1.5  # ... with few busy
+LAUNCH_US, FIXUP_US, FIXUP_US_PER_PIECE = 6.0, 4.0, 1.5
+DEQUANT_BYTES_PER_US, READ_BYTES_PER_US, CUBLAS_FLOP_PER_US, DC_US = 2.6e6, 2.5e6, 7.6e8, 9.0
 
 #: Whether 4-bit calls of more than 64 tokens take this kernel where it serves and is wanted (on by default;
 #: ``HALFBYTE_GEMM_RING=0`` turns it off). Read when a plan is built and when a layer is built, moved or loaded
@@ -89,6 +96,11 @@ def shape_ok(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype
     """The static part of ``supported``: what the kernel's tiling and decode take."""
     return (ENABLED and not INTERPRET and dtype == torch.bfloat16 and blocksize == 64
             and quant_type in ("nf4", "fp4") and N > 0 and K > 0 and N % BN == 0 and K % 256 == 0)
+
+
+def sms(device: torch.device) -> int:
+    """The SM count of a CUDA ``device`` (the programs a launch runs; ``wanted`` routes by it)."""
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,15 +134,46 @@ def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtyp
     return verdict(absmax.device, nested is not None)
 
 
-def wanted(M: int, N: int, K: int) -> bool:
-    """Whether a call of M tokens should take this kernel rather than dequantize + cuBLAS, by measurement on an
-    H100 (``bench/gemm_ring.py``, BENCHMARKS.md sessions 24 and 26): 65 to ``MAX_M`` tokens of weights from
-    ``MIN_WORK`` elements. There the dequantize (a fixed cost per call) is 10-45 % of the layer and the kernel
-    mostly takes 0.56-0.99x its time. Two known losses remain: schedules that leave SMs idle (600 x 3072 x 12288:
-    72 tiles on 132 SMs, 1.26x) and some wave tails (1300 tokens: 1.01-1.14x). At 4096 tokens and more cuBLAS's
-    bf16 GEMM outruns the decode (1.01-1.08x), and a 3072 x 3072 weight is too small to keep the SMs fed (1.1-1.2x
-    up to 600 tokens)."""
-    return FUSED_MIN_M < M <= MAX_M and N * K >= MIN_WORK
+def wanted(M: int, N: int, K: int, programs: int = 132) -> bool:
+    """Whether a call of M tokens should take this kernel rather than dequantize + cuBLAS, on a device of
+    ``programs`` SMs: 65 to ``MAX_M`` tokens of weights from ``MIN_WORK`` elements, and from ``MODEL_M`` tokens on
+    only where ``fused_us`` is below ``MARGIN`` x ``dequantize_cublas_us``. Measured on an H100
+    (``bench/gemm_ring.py``, BENCHMARKS.md sessions 24, 26 and 27): up to 512 tokens the dequantize (a fixed cost
+    per call) is 25-45 % of the layer and the kernel takes 0.55-0.97x its time at every FLUX/T5 width. Past that
+    its schedule decides: 72 tiles on 132 SMs (600-768 tokens at 3072 x 12288) leave 60 SMs idle (1.16-1.30x),
+    and a last token tile that holds 20 of 256 tokens (1300) computes 18 % more than the tokens need
+    (1.01-1.16x); the model catches those (and the idle SMs of other shapes). At 4096 tokens and more cuBLAS's
+    bf16 GEMM outruns the decode (1.01-1.08x), and a 3072 x 3072 weight is too small to keep the SMs fed
+    (1.1-1.2x up to 600 tokens)."""
+    return FUSED_MIN_M < M <= MAX_M and N * K >= MIN_WORK and (M < MODEL_M or _modelled(M, N, K, programs))
+
+
+@functools.lru_cache(maxsize=4096)
+def _modelled(M: int, N: int, K: int, programs: int) -> bool:
+    return fused_us(M, N, K, programs) < MARGIN * dequantize_cublas_us(M, N, K)
+
+
+def fused_us(M: int, N: int, K: int, programs: int = 132) -> float:
+    """The kernel's modelled time (us) for M tokens of an (N, K) weight: the full rounds of 128 x 256 tiles at the
+    card's throughput under full load (``RATE_FULL`` K steps per us per SM: bound by power, not by SM count, so a
+    tail on fewer SMs runs faster per SM, up to ``RATE_ALONE``), the tail pieces, the split's fix-up and the
+    launch. Fitted on 70 H100 times of 38 shapes from 513 tokens (2.6 % rms; BENCHMARKS.md session 27)."""
+    n_tiles, k_steps = -(-M // BT) * (N // BN), K // 64
+    grid, full, S = schedule(n_tiles, k_steps, programs)
+    cap = RATE_FULL * programs
+    t = LAUNCH_US + full * k_steps / RATE_FULL
+    tail = n_tiles - full * programs
+    if tail:
+        t += tail * k_steps / min(cap, tail * S * RATE_ALONE) + (FIXUP_US + FIXUP_US_PER_PIECE * S if S > 1 else 0)
+    return t
+
+
+def dequantize_cublas_us(M: int, N: int, K: int) -> float:
+    """The other path's modelled time (us): the dequantize (0.5 byte read and 2 written per weight at
+    ``DEQUANT_BYTES_PER_US``) and cuBLAS's bf16 GEMM (its FLOPs at ``CUBLAS_FLOP_PER_US``, or the bf16 weight's read
+    where that is longer), plus ``DC_US`` for the two launches. Fitted with ``fused_us`` (3.3 % rms)."""
+    gemm = max(2.0 * M * N * K / CUBLAS_FLOP_PER_US, 2.0 * N * K / READ_BYTES_PER_US)
+    return N * K * 2.5 / DEQUANT_BYTES_PER_US + gemm + DC_US
 
 
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:

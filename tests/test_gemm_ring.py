@@ -298,7 +298,7 @@ def test_op_plan_and_direct_call_agree(M, N, K, ring_on):
     ref = gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4")(x.reshape(-1, K), bias).view(2, M // 2, N)
     W = fourbit.dequantize_4bit(packed, am, 64, "nf4", (N, K), torch.bfloat16)
     plain = torch.nn.functional.linear(x, W, bias)
-    fused = _expected(x.device) and gemm_ring.wanted(M // 2 * 2, N, K, gemm_ring.sms(x.device))
+    fused = _expected(x.device) and gemm_ring.wanted(M // 2 * 2, N, K, gemm_ring.sms(x.get_device()))
     for _ in range(3):  # direct, then the op's plan (built at the second sighting)
         out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, "nf4")
         assert torch.equal(out, ref if fused else plain)

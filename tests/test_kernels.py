@@ -418,7 +418,7 @@ def test_gemm_4bit_flux_t5_shapes(shape, dn):
         if M == 1 or small_serves(x, packed, K, 64):  # the GEMV and the small-batch kernel
             assert M <= 16 or N * K >= 2**24
             assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
-        elif ring and gemm_ring.wanted(M, N, K, gemm_ring.sms(x.device)):
+        elif ring and gemm_ring.wanted(M, N, K, gemm_ring.sms(x.get_device())):
             assert_within_fp32_sum_bound(out, x, W, bias, weight_terms=5)
             assert torch.equal(out, gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4")(x, bias))
         else:

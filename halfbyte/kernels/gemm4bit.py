@@ -286,7 +286,7 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
             return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
                                        quant_type).view(*A.shape[:-1], N)
     nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
-    if (A.dtype == torch.bfloat16 and A.is_cuda and gemm_ring.wanted(M, N, K, gemm_ring.sms(A.device))
+    if (A.dtype == torch.bfloat16 and A.is_cuda and gemm_ring.wanted(M, N, K, gemm_ring.sms(A.get_device()))
             and A.device == data.device == absmax.device == (A.device if bias is None else bias.device)
             and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data, nested=nested)):
         x, bias = gemm_ring.aligned(A.reshape(M, K)), None if bias is None else gemm_ring.aligned(bias)

@@ -98,9 +98,10 @@ def shape_ok(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype
             and quant_type in ("nf4", "fp4") and N > 0 and K > 0 and N % BN == 0 and K % 256 == 0)
 
 
-def sms(device: torch.device) -> int:
-    """The SM count of a CUDA ``device`` (the programs a launch runs; ``wanted`` routes by it)."""
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())
+def sms(index: int) -> int:
+    """The SM count of CUDA device ``index`` (``Tensor.get_device()``): the programs a launch runs, which
+    ``wanted`` routes by. Cached: the direct path asks it at every call."""
+    return _sms(index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +160,7 @@ def fused_us(M: int, N: int, K: int, programs: int = 132) -> float:
     tail on fewer SMs runs faster per SM, up to ``RATE_ALONE``), the tail pieces, the split's fix-up and the
     launch. Fitted on 70 H100 times of 38 shapes from 513 tokens (2.6 % rms; BENCHMARKS.md session 27)."""
     n_tiles, k_steps = -(-M // BT) * (N // BN), K // 64
-    grid, full, S = schedule(n_tiles, k_steps, programs)
+    _, full, S = schedule(n_tiles, k_steps, programs)
     cap = RATE_FULL * programs
     t = LAUNCH_US + full * k_steps / RATE_FULL
     tail = n_tiles - full * programs

@@ -23,6 +23,8 @@ from halfbyte.kernels import gemm4bit, gemv_ring, launch
 
 needs_gluon = pytest.mark.skipif(not gemv_ring.available(), reason="this triton has no Gluon: the ring is not built")
 RING_SHAPES = [s for s in FLUX_T5 if s[0] * s[1] >= gemv_ring.MIN_WORK and s[1] % 512 == 0]
+# K % 1024 == 512 from K = 8192 (LLaMA-13B's 13824: no 1024-weight K box fits), and N % 16 != 0 with it: 8 x 64
+ODD_TILINGS = [(3072, 13824), (4104, 8704)]
 
 
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])
@@ -47,6 +49,13 @@ def test_config_gives_every_program_whole_rounds_of_tiles():
     assert gemv_ring.config(4096, 10240, sms=171) == (8, 128, 3)  # a GPU with more SMs: one round
     assert gemv_ring.config(4104, 10240) == (8, 128, 3)  # N % 16 != 0
     assert gemv_ring.config(18432, 3072) == (16, 64, 3)
+    # the 1024-weight K box only where it ends at K; 8-row tiles where N % 16 != 0
+    assert gemv_ring.config(3072, 13824) == (16, 64, 3)
+    assert gemv_ring.config(4104, 8704) == gemv_ring.config(4104, 3072) == (8, 64, 3)
+    for N in (3072, 4096, 4104, 18432):
+        for K in (3072, 8192, 8704, 10240, 13824, 15360):
+            assert gemv_ring.tiles(N, K, *gemv_ring.config(N, K)[:2]), (N, K)
+    assert not gemv_ring.tiles(3072, 13824, 8, 128) and not gemv_ring.tiles(4104, 4096, 16, 64)
 
 
 _COMPILE = """
@@ -112,7 +121,7 @@ def _nested(stats):
 
 
 @gpu
-@pytest.mark.parametrize("shape", RING_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", RING_SHAPES + ODD_TILINGS, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dn", ["bf16", "fp16"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
 def test_ring_gemv_flux_t5_shapes(shape, dn, nested, ring_on):

@@ -159,13 +159,20 @@ def step_asm(dtype: torch.dtype) -> str:
 
 def config(N: int, K: int, sms: int = 132) -> tuple[int, int, int]:
     """(BN rows, KT words, programs per SM), from bench/gemv_gluon.py on an H100 (``sms`` SMs): 8 x 128 from K =
-    8192 where its row tiles fit one round of programs (so every program gets one), else 16 x 64 (N % 16 == 0).
-    At 4096 x 10240, 8 x 128 gave 512 tiles to 396 programs, 116 of them two, and took 1.14x the time of 16 x 64's
-    256 programs of one tile each (BENCHMARKS.md, session 21)."""
+    8192 where its row tiles fit one round of programs (so every program gets one), else 16 x 64, or 8 x 64 where
+    N % 16 != 0. At 4096 x 10240, 8 x 128 gave 512 tiles to 396 programs, 116 of them two, and took 1.14x the time
+    of 16 x 64's 256 programs of one tile each (BENCHMARKS.md, session 21). A 128-word (1024-weight) K box needs K %
+    1024 == 0: K = 13824 (LLaMA-13B's MLP, 3072 x 13824) ends half a box past K, which the descriptor refuses."""
     ctas = 3
-    if K >= 8192 and (N // 8 <= ctas * sms or N % 16):
+    if K >= 8192 and (K // 8) % 128 == 0 and (N // 8 <= ctas * sms or N % 16):
         return (8, 128, ctas)
-    return (16, 64, ctas)
+    return (8 if N % 16 else 16, 64, ctas)
+
+
+def tiles(N: int, K: int, BN: int, KT: int) -> bool:
+    """Whether an N x K weight splits into whole BN-row x KT-word tiles the kernel can take."""
+    return (KT in (64, 128) and BN >= 8 and not BN & (BN - 1) and not N % BN and not K % 512
+            and not (K // 8) % KT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -197,7 +204,7 @@ def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax
     device = absmax.device
     if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or not available():
         return False
-    if N % config(N, K, _sms(device.index))[0]:
+    if not tiles(N, K, *config(N, K, _sms(device.index))[:2]):
         return False
     return verdict(device, dtype, bool(nested))
 
@@ -299,7 +306,7 @@ class RingGemv:
         sms = _sms(data.device.index)
         BN, KT, ctas = config(N, K, sms)
         BN, KT, stages, ctas = cfg or (BN, KT, STAGES, ctas)
-        if N % BN or K % 512 or (K // 8) % KT or KT not in (64, 128) or BN < 8 or BN & (BN - 1):
+        if not tiles(N, K, BN, KT):
             raise ValueError(f"gemv_ring: a {N}x{K} weight does not tile by {BN} rows x {KT} words")
         self.KT = KT
         gl, TensorDescriptor, self._kernel = _gluon()

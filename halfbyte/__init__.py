@@ -9,6 +9,7 @@ from .config import BitsAndBytesConfig
 from .convert import dequantize_, memory_footprint, quantize_, set_fp8_compute
 from .io import bitsandbytes_state_dict, from_pretrained, load_bitsandbytes_state_dict, save_pretrained
 from .nn import Linear4bit, Linear8bit
+from .precompiler import precompile
 from .sharing import share_int8_inputs
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "load_bitsandbytes_state_dict",
     "memory_footprint",
     "nn",
+    "precompile",
     "quantize_",
     "save_pretrained",
     "set_fp8_compute",

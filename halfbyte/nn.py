@@ -36,6 +36,10 @@ DEQUANTIZE_IN_GRAPH = True
 #: widest activation, the one an early weight would stack on; "launch" for the rest (BENCHMARKS.md, session 19).
 IN_GRAPH_DEQUANTIZE = "auto"
 
+#: While ``halfbyte.precompile`` records a call: a callable ``(layer, x) -> output`` that every quantized layer's
+#: eager forward hands its call to instead of computing (it notes the call and returns zeros); else None.
+RECORDER = None
+
 
 
 def _f32_bits(t: Tensor) -> Tensor:
@@ -252,6 +256,8 @@ class Linear4bit(_QuantizedLinear):
                 self.offset.view(torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
+        if RECORDER is not None and not torch.compiler.is_compiling():  # (a traced graph computes)
+            return RECORDER(self, x)
         if self.fp8_compute and x.numel() // self.in_features > _ops.FUSED_MAX_TOKENS:
             return _ops_fp8.forward(self, x, _code_table(self.quant_type, x.device),
                                     _nested_code(x.device) if self.double_quant else None)
@@ -422,6 +428,8 @@ class Linear8bit(_QuantizedLinear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if RECORDER is not None and not torch.compiler.is_compiling():  # (a traced graph computes)
+            return RECORDER(self, x)
         self._check_input(x)
         fn = _ops.direct_kernel("int8_mixed_mm", x, self.bias)
         if fn is None:  # traced (torch.compile: never reads ``share``, so block instances share one graph), CPU

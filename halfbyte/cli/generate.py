@@ -4,7 +4,8 @@
 and text_encoder_2, SD3's transformer and text_encoder_3, in nf4) are quantized while streaming from their
 safetensors files; components that are already quantized (halfbyte or bitsandbytes checkpoints) load as they are.
 The PNG is written atomically, with the prompt, seed and settings in its metadata (text chunks "prompt", "seed",
-"settings" as JSON). Prints the seconds per denoising step and the peak GPU memory.
+"settings" as JSON). Prints the seconds per denoising step and the peak GPU memory. On a GPU (without --offload) the
+kernels of a step's quantized layers compile ahead, side by side (``halfbyte.precompile``), before the steps.
 
 examples:
   halfbyte generate --model black-forest-labs/FLUX.1-dev --prompt "a photo of a cat" -o cat.png
@@ -121,16 +122,30 @@ def run(args: argparse.Namespace) -> int:
         torch.cuda.reset_peak_memory_stats(device)
     if args.fp8_compute:
         _fp8_compute(pipe, device, args)
+    defaults = inspect.signature(type(pipe).__call__).parameters
+    steps = args.steps or defaults["num_inference_steps"].default
+    guidance = args.guidance if args.guidance is not None else defaults["guidance_scale"].default
+    max_len = args.max_sequence_length or defaults["max_sequence_length"].default
+    ahead = None
+    if device.type == "cuda" and args.offload == "none":
+        # Triton compiles each kernel at its first launch, one after another (10-30 s on a fresh machine): compile
+        # what a step's quantized layers run, side by side, before it (halfbyte.precompile; with --offload the
+        # weights are not on the GPU between calls, so they are left to compile on first use)
+        from ..precompiler import precompile
+
+        with torch.inference_mode():
+            ahead = precompile(pipe, prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=1,
+                               guidance_scale=guidance, max_sequence_length=max_len, output_type="latent",
+                               generator=torch.Generator("cpu").manual_seed(args.seed))
+        notice(args, f"compiled the kernels of {ahead['distinct']} distinct quantized-layer calls ahead in "
+                     f"{ahead['seconds']:.1f} s")
     if args.compile:
         notice(args, "compiling the transformer (the first step includes the compilation)")
         pipe.transformer.compile(fullgraph=True)
 
-    defaults = inspect.signature(type(pipe).__call__).parameters
     settings = {
-        "model": args.model, "pipeline": pipeline_name, "steps": args.steps or defaults["num_inference_steps"].default,
-        "height": args.height, "width": args.width, "seed": args.seed,
-        "guidance": args.guidance if args.guidance is not None else defaults["guidance_scale"].default,
-        "max_sequence_length": args.max_sequence_length or defaults["max_sequence_length"].default,
+        "model": args.model, "pipeline": pipeline_name, "steps": steps, "height": args.height, "width": args.width,
+        "seed": args.seed, "guidance": guidance, "max_sequence_length": max_len,
         "quantized": formats, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
         "offload": args.offload, "compile": args.compile, "fp8_compute": args.fp8_compute,
     }
@@ -156,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     # The first step pays warm-up (and compilation): seconds per step are measured from the first step's end.
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else stamps[0] - begin
     result = {"output": str(out), "settings": settings, "load_seconds": round(loaded - started, 3),
+              "precompile_seconds": None if ahead is None else round(ahead["seconds"], 3),
               "generate_seconds": round(done - begin, 3), "first_step_seconds": round(stamps[0] - begin, 3),
               "seconds_per_step": round(per_step, 4),
               "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,

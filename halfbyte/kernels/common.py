@@ -9,6 +9,7 @@ compute the hardware result from ``formats.fastmath``'s ulp table instead; both 
 
 import functools
 import os
+import threading
 
 import torch
 import triton
@@ -21,6 +22,21 @@ from ..formats import fastmath
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: Selects the hardware instructions (GPU) or their emulation (interpreter) inside the kernels.
 USE_PTX = not INTERPRET
+
+_LOCKS: dict = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def compile_lock(key) -> threading.Lock:
+    """The lock of one kernel specialization (``key``: anything hashable that names it). Threads that would compile
+    the same one (``halfbyte.precompile``'s workers) take turns, so that the second finds it in triton's cache
+    instead of compiling it again; taken only where a launch or bind misses its own cache."""
+    lock = _LOCKS.get(key)
+    if lock is None:
+        with _LOCKS_GUARD:
+            lock = _LOCKS.setdefault(key, threading.Lock())
+    return lock
+
 
 _TINY = tl.constexpr(2.0**-126)
 _HUGE = tl.constexpr(2.0**126)

@@ -44,7 +44,7 @@ import torch
 from ..formats import blockwise
 from ..formats import fourbit as ref4
 from . import fourbit, lut
-from .common import INTERPRET
+from .common import INTERPRET, compile_lock
 from .gemv_ring import _Address, _sms
 from .launch import descriptor_launcher
 
@@ -177,6 +177,27 @@ def dequantize_cublas_us(M: int, N: int, K: int) -> float:
     return N * K * 2.5 / DEQUANT_BYTES_PER_US + gemm + DC_US
 
 
+def split_for(M: int, N: int, K: int, blocksize: int, quant_type: str, device: torch.device) -> int | None:
+    """The S of the specialization that a bf16 call of M tokens of an (N, K) weight on ``device`` takes where
+    ``wanted`` sends it here, else None (shape, token count, device; the device check is not run)."""
+    if not (ENABLED and device_ok(device) and shape_ok(N, K, blocksize, quant_type, torch.bfloat16)):
+        return None
+    programs = sms(device.index)
+    if not wanted(M, N, K, programs):
+        return None
+    return schedule(-(-M // BT) * (N // BN), K // 64, programs)[2]
+
+
+def precompile(S: int, has_bias: bool, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
+               nested: tuple | None = None) -> None:
+    """Compiles (no launch) the (S, has_bias) specialization for this weight's kind of statistics (arguments as
+    ``supported``). ``halfbyte.precompile`` runs it on a thread of its own beside the layers' calls: a layer's
+    first call would otherwise compile the device check's specialization and then its own, one after the other
+    (~5 s each)."""
+    with torch.cuda.device(data.device):
+        RingGemm(data, absmax, N, K, quant_type, nested)._bind(S, has_bias)
+
+
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
     """Whether bf16 calls of an (N, K) weight take this kernel at some token count (then exactly at 65 to
     ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the token count)."""
@@ -299,8 +320,9 @@ class RingGemm:
         args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, self.a_desc,
                 self._io_desc(out.data_ptr(), BT, self.N), self._io_desc(x.data_ptr(), BT, self.K, XS), out,
                 out, self.table, ws, cnt, *stats, BT, self.N, 1, 1, 1, 1, 2)
-        compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested))
-        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested)):
+            compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested))
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
         bound = self._bound[(S, has_bias)] = (c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)),
                                               expand)
@@ -377,7 +399,9 @@ def verdict(device: torch.device, nested: bool = False) -> bool:
     if key not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _VERDICTS[key] = _check(device, nested)
+        with compile_lock(("gemm_ring.verdict", key)):  # threads: one check, the others wait for it
+            if key not in _VERDICTS:
+                _VERDICTS[key] = _check(device, nested)
     return _VERDICTS[key]
 
 

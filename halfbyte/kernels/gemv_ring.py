@@ -41,7 +41,7 @@ import torch
 from ..formats import blockwise
 from ..formats import fourbit as ref4
 from . import fourbit as fourbit_kernels
-from .common import INTERPRET
+from .common import INTERPRET, compile_lock
 from .launch import descriptor_launcher
 
 
@@ -351,8 +351,9 @@ class RingGemv:
         args = (out, out, *stats, self.w_desc, self.a_desc, self.x_descriptor(out.data_ptr()), self.N, self.n_items,
                 self.ktiles)
         kw = dict(self.kwargs, HAS_BIAS=has_bias)
-        compiled = self._kernel.warmup(*args, grid=self.grid, **kw)
-        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        with compile_lock(("gemv_ring", self.device, self.dtype, tuple(sorted(kw.items())))):
+            compiled = self._kernel.warmup(*args, grid=self.grid, **kw)
+            compiled = compiled.result() if hasattr(compiled, "result") else compiled
         _open_shared(compiled)
         c_launch, head, expand = descriptor_launcher(compiled)
         tail = (self.N, self.n_items, self.ktiles) + tuple(kw[n] for n in self._kernel.arg_names[len(args):])
@@ -408,7 +409,9 @@ def verdict(device: torch.device, dtype: torch.dtype, nested: bool = False) -> b
     if key not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _VERDICTS[key] = _check(device, dtype, nested)
+        with compile_lock(("gemv_ring.verdict", key)):  # threads: one check, the others wait for it
+            if key not in _VERDICTS:
+                _VERDICTS[key] = _check(device, dtype, nested)
     return _VERDICTS[key]
 
 

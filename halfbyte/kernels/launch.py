@@ -16,7 +16,7 @@ import torch
 import triton
 from triton import knobs
 
-from .common import INTERPRET
+from .common import INTERPRET, compile_lock
 
 _CACHE: dict[tuple, tuple] = {}
 
@@ -74,7 +74,8 @@ def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, **kwargs) -> No
     key = cache_key(fn, device, args, kwargs)
     hit = _CACHE.get(key)
     if hit is None:
-        kernel = fn[grid](*args, **kwargs)  # compiles if needed, and launches this call
+        with compile_lock(key):  # another thread compiling this specialization: wait, then find it in triton's cache
+            kernel = fn[grid](*args, **kwargs)  # compiles if needed, and launches this call
         names = fn.arg_names[len(args):]
         missing = [n for n in names if n not in kwargs]
         if missing:
@@ -108,9 +109,10 @@ class Bound:
                  free: tuple[int, ...]):
         if not free or any(not 0 <= i < len(args) for i in free) or list(free) != sorted(set(free)):
             raise ValueError(f"bind: free positions must be increasing argument positions, got {free}")
-        kernel = fn.warmup(*args, grid=grid, **kwargs)  # compiles (or finds) this specialization; no launch
-        if hasattr(kernel, "result"):
-            kernel = kernel.result()
+        with compile_lock(cache_key(fn, torch.cuda.current_device(), args, kwargs)):
+            kernel = fn.warmup(*args, grid=grid, **kwargs)  # compiles (or finds) this specialization; no launch
+            if hasattr(kernel, "result"):
+                kernel = kernel.result()
         run = kernel.run
         if getattr(run, "global_scratch_size", 0) or getattr(run, "profile_scratch_size", 0):
             raise NotImplementedError(f"{fn.__name__} needs a scratch buffer; bind() does not provide one")

@@ -176,8 +176,9 @@ def _ring_variants(records) -> dict[tuple, tuple]:
 
 def precompile(fn, *args, workers: int | None = None, **kwargs) -> dict:
     """Compiles what ``fn(*args, **kwargs)`` will run in its quantized layers (module doc), on ``workers`` threads
-    (default: the CPU count, at most 32), and returns what it did: ``recorded`` layer calls, ``distinct`` ones,
-    ``replayed`` real calls, ``gemm_variants`` fused-GEMM specializations compiled beside them, ``seconds``.
+    (default: the CPU count, at most 32), and returns what it did: ``recorded`` layer calls, ``distinct`` ones on
+    devices where kernels compile (CUDA; the others' layers run PyTorch references), ``replayed`` real calls,
+    ``gemm_variants`` fused-GEMM specializations compiled beside them, ``seconds``.
     ``fn``'s own return value is discarded (it ran on the recorded zeros). Not reentrant (one at a time)."""
     if workers is not None and workers < 1:
         raise ValueError(f"precompile: workers must be >= 1, got {workers}")

@@ -103,6 +103,28 @@ def test_routing_rules(monkeypatch):
     assert not gemm_ring.layer_wanted(3072, 3072, 64, "nf4") and gemm_ring.layer_wanted(4096, 4096, 64, "nf4")
 
 
+def test_split_for_names_the_routed_specialization(monkeypatch):
+    """``split_for`` (what ``halfbyte.precompile`` compiles ahead) gives the S of ``schedule`` exactly where
+    ``wanted`` routes a bf16 call to the kernel on a device it runs on, and None elsewhere."""
+    monkeypatch.setattr(gemm_ring, "INTERPRET", False)
+    monkeypatch.setattr(gemm_ring, "device_ok", lambda device: device.type == "cuda")
+    monkeypatch.setattr(gemm_ring, "sms", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    for M, N, K in ((512, 3072, 12288), (512, 12288, 3072), (512, 4096, 4096), (384, 12288, 3072),
+                    (1024, 4096, 10240), (640, 3072, 12288), (64, 12288, 3072), (4096, 12288, 3072),
+                    (512, 3072, 3072)):
+        S = gemm_ring.split_for(M, N, K, 64, "nf4", cuda)
+        if gemm_ring.wanted(M, N, K, 132):
+            assert S == gemm_ring.schedule(-(-M // gemm_ring.BT) * (N // gemm_ring.BN), K // 64, 132)[2]
+        else:
+            assert S is None, (M, N, K)
+    assert gemm_ring.split_for(512, 4096, 4096, 64, "nf4", cuda) == 2  # 64 tiles on 132 SMs
+    assert gemm_ring.split_for(512, 4096, 4096, 128, "nf4", cuda) is None  # blocksize 128: not served
+    assert gemm_ring.split_for(512, 4096, 4096, 64, "nf4", torch.device("cpu")) is None
+    monkeypatch.setattr(gemm_ring, "ENABLED", False)
+    assert gemm_ring.split_for(512, 4096, 4096, 64, "nf4", cuda) is None
+
+
 # fused / (dequantize + cuBLAS) as measured from 513 tokens on an H100 (BENCHMARKS.md session 27), where the two
 # differ by more than the model's error (4 %)
 MEASURED = {(600, 3072, 12288): 1.302, (640, 3072, 12288): 1.243, (768, 3072, 12288): 1.160,

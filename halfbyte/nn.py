@@ -256,7 +256,7 @@ class Linear4bit(_QuantizedLinear):
                 self.offset.view(torch.float32))
 
     def forward(self, x: Tensor) -> Tensor:
-        if RECORDER is not None and not torch.compiler.is_compiling():  # (a traced graph computes)
+        if not torch.compiler.is_compiling() and RECORDER is not None:  # (traced: no guard on RECORDER)
             return RECORDER(self, x)
         if self.fp8_compute and x.numel() // self.in_features > _ops.FUSED_MAX_TOKENS:
             return _ops_fp8.forward(self, x, _code_table(self.quant_type, x.device),
@@ -428,7 +428,7 @@ class Linear8bit(_QuantizedLinear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        if RECORDER is not None and not torch.compiler.is_compiling():  # (a traced graph computes)
+        if not torch.compiler.is_compiling() and RECORDER is not None:  # (traced: no guard on RECORDER)
             return RECORDER(self, x)
         self._check_input(x)
         fn = _ops.direct_kernel("int8_mixed_mm", x, self.bias)

@@ -43,7 +43,8 @@ Details:
 
 Limits:
 
-- It covers eager calls. A ``torch.compile``'d model compiles its own graph on its first call.
+- It covers eager calls. Inside a ``torch.compile``'d graph the layers compute: the recorded call compiles the
+  graph (once; the real call reuses it, the layers' check of the recorder leaves no guard) and records nothing.
 - Layers whose weights leave the GPU between calls (accelerate's CPU offload hooks) are not replayed.
 - A model whose control flow depends on a quantized layer's output values may take another path on the recorded
   zeros than on real inputs. Its other path then compiles on first use, as without ``precompile``.

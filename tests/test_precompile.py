@@ -238,3 +238,20 @@ def test_precompile_a_diffusers_pipeline(replay_on_cpu):
     assert report["recorded"] >= layers and 0 < report["distinct"] <= report["recorded"]
     assert report["replayed"] >= report["distinct"]
     assert torch.equal(got, want)
+
+
+def test_a_compiled_model_compiles_once():
+    """Inside a torch.compile graph the layers compute (nothing is recorded: the recorded call compiles the graph),
+    and the graph carries no guard on the recorder, so the real call after the precompile reuses it."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = torch.compile(_model()[:2], fullgraph=True)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        report = halfbyte.precompile(model, x)
+        assert report["recorded"] == 0 and counters["stats"]["unique_graphs"] == 1
+        model(x)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()

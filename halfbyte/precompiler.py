@@ -203,7 +203,7 @@ def precompile(fn, *args, workers: int | None = None, **kwargs) -> dict:
             d = layer.weight.device
             if d not in budgets:
                 free = torch.cuda.mem_get_info(d)[0] if d.type == "cuda" else 1 << 40
-                budgets[d] = _Budget(free // 2)
+                budgets[d] = _Budget(max(free // 2, 1))  # (a full device: one replay at a time)
         replayed = 0
         if by_layer:
             from .kernels import gemm_ring

@@ -255,3 +255,20 @@ def test_a_compiled_model_compiles_once():
         model(x)
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def test_a_full_device_replays_one_call_at_a_time():
+    budget = precompiler._Budget(1)  # what precompile makes of a device with (almost) no free memory
+    assert budget.take(10**9) == 1 and budget.free == 0
+    waited = threading.Event()
+
+    def second():
+        budget.give(budget.take(5))
+        waited.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert not waited.wait(0.05)  # blocked behind the first
+    budget.give(1)
+    t.join(5)
+    assert waited.is_set() and budget.free == 1

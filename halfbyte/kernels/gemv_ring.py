@@ -162,7 +162,7 @@ def config(N: int, K: int, sms: int = 132) -> tuple[int, int, int]:
     8192 where its row tiles fit one round of programs (so every program gets one), else 16 x 64, or 8 x 64 where
     N % 16 != 0. At 4096 x 10240, 8 x 128 gave 512 tiles to 396 programs, 116 of them two, and took 1.14x the time
     of 16 x 64's 256 programs of one tile each (BENCHMARKS.md, session 21). A 128-word (1024-weight) K box needs K %
-    1024 == 0: K = 13824 (LLaMA-13B's MLP, 3072 x 13824) ends half a box past K, which the descriptor refuses."""
+    1024 == 0: at K = 13824 (LLaMA-13B's MLP, 3072 x 13824) the last box would end half past K, so 16 x 64 serves."""
     ctas = 3
     if K >= 8192 and (K // 8) % 128 == 0 and (N // 8 <= ctas * sms or N % 16):
         return (8, 128, ctas)

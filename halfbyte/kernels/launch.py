@@ -109,7 +109,12 @@ class Bound:
                  free: tuple[int, ...]):
         if not free or any(not 0 <= i < len(args) for i in free) or list(free) != sorted(set(free)):
             raise ValueError(f"bind: free positions must be increasing argument positions, got {free}")
-        with compile_lock(cache_key(fn, torch.cuda.current_device(), args, kwargs)):
+        try:
+            key = cache_key(fn, torch.cuda.current_device(), args, kwargs)
+            hash(key)
+        except TypeError:  # an argument launch() does not key (or an unhashable option): one lock for the kernel
+            key = (fn, "bind")
+        with compile_lock(key):
             kernel = fn.warmup(*args, grid=grid, **kwargs)  # compiles (or finds) this specialization; no launch
             if hasattr(kernel, "result"):
                 kernel = kernel.result()

@@ -175,11 +175,26 @@ def _ring_variants(records) -> dict[tuple, tuple]:
     return out
 
 
+def _device_checks(records) -> list:
+    """The device checks that the recorded 4-bit calls' plans will run (``kernels.gemm4bit.plan_checks``), each
+    once. A plan runs its checks one after another, the fused GEMM's (~6 s of compiling) among them; started
+    first, side by side, they are done by the time the replays' plans reach them."""
+    from .kernels import gemm4bit
+
+    checks = {}
+    for layer, _, dtype, _, _ in records:
+        if isinstance(layer, Linear4bit) and _compiles_on(layer.weight.device):
+            checks.update((k, f) for k, f in gemm4bit.plan_checks(
+                layer.out_features, layer.in_features, layer.blocksize, layer.quant_type, layer.compute_dtype or dtype,
+                layer.double_quant, layer.bias is not None, layer.weight.device).items() if k not in checks)
+    return list(checks.values())
+
+
 def precompile(fn, *args, workers: int | None = None, **kwargs) -> dict:
     """Compiles what ``fn(*args, **kwargs)`` will run in its quantized layers (module doc), on ``workers`` threads
     (default: the CPU count, at most 32), and returns what it did: ``recorded`` layer calls, ``distinct`` ones on
     devices where kernels compile (CUDA; the others' layers run PyTorch references), ``replayed`` real calls,
-    ``gemm_variants`` fused-GEMM specializations compiled beside them, ``seconds``.
+    ``device_checks`` run first and ``gemm_variants`` fused-GEMM specializations compiled beside them, ``seconds``.
     ``fn``'s own return value is discarded (it ran on the recorded zeros). Not reentrant (one at a time)."""
     if workers is not None and workers < 1:
         raise ValueError(f"precompile: workers must be >= 1, got {workers}")
@@ -198,6 +213,7 @@ def precompile(fn, *args, workers: int | None = None, **kwargs) -> dict:
         for layer, M, dtype, inference, grad in records:
             by_layer.setdefault(id(layer), (layer, []))[1].append((M, dtype, inference, grad))
         variants = _ring_variants(records)
+        checks = _device_checks(records)
         budgets = {}
         for layer, _ in by_layer.values():
             d = layer.weight.device
@@ -210,17 +226,18 @@ def precompile(fn, *args, workers: int | None = None, **kwargs) -> dict:
 
             n = workers or min(32, os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=n, thread_name_prefix="halfbyte-precompile") as pool:
-                jobs = [pool.submit(gemm_ring.precompile, *v) for v in variants.values()]  # the long ones first
+                jobs = [pool.submit(check) for check in checks]  # the long ones first
+                jobs += [pool.submit(gemm_ring.precompile, *v) for v in variants.values()]
                 jobs += [pool.submit(_replay, layer, calls, budgets) for layer, calls in by_layer.values()]
                 results = [j.exception() or j.result() for j in jobs]  # every job ends before an error is raised
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
-            replayed = sum(results[len(variants):])
+            replayed = sum(results[len(checks) + len(variants):])
             for d in budgets:
                 if d.type == "cuda":
                     torch.cuda.synchronize(d)
-        return dict(recorded=recorder.count, distinct=len(records), replayed=replayed, gemm_variants=len(variants),
-                    seconds=time.perf_counter() - t0)
+        return dict(recorded=recorder.count, distinct=len(records), replayed=replayed, device_checks=len(checks),
+                    gemm_variants=len(variants), seconds=time.perf_counter() - t0)
     finally:
         _ACTIVE.release()

@@ -171,7 +171,7 @@ def test_supported_takes_float32_or_double_quantized_absmax(monkeypatch):
     16-byte aligned, or uint8 codes with their nested statistics; one absmax per 64 weights either way."""
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)
     monkeypatch.setattr(gemm_ring, "device_ok", lambda device: True)
-    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False: True)
+    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False, has_bias=True: True)
     N, K = 256, 1024
     data = torch.zeros(N * K // 2, dtype=torch.uint8)
     f32 = torch.zeros(N * K // 64, dtype=torch.float32)

@@ -244,3 +244,31 @@ def test_compiled_layer_uses_cached_plans():
         got = [compiled(x) for _ in range(3)]
     assert len(gemm4bit.PLANS.plans) == 1
     assert all(torch.equal(g, want) for g in got)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dq", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("N,K,bias", [(4096, 4096, False), (3072, 12288, True), (3072, 3072, True), (96, 320, True)])
+def test_plan_checks_lists_the_checks_a_plan_runs(monkeypatch, dq, dtype, N, K, bias):
+    """``gemm4bit.plan_checks`` (what ``halfbyte.precompile`` starts ahead) names exactly the device checks that
+    building the plan consults, with the arguments it passes (all verdicts stubbed to record their calls)."""
+    from halfbyte.kernels import gemm4bit, gemm_ring, gemm_small, gemv_mma, gemv_ring
+
+    seen = {}
+    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False, has_bias=True: seen.setdefault(
+        ("gemm_ring", device, nested), has_bias) is not None)
+    monkeypatch.setattr(gemv_ring, "verdict", lambda device, dtype, nested=False: not seen.setdefault(
+        ("gemv_ring", device, dtype, nested), None))
+    monkeypatch.setattr(gemv_mma, "layout_ok", lambda device: not seen.setdefault(("gemv_mma", device), None))
+    monkeypatch.setattr(gemm_small, "layout_ok", lambda device: not seen.setdefault(("gemm_small", device), None))
+    layer = _layer(N, K, dtype, bias=bias, quant_type="nf4", double_quant=dq)
+    listed = gemm4bit.plan_checks(N, K, 64, "nf4", dtype, dq, bias, layer.weight.device)
+    with torch.no_grad():
+        layer(torch.randn(2, K, dtype=dtype, device="cuda"))  # builds the plan
+    assert layer._plans[dtype][1] is not None
+    assert set(seen) == set(listed)
+    if ("gemm_ring", layer.weight.device, dq) in seen:
+        assert seen[("gemm_ring", layer.weight.device, dq)] == bias  # the check runs the calls' bias flag
+        assert listed[("gemm_ring", layer.weight.device, dq)].args == (layer.weight.device, dq, bias)

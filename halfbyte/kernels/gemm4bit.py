@@ -288,7 +288,8 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
     nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
     if (A.dtype == torch.bfloat16 and A.is_cuda and gemm_ring.wanted(M, N, K, gemm_ring.sms(A.get_device()))
             and A.device == data.device == absmax.device == (A.device if bias is None else bias.device)
-            and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data, nested=nested)):
+            and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data, nested=nested,
+                                    has_bias=bias is not None)):
         x, bias = gemm_ring.aligned(A.reshape(M, K)), None if bias is None else gemm_ring.aligned(bias)
         return gemm_ring.gemm_for(data, absmax, N, K, quant_type, nested)(x, bias).view(*A.shape[:-1], N)
     W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
@@ -321,11 +322,7 @@ class Plan:
         self._deq = bind_dequantize(data, absmax, nested_absmax, nested_code, offset, N * K, blocksize, quant_type,
                                     dtype)
         self._gemv, self._ring, self._atomic = None, None, False
-        self._fused = None  # calls over 64 tokens that gemm_ring.wanted picks
         nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
-        if (gemm_ring.layer_wanted(N, K, blocksize, quant_type)
-                and gemm_ring.supported(N, K, blocksize, quant_type, dtype, absmax, data, nested=nested)):
-            self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type, nested)
         if fused_supported(1, K, blocksize, dtype):
             x = torch.empty(1, K, dtype=dtype, device=B.device)  # calls pass 16-byte aligned rows like this one
             if gemv_ring.supported(dtype, N, K, blocksize, nested, absmax, x, data):
@@ -349,6 +346,12 @@ class Plan:
         x = torch.empty(2, K, dtype=dtype, device=B.device)
         if gemm_small.small_supported(2, N, K, dtype, blocksize, x, data):
             self._small_args = (blocksize, nested_absmax is not None, bias is not None, quant_type)
+        # Last: its device check is the longest compile (``plan_checks``), so threads that build plans side by side
+        # bind the launches above while one of them runs it.
+        self._fused = None  # calls over 64 tokens that gemm_ring.wanted picks
+        if (gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.supported(
+                N, K, blocksize, quant_type, dtype, absmax, data, nested=nested, has_bias=bias is not None)):
+            self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type, nested)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""
@@ -421,6 +424,26 @@ class Plan:
             sgrid, skw = gemm_small.sum_launch(self.N, grid[1], has_bias)
             sum_ = bind(gemm_small._split_sum_kernel, sgrid, (ws, out, out, M, self.N), skw, free=(0, 1, 2, 3))
         self._small[M] = (mm, sum_, grid[1], (kwargs["TT"], grid))
+
+
+def plan_checks(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype, nested: bool, has_bias: bool,
+                device: torch.device) -> dict[tuple, functools.partial]:
+    """The device checks that building a ``Plan`` of such a weight (CUDA ``device``, activations in ``dtype``) would
+    run, by name: each compiles and runs a kernel once per device (~1-6 s), and a plan runs them one after another.
+    ``halfbyte.precompile`` starts them all at once before it builds plans. Tensor alignment is not known here, so
+    a check may be listed that a plan of misaligned tensors would skip."""
+    checks = {}
+    if fused_supported(1, K, blocksize, dtype):
+        if gemv_ring.shape_ok(dtype, N, K, blocksize, device):
+            checks[("gemv_ring", device, dtype, nested)] = functools.partial(gemv_ring.verdict, device, dtype, nested)
+        if gemv_mma.shape_ok(dtype, K, blocksize):
+            checks[("gemv_mma", device)] = functools.partial(gemv_mma.layout_ok, device)
+    if gemm_small.shape_ok(K, dtype, blocksize):
+        checks[("gemm_small", device)] = functools.partial(gemm_small.layout_ok, device)
+    if (gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.shape_ok(N, K, blocksize, quant_type, dtype)
+            and gemm_ring.device_ok(device)):
+        checks[("gemm_ring", device, nested)] = functools.partial(gemm_ring.verdict, device, nested, has_bias)
+    return checks
 
 
 def bind_dequantize(data, absmax, nested_absmax, nested_code, offset, n: int, blocksize: int, quant_type: str,

@@ -111,12 +111,13 @@ def device_ok(device: torch.device) -> bool:
 
 
 def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype, absmax: torch.Tensor,
-              *tensors: torch.Tensor, nested: tuple | None = None) -> bool:
+              *tensors: torch.Tensor, nested: tuple | None = None, has_bias: bool = True) -> bool:
     """Whether this kernel can serve calls of this weight (any token count; ``wanted`` picks the counts), the
-    device's ``verdict`` included. ``absmax``: (N K / 64,) float32, 16-byte aligned (TMA reads it), or with
-    ``nested`` = (nested_absmax (ceil(N K / 64 / 256),) float32, nested_code (256,) float32 or None, offset (1,)
-    float32) the uint8 codes of double quantization; every statistic contiguous on absmax's device (the kernel
-    reads them by address); ``tensors`` (the packed weight...) must be 16-byte aligned, as TMA needs."""
+    device's ``verdict`` included (``has_bias``: whether the calls pass a bias, which the check then does too).
+    ``absmax``: (N K / 64,) float32, 16-byte aligned (TMA reads it), or with ``nested`` = (nested_absmax
+    (ceil(N K / 64 / 256),) float32, nested_code (256,) float32 or None, offset (1,) float32) the uint8 codes of
+    double quantization; every statistic contiguous on absmax's device (the kernel reads them by address);
+    ``tensors`` (the packed weight...) must be 16-byte aligned, as TMA needs."""
     nb = N * K // 64
     if not shape_ok(N, K, blocksize, quant_type, dtype) or absmax.numel() != nb or not absmax.is_contiguous():
         return False
@@ -132,7 +133,7 @@ def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtyp
             return False
     if any(t.data_ptr() % 16 for t in tensors) or not device_ok(absmax.device):
         return False
-    return verdict(absmax.device, nested is not None)
+    return verdict(absmax.device, nested is not None, has_bias)
 
 
 def wanted(M: int, N: int, K: int, programs: int = 132) -> bool:
@@ -389,23 +390,27 @@ def gemm_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_typ
 _VERDICTS: dict[tuple[torch.device, bool], bool] = {}
 
 
-def verdict(device: torch.device, nested: bool = False) -> bool:
+def verdict(device: torch.device, nested: bool = False, has_bias: bool = True) -> bool:
     """Runs the kernel once on ``device`` (a 256 x 1024 NF4 weight, 300 tokens, on 3 programs: a round of whole
     tiles, then a tail tile split in 2 with its fix-up; compiling first), with float32 or (``nested``)
     double-quantized absmax, against the dequantized float32 product; False, with a warning, if it fails or
     disagrees, and the dequantize path serves. While a CUDA graph is being captured an unchecked device answers
-    False (a plan built then keeps the dequantize path) and is checked on a later call."""
+    False (a plan built then keeps the dequantize path) and is checked on a later call.
+    One check per (device, nested); the first caller's ``has_bias`` says whether it passes a bias. The check's
+    specialization (S = 2, has_bias) is the one that most of FLUX's and T5's 512-token calls take, so a model's own
+    calls reuse its compile (~6 s) rather than add one: checked with a bias always, a model without biases (T5)
+    compiled a specialization it never ran (BENCHMARKS.md, session 28)."""
     key = (device, nested)
     if key not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
         with compile_lock(("gemm_ring.verdict", key)):  # threads: one check, the others wait for it
             if key not in _VERDICTS:
-                _VERDICTS[key] = _check(device, nested)
+                _VERDICTS[key] = _check(device, nested, has_bias)
     return _VERDICTS[key]
 
 
-def _check(device: torch.device, nested: bool) -> bool:
+def _check(device: torch.device, nested: bool, has_bias: bool) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     M, N, K = 300, 256, 1024
     w = torch.randn(N, K, generator=g) / K**0.5
@@ -415,7 +420,7 @@ def _check(device: torch.device, nested: bool) -> bool:
         q, nested_absmax, offset = blockwise.double_quantize(absmax)
         absmax, stats = blockwise.double_dequantize(q, nested_absmax, offset), (q, nested_absmax, None, offset)
     x = torch.randn(M, K, generator=g).to(torch.bfloat16)
-    bias = torch.randn(N, generator=g).to(torch.bfloat16)
+    bias = torch.randn(N, generator=g).to(torch.bfloat16) if has_bias else torch.zeros(N, dtype=torch.bfloat16)
     W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float32)
     exact = x.float() @ W.T + bias.float()
     bound = 2.0**-7 * (x.float().abs() @ W.abs().T + bias.float().abs()) + 1e-3
@@ -428,7 +433,7 @@ def _check(device: torch.device, nested: bool) -> bool:
                 q, nested_absmax, _, offset = (None if t is None else t.to(device) for t in stats)
                 gemm = RingGemm(data, q, N, K, "nf4", (nested_absmax, None, offset))
             gemm.programs = 3  # 4 tiles: one round of 3, then the last tile in 2 pieces (schedule: (3, 1, 2))
-            out = gemm(x.to(device), bias.to(device))
+            out = gemm(x.to(device), bias.to(device) if has_bias else None)
         ok = bool(((out.float().cpu() - exact).abs() <= bound).all())
         reason = "disagreed with the reference"
     except Exception as e:  # noqa: BLE001  (a triton or driver without what it needs: the dequantize path serves)

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from . import lut
-from .common import USE_PTX, _num_sms, load_absmax_inbounds, round_to
+from .common import USE_PTX, _num_sms, compile_lock, load_absmax_inbounds, round_to
 from .fourbit import absmax_args
 from .gemv_mma import _word_dot, mma_tables
 from .launch import launch
@@ -221,13 +221,18 @@ def small_supported(M: int, N: int, K: int, dtype: torch.dtype, blocksize: int, 
     bfloat16 activations, K a multiple of 64 (whole mma groups) and of the blocksize, absmax blocks of at least 64
     (an mma group must not span two), 16-byte aligned x rows (``tensors[0]``, x, contiguous with K % 8 == 0), a
     4-byte aligned weight (``tensors[1:]``), and ``layout_ok``."""
-    if not 2 <= M <= max_m(N, K) or dtype not in (torch.float16, torch.bfloat16):
+    if not 2 <= M <= max_m(N, K) or not shape_ok(K, dtype, blocksize):
         return False
-    if blocksize < 64 or K % 64 or K % blocksize or any(t.data_ptr() % 16 for t in tensors[:1]):
+    if any(t.data_ptr() % 16 for t in tensors[:1]):
         return False
     if any(t.data_ptr() % 4 for t in tensors[1:]):
         return False
     return layout_ok(tensors[0].device)
+
+
+def shape_ok(K: int, dtype: torch.dtype, blocksize: int) -> bool:
+    """The static part of ``small_supported`` for any token count: the dtype, K and blocksize."""
+    return dtype in (torch.float16, torch.bfloat16) and blocksize >= 64 and K % 64 == 0 and K % blocksize == 0
 
 
 def max_m(N: int, K: int) -> int:
@@ -326,5 +331,7 @@ def layout_ok(device: torch.device) -> bool:
     if device not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _VERDICTS[device] = _layout_verdict(device)
+        with compile_lock(("gemm_small.layout", device)):  # threads: one check, the others wait for it
+            if device not in _VERDICTS:
+                _VERDICTS[device] = _layout_verdict(device)
     return _VERDICTS[device]

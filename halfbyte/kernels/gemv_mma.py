@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..formats import fourbit as ref4
 from . import lut
-from .common import USE_PTX, gemv_split, gemv_store, load_absmax_inbounds
+from .common import USE_PTX, compile_lock, gemv_split, gemv_store, load_absmax_inbounds
 from .fourbit import absmax_args
 from .launch import launch
 
@@ -155,10 +155,15 @@ def mma_supported(dtype: torch.dtype, K: int, blocksize: int, *tensors: torch.Te
     elements across lanes, and that breaks the lane-group assumption (measured: illegal addresses). In bfloat16 this
     kernel beat the register-table one (``gemm4bit._gemv_lut_kernel``) by 8-19 % where K % 2048 == 0 and lost at
     K = 3072 (bench/gemv_lut.py --only mma, bench/gemv_smem.py; H100), so bfloat16 takes it only at those widths."""
-    need = {torch.float16: 512, torch.bfloat16: 2048}.get(dtype)
-    if need is None or blocksize < 64 or K % need or any(t.data_ptr() % 4 for t in tensors):
+    if not shape_ok(dtype, K, blocksize) or any(t.data_ptr() % 4 for t in tensors):
         return False
     return layout_ok(tensors[0].device)
+
+
+def shape_ok(dtype: torch.dtype, K: int, blocksize: int) -> bool:
+    """The static part of ``mma_supported``: the dtype, K and blocksize."""
+    need = {torch.float16: 512, torch.bfloat16: 2048}.get(dtype)
+    return need is not None and blocksize >= 64 and K % need == 0
 
 
 def _layout_verdict(device: torch.device) -> bool:
@@ -191,7 +196,9 @@ def layout_ok(device: torch.device) -> bool:
     if device not in _VERDICTS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return False
-        _VERDICTS[device] = _layout_verdict(device)
+        with compile_lock(("gemv_mma.layout", device)):  # threads: one check, the others wait for it
+            if device not in _VERDICTS:
+                _VERDICTS[device] = _layout_verdict(device)
     return _VERDICTS[device]
 
 

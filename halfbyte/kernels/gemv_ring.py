@@ -180,15 +180,25 @@ def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax: torch.Tensor,
-              *tensors: torch.Tensor) -> bool:
-    """Whether this kernel serves a GEMV (see the module doc): ``ENABLED``, the device's ``verdict`` included.
-    ``nested``: None / False without double quantization, else (nested_absmax, nested_code or None, offset)."""
+def shape_ok(dtype: torch.dtype, N: int, K: int, blocksize: int, device: torch.device) -> bool:
+    """The static part of ``supported``: ``ENABLED``, the dtype, shape and tiling, a Hopper device, Gluon."""
     if not ENABLED or INTERPRET or dtype not in (torch.float16, torch.bfloat16) or blocksize != 64:
         return False
     if K % 512 or N * K < MIN_WORK:
         return False
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or not available():
+        return False
+    return tiles(N, K, *config(N, K, _sms(device.index))[:2])
+
+
+def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax: torch.Tensor,
+              *tensors: torch.Tensor) -> bool:
+    """Whether this kernel serves a GEMV (see the module doc): ``shape_ok``, the statistics and alignment, and the
+    device's ``verdict``. ``nested``: None / False without double quantization, else (nested_absmax, nested_code or
+    None, offset)."""
     if nested is True:  # double quantization without its statistics
+        return False
+    if not shape_ok(dtype, N, K, blocksize, absmax.device):
         return False
     if nested:
         nested_absmax, nested_code, offset = nested
@@ -201,12 +211,7 @@ def supported(dtype: torch.dtype, N: int, K: int, blocksize: int, nested, absmax
         return False
     if any(t.data_ptr() % 16 for t in tensors):
         return False
-    device = absmax.device
-    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9 or not available():
-        return False
-    if not tiles(N, K, *config(N, K, _sms(device.index))[:2]):
-        return False
-    return verdict(device, dtype, bool(nested))
+    return verdict(absmax.device, dtype, bool(nested))
 
 
 _SHARED_OK: set = set()

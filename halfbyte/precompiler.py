@@ -16,11 +16,13 @@ threads compile side by side: with ``precompile`` the same calls took 9.2 + 0.6 
 
 1. **Record.** It calls ``fn(*args, **kwargs)`` once while every quantized layer records its call instead of
    computing. Each layer returns zeros of its output's shape, and the rest of the model runs on them, so the record
-   costs about the model's unquantized work. The return value is discarded.
+   costs about the model's unquantized work. The return value is discarded. As the record finds each new 4-bit
+   call, it starts, on a pool of threads, the compiles that need no replay: the device checks that the call's plan
+   will run (``kernels.gemm4bit.plan_checks``), and the fused 4-bit GEMM's specialization that the call takes
+   (``kernels.gemm_ring.precompile``, ~6 s each). A layer's first call would otherwise run its plan's checks and
+   compile its own specialization one after another.
 2. **Replay.** It calls each distinct recorded layer call once for real, on random inputs of the recorded shape
-   and dtype, on a pool of threads. Beside them, on threads of their own, it compiles the fused 4-bit GEMM's
-   specializations that those calls take (``kernels.gemm_ring.precompile``, ~5 s each). Otherwise a layer's
-   first call would compile the device check's specialization and then its own, one after the other.
+   and dtype, on the same pool.
 
 Afterwards the same call compiles nothing:
 
@@ -65,11 +67,13 @@ _ACTIVE = threading.Lock()
 
 
 class _Recorder:
-    """``nn.RECORDER`` while ``fn`` runs: keeps the first layer call of each distinct signature."""
+    """``nn.RECORDER`` while ``fn`` runs: keeps the first layer call of each distinct signature, and hands it to
+    ``on_new(layer, M, dtype)`` as it comes."""
 
-    def __init__(self):
+    def __init__(self, on_new):
         self.calls: dict[tuple, tuple] = {}
         self.count = 0
+        self.on_new = on_new
 
     def __call__(self, layer, x: torch.Tensor) -> torch.Tensor:
         layer._check_input(x)
@@ -80,6 +84,7 @@ class _Recorder:
         key = (_signature(layer), x.dtype, M, inference, grad)
         if M and key not in self.calls:
             self.calls[key] = (layer, M, x.dtype, inference, grad)
+            self.on_new(layer, M, x.dtype)
         return x.new_zeros(*x.shape[:-1], layer.out_features)
 
 
@@ -152,49 +157,49 @@ def _replay(layer, calls: list[tuple], budgets: dict) -> int:
     return made
 
 
-def _ring_variants(records) -> dict[tuple, tuple]:
-    """The fused 4-bit GEMM specializations the recorded calls take: (device, S, bias, nested) -> arguments of
-    ``kernels.gemm_ring.precompile``."""
-    from .kernels import gemm_ring
+class _Early:
+    """The compiles that need no replay, submitted to ``pool`` while the record runs, as its calls come in: the
+    device checks that the 4-bit calls' plans will run (``kernels.gemm4bit.plan_checks``; a plan runs its own one
+    after another, the fused GEMM's ~6 s compile among them) and the fused GEMM's specializations the calls take
+    (``kernels.gemm_ring.precompile``). Each once."""
 
-    out = {}
-    for layer, M, dtype, _, _ in records:
+    def __init__(self, pool: ThreadPoolExecutor):
+        self.pool = pool
+        self.checks: dict[tuple, object] = {}
+        self.variants: dict[tuple, object] = {}
+
+    def __call__(self, layer, M: int, dtype: torch.dtype) -> None:
         if not isinstance(layer, Linear4bit) or not _compiles_on(layer.weight.device):
-            continue
-        if (layer.compute_dtype or dtype) != torch.bfloat16 or layer.fp8_compute:
-            continue
-        N, K = layer.out_features, layer.in_features
-        S = gemm_ring.split_for(M, N, K, layer.blocksize, layer.quant_type, layer.weight.device)
-        if S is None:
-            continue
-        absmax, nested_absmax, nested_code, offset = layer.quant_stats()
-        nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
-        key = (layer.weight.device, S, layer.bias is not None, nested is not None)
-        data = layer.weight.reshape(-1).view(torch.uint8)
-        out.setdefault(key, (S, layer.bias is not None, data, absmax, N, K, layer.quant_type, nested))
-    return out
+            return
+        from .kernels import gemm4bit, gemm_ring
 
+        N, K, device, has_bias = layer.out_features, layer.in_features, layer.weight.device, layer.bias is not None
+        cdt = layer.compute_dtype or dtype
+        for key, check in gemm4bit.plan_checks(N, K, layer.blocksize, layer.quant_type, cdt, layer.double_quant,
+                                               has_bias, device).items():
+            if key not in self.checks:
+                self.checks[key] = self.pool.submit(check)
+        if cdt != torch.bfloat16 or layer.fp8_compute:  # (fp8 compute: its own path over 64 tokens)
+            return
+        S = gemm_ring.split_for(M, N, K, layer.blocksize, layer.quant_type, device)
+        key = (device, S, has_bias, layer.double_quant)
+        if S is not None and key not in self.variants:
+            absmax, nested_absmax, nested_code, offset = layer.quant_stats()
+            nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
+            data = layer.weight.reshape(-1).view(torch.uint8)
+            self.variants[key] = self.pool.submit(gemm_ring.precompile, S, has_bias, data, absmax, N, K,
+                                                  layer.quant_type, nested)
 
-def _device_checks(records) -> list:
-    """The device checks that the recorded 4-bit calls' plans will run (``kernels.gemm4bit.plan_checks``), each
-    once. A plan runs its checks one after another, the fused GEMM's (~6 s of compiling) among them; started
-    first, side by side, they are done by the time the replays' plans reach them."""
-    from .kernels import gemm4bit
-
-    checks = {}
-    for layer, _, dtype, _, _ in records:
-        if isinstance(layer, Linear4bit) and _compiles_on(layer.weight.device):
-            checks.update((k, f) for k, f in gemm4bit.plan_checks(
-                layer.out_features, layer.in_features, layer.blocksize, layer.quant_type, layer.compute_dtype or dtype,
-                layer.double_quant, layer.bias is not None, layer.weight.device).items() if k not in checks)
-    return list(checks.values())
+    def jobs(self) -> list:
+        return [*self.checks.values(), *self.variants.values()]
 
 
 def precompile(fn, *args, workers: int | None = None, **kwargs) -> dict:
     """Compiles what ``fn(*args, **kwargs)`` will run in its quantized layers (module doc), on ``workers`` threads
     (default: the CPU count, at most 32), and returns what it did: ``recorded`` layer calls, ``distinct`` ones on
     devices where kernels compile (CUDA; the others' layers run PyTorch references), ``replayed`` real calls,
-    ``device_checks`` run first and ``gemm_variants`` fused-GEMM specializations compiled beside them, ``seconds``.
+    ``device_checks`` and ``gemm_variants`` (fused-GEMM specializations) compiled from the record on, beside
+    them, ``record_seconds`` (the record's share) and ``seconds``.
     ``fn``'s own return value is discarded (it ran on the recorded zeros). Not reentrant (one at a time)."""
     if workers is not None and workers < 1:
         raise ValueError(f"precompile: workers must be >= 1, got {workers}")
@@ -202,42 +207,41 @@ def precompile(fn, *args, workers: int | None = None, **kwargs) -> dict:
         raise RuntimeError("precompile: another precompile is running (the layers record process-wide)")
     t0 = time.perf_counter()
     try:
-        recorder = _Recorder()
-        hb_nn.RECORDER = recorder
-        try:
-            fn(*args, **kwargs)
-        finally:
-            hb_nn.RECORDER = None
-        records = [r for r in recorder.calls.values() if _compiles_on(r[0].weight.device)]
-        by_layer: dict[int, tuple] = {}
-        for layer, M, dtype, inference, grad in records:
-            by_layer.setdefault(id(layer), (layer, []))[1].append((M, dtype, inference, grad))
-        variants = _ring_variants(records)
-        checks = _device_checks(records)
-        budgets = {}
-        for layer, _ in by_layer.values():
-            d = layer.weight.device
-            if d not in budgets:
-                free = torch.cuda.mem_get_info(d)[0] if d.type == "cuda" else 1 << 40
-                budgets[d] = _Budget(max(free // 2, 1))  # (a full device: one replay at a time)
-        replayed = 0
-        if by_layer:
-            from .kernels import gemm_ring
-
-            n = workers or min(32, os.cpu_count() or 1)
-            with ThreadPoolExecutor(max_workers=n, thread_name_prefix="halfbyte-precompile") as pool:
-                jobs = [pool.submit(check) for check in checks]  # the long ones first
-                jobs += [pool.submit(gemm_ring.precompile, *v) for v in variants.values()]
-                jobs += [pool.submit(_replay, layer, calls, budgets) for layer, calls in by_layer.values()]
-                results = [j.exception() or j.result() for j in jobs]  # every job ends before an error is raised
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-            replayed = sum(results[len(checks) + len(variants):])
-            for d in budgets:
-                if d.type == "cuda":
-                    torch.cuda.synchronize(d)
-        return dict(recorded=recorder.count, distinct=len(records), replayed=replayed, device_checks=len(checks),
-                    gemm_variants=len(variants), seconds=time.perf_counter() - t0)
+        n = workers or min(32, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=n, thread_name_prefix="halfbyte-precompile") as pool:
+            early = _Early(pool)
+            recorder = _Recorder(early)
+            hb_nn.RECORDER = recorder
+            try:
+                fn(*args, **kwargs)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # (waits for the compiles under way)
+                raise
+            finally:
+                hb_nn.RECORDER = None
+            record_seconds = time.perf_counter() - t0
+            records = [r for r in recorder.calls.values() if _compiles_on(r[0].weight.device)]
+            by_layer: dict[int, tuple] = {}
+            for layer, M, dtype, inference, grad in records:
+                by_layer.setdefault(id(layer), (layer, []))[1].append((M, dtype, inference, grad))
+            budgets = {}
+            for layer, _ in by_layer.values():
+                d = layer.weight.device
+                if d not in budgets:
+                    free = torch.cuda.mem_get_info(d)[0] if d.type == "cuda" else 1 << 40
+                    budgets[d] = _Budget(max(free // 2, 1))  # (a full device: one replay at a time)
+            jobs = early.jobs()
+            replays = [pool.submit(_replay, layer, calls, budgets) for layer, calls in by_layer.values()]
+            results = [j.exception() or j.result() for j in jobs + replays]  # all end before an error is raised
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        replayed = sum(results[len(jobs):])
+        for d in budgets:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+        return dict(recorded=recorder.count, distinct=len(records), replayed=replayed,
+                    device_checks=len(early.checks), gemm_variants=len(early.variants),
+                    record_seconds=record_seconds, seconds=time.perf_counter() - t0)
     finally:
         _ACTIVE.release()

@@ -64,6 +64,32 @@ def test_records_then_replays_each_distinct_call(replay_on_cpu):
     assert model(x3).equal(before[0]) and model(x1).equal(before[1])  # the layers compute again, as before
 
 
+def test_device_checks_start_while_recording(replay_on_cpu, monkeypatch):
+    """Each new 4-bit call's plan checks go to the pool as the record finds it, not after the record: ``fn`` waits
+    here for the first one to have run while it still records."""
+    from halfbyte.kernels import gemm4bit
+
+    started, asked = threading.Event(), []
+
+    def plan_checks(N, K, blocksize, quant_type, dtype, nested, has_bias, device):
+        asked.append((N, K, quant_type, dtype, nested, has_bias))
+        return {("check", device): started.set}  # one device check, shared by the layers
+
+    monkeypatch.setattr(gemm4bit, "plan_checks", plan_checks)
+    model = _model()
+
+    def call():
+        model(torch.randn(2, 128, dtype=torch.bfloat16))
+        assert started.wait(30), "the device check did not run during the record"
+
+    report = precompiler.precompile(call)
+    bf16 = torch.bfloat16
+    assert asked == [(256, 128, "nf4", bf16, False, True), (128, 256, "fp4", bf16, True, False),
+                     (64, 128, "nf4", bf16, False, True)]
+    assert report["device_checks"] == 1 and report["gemm_variants"] == 0
+    assert 0 < report["record_seconds"] <= report["seconds"]
+
+
 def test_distinct_by_what_picks_the_kernels(replay_on_cpu):
     """Token count, input dtype and grad mode make calls distinct; a second layer of the same kind and shape does
     not (its call is the first one's)."""

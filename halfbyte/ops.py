@@ -224,13 +224,9 @@ def dequantize_4bit_fused(
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
     out = torch.empty(n, dtype=dtype, device=B.device)
-    nested = nested_absmax is not None
-    stats = (absmax, nested_absmax, nested_code, offset) if nested else (absmax, absmax, absmax, absmax)
-    rows = kernels._rows(blocksize)
-    grid = (-(-fourbit.num_blocks(n, blocksize) // rows),)
-    torch.library.wrap_triton(kernels._dequant_kernel)[grid](
-        data, *stats, code, out, n, BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=kernels.USE_PTX,
-        num_warps=4)
+    kernel, grid, args, kwargs = kernels.dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize,
+                                                        quant_type, n, out, code)
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
     return out.view(tuple(shape))
 
 

@@ -135,6 +135,31 @@ def test_4bit_kernels_match_reference_all_blocksizes(bs, n):
                            bits(fourbit.dequantize_4bit(packed, am, bs, qt, (n,), torch.float32)))
 
 
+@pytest.mark.parametrize("bs", [32, 64, 4096])
+def test_dequantize_word_and_tile_kernels_give_the_same_bits(bs):
+    """The word kernel (n % 8 == 0, 4-byte aligned packed data) and the tile kernel (the rest) give the reference's
+    bits; packed data read from a view 4 bytes or 1 byte into a buffer takes the one or the other."""
+    n = 2 * 4096 + 8 * 13
+    x = torch.randn(n, device=DEV) * 3
+    for qt in ("nf4", "fp4"):
+        packed, absmax = fourbit.quantize_4bit(x, bs, qt)
+        q, nested, offset = blockwise.double_quantize(absmax)
+        for shift, kernel in ((4, k4._dequant_words_kernel), (1, k4._dequant_kernel)):
+            buf = torch.zeros(packed.numel() + 8, dtype=torch.uint8, device=DEV)
+            view = buf[shift:shift + packed.numel()]
+            view.copy_(packed)
+            out = torch.empty(n, device=DEV)
+            assert k4.dequant_launch(view, absmax, None, None, None, bs, qt, n, out)[0] is kernel
+            for dt in DTYPES.values():
+                ref = fourbit.dequantize_4bit(packed, absmax, bs, qt, (n,), dt)
+                assert torch.equal(bits(k4.dequantize(view, absmax, None, None, None, bs, qt, n, dt)), bits(ref))
+                ref_dq = fourbit.dequantize_4bit(packed, blockwise.double_dequantize(q, nested, offset), bs, qt, (n,),
+                                                 dt)
+                assert torch.equal(bits(k4.dequantize(view, q, nested, None, offset, bs, qt, n, dt)), bits(ref_dq))
+    # a length that is not whole words takes the tile kernel
+    assert k4.dequant_launch(packed[:-1], absmax, None, None, None, bs, qt, n - 2, out)[0] is k4._dequant_kernel
+
+
 def test_4bit_kernels_reject_bad_arguments():
     packed, absmax = k4.quantize_4bit(torch.randn(128, device=DEV), 64, "nf4")
     with pytest.raises(ValueError, match="blocksize"):

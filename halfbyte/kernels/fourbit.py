@@ -1,9 +1,12 @@
 """Triton 4-bit (NF4/FP4) blockwise quantize and dequantize, bit-exact with ``formats.fourbit`` (bitsandbytes'
 CUDA bytes, docs/bnb-format.md §1) for every blocksize 32..4096 and fp16/bf16/fp32.
 
-Both kernels give each program ``ROWS`` whole quantization blocks, held as a (ROWS, blocksize/2) tile of bytes,
-so one absmax serves a tile row and no element needs its block index gathered. The even element of a pair sits
-in the high nibble: dequantization decodes both nibbles of each byte and interleaves them in registers.
+The quantize and the tile dequantize give each program ``ROWS`` whole quantization blocks, held as a
+(ROWS, blocksize/2) tile of bytes, so one absmax serves a tile row and no element needs its block index gathered.
+The even element of a pair sits in the high nibble: the tile dequantize decodes both nibbles of each byte and
+interleaves them in registers. Where the length is whole 32-bit words and the bytes are 4-byte aligned (FLUX's
+and T5's weights), the word dequantize serves instead: a thread reads words and writes each word's 8 values with one
+store (``dequant_launch``).
 Double-quantized absmax (uint8 + nested float32 stats) is decoded inside the dequantize kernel.
 """
 
@@ -63,6 +66,27 @@ def _dequant_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, c
     vals = round_to(tl.interleave(hi, lo), out_ptr.dtype.element_ty, USE_PTX)  # (ROWS, BLOCKSIZE), element 2j first
     e = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     tl.store(out_ptr + e, vals, mask=e < n)
+
+
+@triton.jit
+def _dequant_words_kernel(packed_ptr, absmax_ptr, nested_ptr, ncode_ptr, offset_ptr, code_ptr, out_ptr, n,
+                          WORDS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, USE_PTX: tl.constexpr):
+    """The tile kernel's values, with its arguments, for n % 8 == 0 and a 4-byte aligned ``packed``: each thread
+    reads whole 32-bit words and writes a word's 8 values, contiguous in the output, with one store."""
+    # (WORDS, 1) tiles rather than (WORDS,): the word loads then share the stores' layout (one thread, one word,
+    # its 8 values), with no shared-memory conversion between them.
+    w = tl.program_id(0).to(tl.int64) * WORDS + tl.arange(0, WORDS)[:, None]
+    live = w < n // 8
+    q = tl.load(packed_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + w, mask=live, other=0)
+    blk = w // (BLOCKSIZE // 8)
+    if NESTED:
+        am = load_absmax(absmax_ptr, f32_ptr(nested_ptr), ncode_ptr, f32_ptr(offset_ptr), blk, live, NESTED, USE_PTX)
+    else:
+        am = load_absmax(f32_ptr(absmax_ptr), nested_ptr, ncode_ptr, offset_ptr, blk, live, NESTED, USE_PTX)
+    k = tl.arange(0, 8)[None, :]
+    nib = (q >> ((k // 2) * 8 + (1 - k % 2) * 4)) & 15  # element k: byte k // 2 (little endian), even k high
+    vals = round_to(tl.load(code_ptr + nib) * am, out_ptr.dtype.element_ty, USE_PTX)
+    tl.store(out_ptr + w * 8 + k, vals, mask=live)
 
 
 @triton.jit
@@ -129,9 +153,9 @@ def dequantize(
     out = torch.empty(n, dtype=dtype, device=data.device)
     if n == 0:
         return out
-    grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n,
-                                        out)
-    launch(_dequant_kernel, grid, *args, **kwargs)
+    kernel, grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize,
+                                                quant_type, n, out)
+    launch(kernel, grid, *args, **kwargs)
     return out
 
 
@@ -144,14 +168,34 @@ def absmax_args(absmax, nested_absmax, nested_code, offset, device) -> tuple:
     return (absmax, nested_absmax, ncode, offset)
 
 
-def dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n, out):
-    """(grid, args, kwargs) of ``_dequant_kernel`` writing the ``n`` values of ``data`` (uint8) into ``out``; the
-    one place that builds them, for ``dequantize`` and for the bound launches of ``gemm4bit.Plan``."""
+#: Words per program of ``_dequant_words_kernel`` (4 warps): 512 and 1024 took the same time, 2048 on 8 warps 15 %
+#: more (bench/dequant_words.py, H200).
+_WORDS = 512
+
+
+def _aligned4(t: torch.Tensor) -> bool:
+    try:
+        return t.data_ptr() % 4 == 0
+    except RuntimeError:  # a fake tensor, while torch.compile traces: Inductor places its inputs by storage offset
+        return t.storage_offset() * t.element_size() % 4 == 0
+
+
+def dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n, out, code=None):
+    """(kernel, grid, args, kwargs) of the dequantize writing the ``n`` values of ``data`` (uint8) into ``out``; the
+    one place that builds them, for ``dequantize``, the bound launches of ``gemm4bit.Plan`` and the in-graph op
+    (``code``: its (16,) float32 code table, default the cached one). Both kernels take the same arguments (``out``
+    at position 6) and give the same bits. ``_dequant_words_kernel`` where n % 8 == 0 and ``data`` is 4-byte aligned:
+    on an H200 it took 0.84-0.93x the tile kernel's time (12288 x 3072: 29.0 against 34.2 us; a copy of the same
+    bytes 28.6 us; on an H100 0.95-0.98x: BENCHMARKS.md sessions 12 and 29); else ``_dequant_kernel``."""
+    code = code_table(quant_type, data.device) if code is None else code
+    args = (data, *absmax_args(absmax, nested_absmax, nested_code, offset, data.device), code, out, n)
+    nested = nested_absmax is not None
+    if n % 8 == 0 and _aligned4(data):
+        kwargs = dict(WORDS=_WORDS, BLOCKSIZE=blocksize, NESTED=nested, USE_PTX=USE_PTX, num_warps=4)
+        return _dequant_words_kernel, (triton.cdiv(n // 8, _WORDS),), args, kwargs
     rows = _rows(blocksize)
-    args = (data, *absmax_args(absmax, nested_absmax, nested_code, offset, data.device),
-            code_table(quant_type, data.device), out, n)
-    kwargs = dict(BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested_absmax is not None, USE_PTX=USE_PTX, num_warps=4)
-    return (triton.cdiv(fourbit.num_blocks(n, blocksize), rows),), args, kwargs
+    kwargs = dict(BLOCKSIZE=blocksize, ROWS=rows, NESTED=nested, USE_PTX=USE_PTX, num_warps=4)
+    return _dequant_kernel, (triton.cdiv(fourbit.num_blocks(n, blocksize), rows),), args, kwargs
 
 
 def dequantize_4bit(A, absmax, blocksize, quant_type, shape, dtype):

@@ -40,7 +40,7 @@ import triton.language as tl
 from ..formats import fourbit as ref4
 from . import gemm_ring, gemm_small, gemv_mma, gemv_ring, lut
 from .common import INTERPRET, USE_PTX, gemv_rows, gemv_split, gemv_store, load_absmax_inbounds
-from .fourbit import _dequant_kernel, absmax_args, code_table, dequant_launch, dequantize
+from .fourbit import absmax_args, code_table, dequant_launch, dequantize
 from .launch import PlanCache, bind, hooks_installed, launch
 
 #: Plans of the op's own calls (torch.compile graphs, direct kernel calls), keyed by ``plan_key``. ``halfbyte.nn``'s
@@ -451,8 +451,9 @@ def bind_dequantize(data, absmax, nested_absmax, nested_code, offset, n: int, bl
     """The dequantize launch of these weight tensors (``data`` uint8) into ``dtype``, bound with the output's
     address free: ``bound(stream, out_ptr)`` writes the ``n`` values (``dequantize``'s bytes)."""
     W = torch.empty(0, dtype=dtype, device=data.device)  # the output's place: only its dtype specializes
-    grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, n, W)
-    bound = bind(_dequant_kernel, grid, args, kwargs, free=(6,))
+    kernel, grid, args, kwargs = dequant_launch(data, absmax, nested_absmax, nested_code, offset, blocksize,
+                                                quant_type, n, W)
+    bound = bind(kernel, grid, args, kwargs, free=(6,))
     if bound is None:
         raise RuntimeError("kernels.gemm4bit: launches cannot be bound here (interpreter or launch hooks)")
     return bound

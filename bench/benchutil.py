@@ -87,6 +87,23 @@ def bnb_gemv_ms(bnb, ws, x: torch.Tensor, nested: bool = False) -> float:
     return timed_graph(lambda: [bnb.matmul_4bit(x, q.t(), quant_state=s) for q, s in bq]) / len(ws)
 
 
+def copy_ms(traffic: int, copies: int) -> float:
+    """Milliseconds per device-to-device copy that reads traffic/2 bytes and writes as many (``traffic`` bytes moved,
+    as a GEMV of that weight size reads), over ``copies`` source and destination buffers cycled past the L2 as the
+    GEMV benches cycle their weights, graph replay: the copy bandwidth at the GEMV's working-set size."""
+    half = traffic // 2
+    src = [torch.empty(half, dtype=torch.uint8, device="cuda") for _ in range(copies)]
+    dst = [torch.empty_like(t) for t in src]
+    return timed_graph(lambda: [d.copy_(t) for d, t in zip(dst, src)]) / copies
+
+
+def card_copy_tbs(nbytes: int = 2**28) -> float:
+    """The card's copy bandwidth in TB/s (bytes read + written per second) on a copy of ``nbytes`` (256 MiB)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed_graph(lambda: dst.copy_(src)) / 1e9
+
+
 def sweep(row: dict, name: str, configs, make, check, ws, copies: int) -> None:
     """Times ``make(cfg)`` (a call on one weight copy, or None where cfg does not apply) over ``configs``, records
     each in ``row`` and the best under ``name``."""

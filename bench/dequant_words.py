@@ -206,9 +206,9 @@ def main():
         lib = fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", n, torch.bfloat16)
         r = {"shape": f"{N}x{K}", "library": timed_graph(
             lambda: fourbit.dequantize(packed, absmax, None, None, None, 64, "nf4", n, torch.bfloat16), rep=200)}
-        out, rows = torch.empty_like(lib), fourbit._rows(64)
-        r["tile"] = timed_graph(lambda: fourbit._dequant_kernel[(triton.cdiv(n // 64, rows),)](
-            packed, absmax, absmax, absmax, absmax, code, out, n, BLOCKSIZE=64, ROWS=rows, NESTED=False,
+        out, tile_rows = torch.empty_like(lib), fourbit._rows(64)
+        r["tile"] = timed_graph(lambda: fourbit._dequant_kernel[(triton.cdiv(n // 64, tile_rows),)](
+            packed, absmax, absmax, absmax, absmax, code, out, n, BLOCKSIZE=64, ROWS=tile_rows, NESTED=False,
             USE_PTX=USE_PTX, num_warps=4), rep=200)
         if not torch.equal(out.view(torch.int16), lib.view(torch.int16)):
             r["tile WRONG"] = True

@@ -8,10 +8,11 @@ reading: BENCHMARKS.md, session 17.
     python bench/gemv_gluon.py --host             # host time per call: ring vs tensor-core GEMV, eager loops
 
 Design: ``halfbyte/kernels/gemv_ring.py``. Columns: "routed" the library's GEMV as routed (the ring where it
-serves: on by default), "lib" the GEMV without the ring (``use_ring=False``), "bnb"
-bitsandbytes' ``matmul_4bit``, "tma/..." the ring per launch shape; ``--read-only`` adds the same programs with
-the decode replaced by a trivial use of each stage ("read", MODE 1) and without the absmax and x loads ("read-w",
-MODE 2): the memory side's floor.
+serves: on by default), "lib" the GEMV without the ring (``use_ring=False``), "bnb" bitsandbytes' ``matmul_4bit``,
+"copy" a device-to-device copy moving the bytes the GEMV reads (half read, half written; buffers cycled past the L2
+as the weights are), "tma/..." the ring per launch shape; ``--read-only`` adds the same programs with the decode
+replaced by a trivial use of each stage ("read", MODE 1) and without the absmax and x loads ("read-w", MODE 2):
+the memory side's floor.
 """
 
 import argparse
@@ -57,7 +58,7 @@ def main():
     if args.host:
         host_costs(getattr(torch, args.dtype))
         return
-    from benchutil import bnb_gemv_ms, gemv_case, report_row, sweep, timed_graph
+    from benchutil import bnb_gemv_ms, card_copy_tbs, copy_ms, gemv_case, report_row, sweep, timed_graph
 
     from halfbyte.kernels import gemm4bit
     try:
@@ -72,6 +73,8 @@ def main():
         gemv_ring._asm.cache_clear()
     if args.empty:
         print(f"empty kernel, per launch in a graph of 50: {empty_launch_ms() * 1e3:.2f} us")
+    card = card_copy_tbs()
+    print(f"the card's copy bandwidth (256 MiB copy, read + written): {card:.2f} TB/s")
     shapes = ([tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else
               [(18432, 3072), (14336, 4096), (3072, 3072), (12288, 3072), (10240, 4096), (3072, 12288),
                (3072, 15360), (4096, 10240), (4096, 4096)])
@@ -88,6 +91,7 @@ def main():
         row["lib"] = timed_graph(lambda: [old(pa) for pa in ws]) / copies
         if bnb is not None:
             row["bnb"] = bnb_gemv_ms(bnb, ws, x, nq)
+        row["copy"] = copy_ms(nbytes, copies)  # a copy moving the bytes the GEMV reads
         for mode, name in ((0, "tma"),) + (((1, "read"), (2, "read-w"), (3, "no-table"), (4, "no-load"))
                                            if args.read_only else ()):
             def make(cfg, mode=mode):
@@ -106,6 +110,9 @@ def main():
         if "bnb" in row:
             names = ("routed", "lib", "tma")
             print("   speed vs bnb:", ", ".join(f"{k} {row['bnb'] / row[k]:.2f}x" for k in names if k in row))
+        tbs = nbytes / row["routed"] / 1e9
+        print(f"   routed: {tbs:.2f} TB/s, {row['copy'] / row['routed']:.0%} of a copy moving the same bytes, "
+              f"{tbs / card:.0%} of the card's copy bandwidth")
         ws = None
         torch.cuda.empty_cache()
     if args.json:

@@ -2,15 +2,16 @@
 
 Triton compiles a kernel specialization at its first launch, and a model's first forward reaches its kernels one
 after another. On an H200 machine (16 CPUs) whose triton cache was empty, the first call took, against ~0.2 s for
-the next one (BENCHMARKS.md, session 28):
+the next one (BENCHMARKS.md, sessions 28-29):
 
-- 15.8 s for a FLUX-sized NF4 step;
+- 15.8-16.9 s for a FLUX-sized NF4 step;
 - 18.5 s for an LLM.int8() step;
-- 27.9 s for a T5-XXL NF4 encode, 21 s of it the fused GEMM's three specializations.
+- 16.5 s for a T5-XXL NF4 encode, 11.7 s of it the fused GEMM's two specializations.
 
 A later process finds the kernels in triton's disk cache (0.9 s), so this is the cost of a fresh machine or
 container. Much of a compile runs outside the GIL (MLIR passes, ptxas; triton's Python front end does not), so
-threads compile side by side: with ``precompile`` the same calls took 9.2 + 0.6 s, 9.3 + 0.2 s and 13.5 + 0.1 s.
+threads compile side by side: with ``precompile`` the NF4 calls took 6.2 + 0.7 s (FLUX) and 6.4 + 0.1 s (T5), the
+int8 step 9.3 + 0.2 s (session 28).
 
 ``precompile(fn, *args, **kwargs)`` does this in two phases:
 

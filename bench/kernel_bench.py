@@ -23,7 +23,7 @@ import triton.testing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import halfbyte  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
-from halfbyte.kernels import gemm4bit  # noqa: E402
+from halfbyte.kernels import gemm4bit, gemv  # noqa: E402
 
 try:
     import bitsandbytes as bnb
@@ -167,7 +167,7 @@ def bench_sweep(out):
         copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
         layers = [Layer(N, K) for _ in range(copies)]
         x = torch.randn(1, K, device=DEV, dtype=DT)
-        cfgs = [gemm4bit.Config(bn, ks, w) for bn, ks, w in ((16, 256, 4), (16, 512, 4), (16, 256, 8), (8, 512, 4),
+        cfgs = [gemv.Config(bn, ks, w) for bn, ks, w in ((16, 256, 4), (16, 512, 4), (16, 256, 8), (8, 512, 4),
                                                               (32, 128, 4), (32, 256, 8), (64, 128, 4))]
         res = []
         for cfg in cfgs:
@@ -180,7 +180,7 @@ def bench_sweep(out):
                 print(f"  {cfg}: failed {type(e).__name__}")
         res.sort(key=lambda t: t[0])
         nbytes = layers[0].packed_bytes()
-        print(f"N={N} K={K}: default {gemm4bit.default_config(N, K)}")
+        print(f"N={N} K={K}: default {gemv.default_config(N, K)}")
         for ms, cfg in res[:6]:
             print(f"  {ms:.4f} ms  {nbytes / ms / 1e9:.2f} TB/s  {cfg}")
         out.append({"N": N, "K": K, "best": [(ms, vars(c)) for ms, c in res]})

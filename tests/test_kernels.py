@@ -16,7 +16,7 @@ import triton.language as tl  # noqa: E402
 from halfbyte import ops  # noqa: E402
 from halfbyte.formats import blockwise, fourbit  # noqa: E402
 from halfbyte.formats.fastmath import rcp_approx  # noqa: E402
-from halfbyte.kernels import common, gemm4bit  # noqa: E402
+from halfbyte.kernels import common, gemm4bit, gemv  # noqa: E402
 from halfbyte.kernels import fourbit as k4  # noqa: E402
 
 pytestmark = IGNORE_NUMPY_WARNINGS
@@ -265,7 +265,7 @@ def test_gemm_4bit_tiny(dn, nested):
             assert out.shape == (M, N) and out.dtype == dtype
             if M == 1:
                 assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
-                for cfg in (gemm4bit.Config(64, 64, num_warps=8), gemm4bit.Config(8, 128, xsplit=True)):
+                for cfg in (gemv.Config(64, 64, num_warps=8), gemv.Config(8, 128, xsplit=True)):
                     other = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt, cfg)
                     assert_within_fp32_sum_bound(other, x, W, bias, unrounded_weights=True)
             elif small_serves(x, packed, K, bs):
@@ -302,14 +302,14 @@ def test_gemv_register_tables_tiny(nested):
         W = fourbit.dequantize_4bit(packed, am, bs, qt, (N, K), torch.bfloat16)
         bias = torch.randn(N, device=DEV).to(torch.bfloat16)
         x = torch.randn(1, K, device=DEV).to(torch.bfloat16)
-        assert gemm4bit.lut_supported(x.dtype, x, packed)
+        assert gemv.lut_supported(x.dtype, x, packed)
         out = gemm4bit.gemv(x, packed, *stats, bias, N, K, bs, qt)
         assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)
-        grid, steps, _, kw = gemm4bit.gemv_lut_launch(N, K, bs, nested, True, x.device)
+        grid, steps, _, kw = gemv.gemv_lut_launch(N, K, bs, nested, True, x.device)
         assert kw["G"] == min(bs // 8, 8) and kw["NG"] * kw["G"] * steps * grid[1] == K // 8
         shifted = torch.empty(1, K + 1, device=DEV, dtype=torch.bfloat16)[:, 1:]  # 2 bytes past alignment
         shifted.copy_(x)
-        assert not gemm4bit.lut_supported(x.dtype, shifted, packed)
+        assert not gemv.lut_supported(x.dtype, shifted, packed)
         other = gemm4bit.gemv(shifted, packed, *stats, bias, N, K, bs, qt)
         assert_within_fp32_sum_bound(other, x, W, bias, unrounded_weights=True)
 
@@ -416,7 +416,7 @@ def test_gemm_4bit_fallbacks_and_leading_dims():
             assert torch.equal(bits(out), bits(torch.nn.functional.linear(x, W)))
         x1 = x[:1, :1]  # (1, 1, K): a single token takes the GEMV only when K % blocksize == 0
         out1 = gemm4bit.gemm_4bit(x1, packed, *stats, None, [N, K], bs, "nf4")
-        if gemm4bit.fused_supported(1, K, bs, x.dtype):
+        if gemv.fused_supported(1, K, bs, x.dtype):
             assert_within_fp32_sum_bound(out1.view(1, N), x1.view(1, K), W, None, unrounded_weights=True)
         else:
             assert torch.equal(bits(out1), bits(torch.nn.functional.linear(x1, W)))

@@ -69,9 +69,9 @@ def test_launch_keys_separate_what_triton_specializes():
 
 def test_launch_keys_constexprs_passed_by_position_by_value():
     """The GEMV passes K (a constexpr) by position: two K of one integer class must not share a kernel."""
-    from halfbyte.kernels import gemm4bit
+    from halfbyte.kernels import gemv
     from halfbyte.kernels.launch import cache_key
-    fn = gemm4bit._gemv_kernel
+    fn = gemv._gemv_kernel
     t = torch.zeros(64)
     names = fn.arg_names
     k = names.index("K")

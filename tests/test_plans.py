@@ -144,23 +144,23 @@ def test_plan_binds_the_launches_gemm_4bit_makes(monkeypatch, dq, N, K, bias):
     """Runs everywhere: with triton's launch and bind replaced by recorders, a Plan binds the same kernels,
     grids, arguments and constexprs as ``gemm_4bit``'s GEMV and dequantize launches, except the per-call input
     and output addresses (the free positions)."""
-    from halfbyte.kernels import fourbit, gemm4bit
+    from halfbyte.kernels import fourbit, gemm4bit, gemv
 
     layer = _layer(N, K, torch.float32, bias=bias, device="cpu", double_quant=dq)
     args = (layer.weight, *layer.quant_stats(), layer.bias)
     launched, bound = [], []
-    monkeypatch.setattr(gemm4bit, "launch", lambda fn, grid, *a, **kw: launched.append((fn, grid, a, kw)))
+    monkeypatch.setattr(gemv, "launch", lambda fn, grid, *a, **kw: launched.append((fn, grid, a, kw)))
     monkeypatch.setattr(fourbit, "launch", lambda fn, grid, *a, **kw: launched.append((fn, grid, a, kw)))
     monkeypatch.setattr(gemm4bit, "bind", lambda fn, grid, a, kw, free: bound.append((fn, grid, a, kw, free)) or 1)
     gemm4bit.gemm_4bit(torch.zeros(1, K), *args, [N, K], 64, "nf4")  # GEMV
     gemm4bit.gemm_4bit(torch.zeros(3, K), *args, [N, K], 64, "nf4")  # dequantize + linear
     plan = gemm4bit.Plan(*args, N, K, 64, "nf4", torch.float32)
     assert plan._atomic == (N == 16)
-    assert [b[0] for b in bound] == [fourbit._dequant_words_kernel, gemm4bit._gemv_kernel]  # N K % 8 == 0
+    assert [b[0] for b in bound] == [fourbit._dequant_words_kernel, gemv._gemv_kernel]  # N K % 8 == 0
     for (fn, grid, a, kw), (bfn, bgrid, ba, bkw, free) in zip(launched[::-1], bound):
         assert (fn, tuple(grid), kw) == (bfn, tuple(bgrid), bkw)
         assert len(a) == len(ba)
-        unread = {7} if fn is gemm4bit._gemv_kernel and not bias else set()  # bias slot: HAS_BIAS is off
+        unread = {7} if fn is gemv._gemv_kernel and not bias else set()  # bias slot: HAS_BIAS is off
         for i, (x, y) in enumerate(zip(a, ba)):
             if i in free or i in unread:
                 assert isinstance(y, torch.Tensor) and x.dtype == y.dtype, i

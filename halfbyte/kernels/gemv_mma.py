@@ -5,7 +5,7 @@ Each lane decodes its 32-bit words of 8 codes into four packed float16 pairs wit
 ``mma.m16n8k16``: rows g / g+8 of the A fragment hold two weight rows, B holds x. An mma lane group (4 lanes) holds
 the 8 words of one absmax group of one row, so the diagonal entry C[g][g] (lane 4g + g/2) is exactly that group's
 ``sum code * x``; that lane returns it, the others 0, and triton multiplies by the absmax and accumulates. Per word
-this is ~40 instructions against ~52 for the float32 decode + FMA of ``gemm4bit._gemv_lut_kernel`` and ~80 for the
+this is ~40 instructions against ~52 for the float32 decode + FMA of ``gemv._gemv_lut_kernel`` and ~80 for the
 table-load kernel (BENCHMARKS.md, "GEMV with register tables"): 1.05-1.51x bitsandbytes' speed in float16 on an
 H100, where the table-load kernel was 0.9-1.0x. bfloat16 takes it where K % 2048 == 0 (``mma_supported``), where
 it beat the register-table kernel.
@@ -31,6 +31,7 @@ from ..formats import fourbit as ref4
 from . import lut
 from .common import USE_PTX, compile_lock, gemv_split, gemv_store, load_absmax_inbounds
 from .fourbit import absmax_args
+from .gemv import finish, gemv_tables
 from .launch import launch
 
 
@@ -153,7 +154,7 @@ def mma_supported(dtype: torch.dtype, K: int, blocksize: int, *tensors: torch.Te
     absmax groups of at least 64 (an mma lane group covers 64 weights of one row); 4-byte aligned weight and x; and
     ``layout_ok`` on the device. A K step under 512 leaves the tile smaller than the warps, triton then replicates
     elements across lanes, and that breaks the lane-group assumption (measured: illegal addresses). In bfloat16 this
-    kernel beat the register-table one (``gemm4bit._gemv_lut_kernel``) by 8-19 % where K % 2048 == 0 and lost at
+    kernel beat the register-table one (``gemv._gemv_lut_kernel``) by 8-19 % where K % 2048 == 0 and lost at
     K = 3072 (bench/gemv_lut.py --only mma, bench/gemv_smem.py; H100), so bfloat16 takes it only at those widths."""
     if not shape_ok(dtype, K, blocksize) or any(t.data_ptr() % 4 for t in tensors):
         return False
@@ -168,8 +169,6 @@ def shape_ok(dtype: torch.dtype, K: int, blocksize: int) -> bool:
 
 def _layout_verdict(device: torch.device) -> bool:
     """One run of the kernel on a 16 x 2048 weight against the table-load kernel's result (see the module doc)."""
-    from . import gemm4bit  # the table-load GEMV (gemm4bit imports this module)
-
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.randn(16, 2048, generator=g) / 2048**0.5
     packed, absmax = ref4.quantize_4bit(w, 64, "nf4")
@@ -177,7 +176,7 @@ def _layout_verdict(device: torch.device) -> bool:
     x = torch.randn(1, 2048, generator=g).to(torch.float16).to(device)
     data = packed.reshape(-1).view(torch.uint8)
     out = gemv_mma(x, data, absmax, None, None, None, None, 16, 2048, 64, "nf4")
-    ref = gemm4bit.gemv(x, packed, absmax, None, None, None, None, 16, 2048, 64, "nf4", use_mma=False)
+    ref = gemv_tables(x, data, absmax, None, None, None, None, 16, 2048, 64, "nf4")
     W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (16, 2048), torch.float32)
     scale = x.float().abs() @ W.abs().T
     ok = bool(((out.float() - ref.float()).abs() <= 2.0**-8 * scale + 1e-3).all())
@@ -212,7 +211,7 @@ def mma_launch(N: int, K: int, blocksize: int, nested: bool, has_bias: bool, dev
                config: tuple[int, int, int] | None = None,
                dtype: torch.dtype = torch.float16) -> tuple[tuple[int, int], int, bool, dict]:
     """(grid, K steps per program, atomic, kwargs) of ``_gemv_mma_kernel`` for ``dtype`` activations, as
-    ``gemm4bit.gemv_launch``."""
+    ``gemv.gemv_launch``."""
     block_n, words, warps = config or default_config(K)
     while (K // 8) % words:  # mma_supported: K % 512 == 0, so this stops at 64 words or more
         words //= 2
@@ -243,13 +242,3 @@ def gemv_mma(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, bl
            *mma_tables(quant_type, x.device, x.dtype), bias if bias is not None else out, out, N, K, steps,
            **kwargs)
     return finish(out, atomic, bias, x.dtype)
-
-
-def finish(out: torch.Tensor, atomic: bool, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """A GEMV's (1, N) output: as written when K was not split; else the float32 workspace plus the bias, in
-    ``dtype`` (the split kernels add their partial sums atomically and leave the bias to the caller)."""
-    if not atomic:
-        return out
-    if bias is not None:
-        out += bias.to(torch.float32)
-    return out.to(dtype)

@@ -1,7 +1,7 @@
 """4-bit GEMV (M = 1) for Hopper: weights streamed by TMA into a shared-memory ring, decoded through a
 shared-memory code table, summed on the tensor cores (Gluon, warp-specialized).
 
-Why: the register-table GEMVs (``gemv_mma``, ``gemm4bit._gemv_lut_kernel``) spend ~22 integer instructions per
+Why: the register-table GEMVs (``gemv_mma``, ``gemv._gemv_lut_kernel``) spend ~22 integer instructions per
 32-bit word of 8 codes on the ``prmt`` decode, and their loads hold registers; on an H100 they reach 1.29-1.49x
 bitsandbytes' speed. Here (BENCHMARKS.md, session 17: 1.65-1.94x at the FLUX/T5 widths):
 * the default partition (4 warps, one thread issues) loads each (BN-row, KT-word) tile's packed words, float32

@@ -272,3 +272,24 @@ def test_plan_checks_lists_the_checks_a_plan_runs(monkeypatch, dq, dtype, N, K, 
     if ("gemm_ring", layer.weight.device, dq) in seen:
         assert seen[("gemm_ring", layer.weight.device, dq)] == bias  # the check runs the calls' bias flag
         assert listed[("gemm_ring", layer.weight.device, dq)].args == (layer.weight.device, dq, bias)
+
+
+def test_plan_checks_follow_the_kernels_static_rules(monkeypatch):
+    """Runs everywhere (the fused GEMM's device rule stubbed): which device checks ``plan_checks`` lists for a
+    weight, by dtype, width and size; the GPU test above compares them with what a plan consults."""
+    from halfbyte.kernels import gemm4bit, gemm_ring
+
+    monkeypatch.setattr(gemm_ring, "INTERPRET", False)
+    monkeypatch.setattr(gemm_ring, "device_ok", lambda device: True)
+    dev = torch.device("cpu")  # (the ring GEMV's own rule wants a CUDA device: not listed here)
+    checks = gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.bfloat16, False, False, dev)
+    assert set(checks) == {("gemv_mma", dev), ("gemm_small", dev), ("gemm_ring", dev, False)}
+    assert checks[("gemm_ring", dev, False)].args == (dev, False, False)  # the calls' bias flag goes to the check
+    assert gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float32, True, True, dev) == {}
+    # 3072 x 3072: under the fused GEMM's size; K % 2048 != 0: no tensor-core GEMV in bf16 (it is in fp16)
+    assert set(gemm4bit.plan_checks(3072, 3072, 64, "nf4", torch.bfloat16, True, True, dev)) == {("gemm_small", dev)}
+    assert set(gemm4bit.plan_checks(3072, 3072, 64, "nf4", torch.float16, True, True, dev)) == {
+        ("gemv_mma", dev), ("gemm_small", dev)}
+    assert set(gemm4bit.plan_checks(3072, 3072, 128, "nf4", torch.float16, True, True, dev)) == {
+        ("gemv_mma", dev), ("gemm_small", dev)}
+    assert gemm4bit.plan_checks(3072, 3070, 64, "nf4", torch.bfloat16, False, True, dev) == {}  # K % 64: none

@@ -62,6 +62,7 @@ from contextlib import nullcontext
 import torch
 
 from . import nn as hb_nn
+from . import ops as hb_ops
 from .nn import Linear4bit, Linear8bit
 
 _ACTIVE = threading.Lock()
@@ -101,8 +102,9 @@ def _signature(layer) -> tuple:
 
 
 def _compiles_on(device: torch.device) -> bool:
-    """Whether calls on ``device`` compile kernels (CUDA; elsewhere the layers run PyTorch references)."""
-    return device.type == "cuda"
+    """Whether calls on ``device`` compile kernels: CUDA with triton installed (elsewhere, and on CUDA without
+    triton, the layers run PyTorch references)."""
+    return device.type == "cuda" and hb_ops.cuda_kernel("gemm_4bit") is not None
 
 
 class _Budget:

@@ -128,6 +128,14 @@ def test_cpu_calls_replay_nothing():
     assert report["recorded"] == 5 and report["distinct"] == 0 and report["replayed"] == 0
 
 
+def test_cuda_without_triton_compiles_nothing(monkeypatch):
+    """Without triton the CUDA layers run their references too: nothing to compile, nothing imported for it."""
+    assert precompiler._compiles_on(torch.device("cuda", 0)) == (halfbyte.ops.cuda_kernel("gemm_4bit") is not None)
+    monkeypatch.setattr(halfbyte.ops, "_DIRECT", {})  # what ``halfbyte.ops`` registers when triton is missing
+    assert not precompiler._compiles_on(torch.device("cuda", 0))
+    assert not precompiler._compiles_on(torch.device("cpu"))
+
+
 def test_errors_are_raised_and_leave_no_state(replay_on_cpu, monkeypatch):
     model = _model()
     with pytest.raises(ValueError, match="workers must be >= 1"):

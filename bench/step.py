@@ -23,6 +23,7 @@ this one run.
 import argparse
 import importlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -86,15 +87,42 @@ def profile(fn, label: str) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
 
-    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as p:
         fn()
         sync()
     print(f"--- profile {label}")
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    # per op and input shape: which layers' GEMMs (aten::addmm / mm, halfbyte's ops) cost what
+    print(p.key_averages(group_by_input_shape=True).table(sort_by="cuda_time_total", row_limit=30,
+                                                          max_name_column_width=40, max_shapes_column_width=70))
     # the GPU's own work in the step: against the unprofiled step time, what is left is the GPU waiting
     kernels = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e3
     print(f"--- {label}: {len(kernels)} kernels, {busy:.1f} ms of GPU time")
+    sums: dict[str, list] = {}
+    for e in kernels:
+        cat = kernel_category(e.name)
+        acc = sums.setdefault(cat, [0.0, 0])
+        acc[0] += e.device_time / 1e3
+        acc[1] += 1
+    for cat, (ms, n) in sorted(sums.items(), key=lambda kv: -kv[1][0]):
+        print(f"    {cat:<28} {ms:8.2f} ms  {n:5d} kernels")
+    return {cat: {"ms": ms, "kernels": n} for cat, (ms, n) in sums.items()}
+
+
+#: (category, regex on the kernel name), first match wins: where a step's GPU time goes (--profile)
+KERNEL_CATEGORIES = (
+    ("halfbyte dequantize", r"_dequant"), ("halfbyte fused GEMM", r"gemm_ring"), ("halfbyte GEMV", r"gemv"),
+    ("halfbyte small GEMM", r"gemm_small"), ("halfbyte int8", r"int8|_quant_rows|outlier|_flag"),
+    ("bitsandbytes", r"kDequantize|kgemm|kInt8|kQuantize|kspmm|kdequant"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("cuBLAS GEMM", r"gemm|xmma|nvjet|cutlass|sm90_|sm80_|splitKreduce"),
+    ("other", r""),
+)
+
+
+def kernel_category(name: str) -> str:
+    return next(cat for cat, rx in KERNEL_CATEGORIES if re.search(rx, name, re.IGNORECASE))
 
 
 def materialise(model: nn.Module) -> nn.Module:
@@ -225,8 +253,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 stats0 = alloc_stats()
                 sec, host, first, out = steps(call)
                 allocs = {k: v - stats0[k] for k, v in alloc_stats().items()}
-                if kind in PROFILE:
-                    profile(call, f"{label} {kind}")
+                kernels = profile(call, f"{label} {kind}") if kind in PROFILE else None
                 for probe in AFTER_STEPS:
                     probe(kind, model, call, label)
                 through_plans = int8_plan_share(call) if "hb-int8" in kind and DEV == "cuda" else ""
@@ -236,7 +263,8 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 ref = out
             err = ((out - ref).norm() / ref.norm()).item() if ref is not None else float("nan")
             rows.append(dict(model=label, variant=kind, compiled=compile_, round=rnd, seconds=sec, host_seconds=host,
-                             first_call=first, weights_gb=weights / 1e9, peak_gb=top / 1e9, rel_err=err))
+                             first_call=first, weights_gb=weights / 1e9, peak_gb=top / 1e9, rel_err=err,
+                             **({"kernels": kernels} if kernels else {})))
             print(f"  {label} {kind}{' compiled' if compile_ else ''}: {sec * 1e3:.1f} ms (host {host * 1e3:.1f} ms, "
                   f"first {first:.1f} s), "
                   f"weights {weights / 1e9:.2f} GB, peak {top / 1e9:.2f} GB, rel err {err:.3f} {through_plans} "

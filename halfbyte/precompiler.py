@@ -185,13 +185,14 @@ class _Early:
         if cdt != torch.bfloat16 or layer.fp8_compute:  # (fp8 compute: its own path over 64 tokens)
             return
         S = gemm_ring.split_for(M, N, K, layer.blocksize, layer.quant_type, device)
-        key = (device, S, has_bias, layer.double_quant)
+        bt = gemm_ring.tile_tokens(M)
+        key = (device, S, has_bias, layer.double_quant, bt)
         if S is not None and key not in self.variants:
             absmax, nested_absmax, nested_code, offset = layer.quant_stats()
             nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
             data = layer.weight.reshape(-1).view(torch.uint8)
             self.variants[key] = self.pool.submit(gemm_ring.precompile, S, has_bias, data, absmax, N, K,
-                                                  layer.quant_type, nested)
+                                                  layer.quant_type, nested, bt)
 
     def jobs(self) -> list:
         return [*self.checks.values(), *self.variants.values()]

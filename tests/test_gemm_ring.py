@@ -1,4 +1,4 @@
-"""The fused 4-bit GEMM for more than 64 tokens (``halfbyte.kernels.gemm_ring``). Gluon does not run under the
+"""The fused 4-bit GEMM for more than 16 tokens (``halfbyte.kernels.gemm_ring``). Gluon does not run under the
 interpreter, so the CPU tier checks what it can without a GPU: the persistent schedule (every tile's every K step
 computed exactly once, the split pieces within the programs and the counters), the byte gather and decode
 assembly emulated for each lane and mapped to the fragment's columns as the kernel maps them, the routing rules,
@@ -31,7 +31,7 @@ WEIGHT_TERMS = 5  # bf16(bf16(code) * bf16(absmax)) against the reference's bf16
 def _items(M: int, N: int, K: int, programs: int):
     """The (program, m tile, n tile, first step, end step, piece) work items of a launch, as the kernel's ``_item``
     and ``_n_items`` compute them (integer arithmetic transcribed, not re-derived)."""
-    tiles_m, tiles_n, k_steps = -(-M // gemm_ring.BT), N // gemm_ring.BN, K // 64
+    tiles_m, tiles_n, k_steps = -(-M // gemm_ring.tile_tokens(M)), N // gemm_ring.BN, K // 64
     n_tiles = tiles_m * tiles_n
     grid, full, S = gemm_ring.schedule(n_tiles, k_steps, programs)
     tail_programs = (n_tiles - full * grid) * S
@@ -53,14 +53,15 @@ def _items(M: int, N: int, K: int, programs: int):
 
 @pytest.mark.parametrize("M, N, K", [(65, 3072, 3072), (512, 3072, 3072), (512, 12288, 3072), (512, 4096, 10240),
                                      (4096, 3072, 3072), (4608, 12288, 3072), (4608, 3072, 15360), (300, 256, 512),
-                                     (8192, 128, 256), (1000, 18432, 3072), (257, 128, 768)])
+                                     (8192, 128, 256), (1000, 18432, 3072), (257, 128, 768), (17, 4096, 4096),
+                                     (64, 14336, 4096), (100, 12288, 3072), (128, 3072, 12288)])
 @pytest.mark.parametrize("programs", [132, 114])
 def test_schedule_computes_every_step_of_every_tile_once(M, N, K, programs):
     """Whole tiles and split pieces together cover each (tile, K step) exactly once; the grid fits the SMs, every
     piece spans an even number (>= 4) of steps, split tiles index counters below 2 per SM, and the pieces of a
     split tile are S consecutive programs (the fix-up adds them in that order)."""
     grid, S, items = _items(M, N, K, programs)
-    tiles_m, tiles_n, k_steps = -(-M // gemm_ring.BT), N // gemm_ring.BN, K // 64
+    tiles_m, tiles_n, k_steps = -(-M // gemm_ring.tile_tokens(M)), N // gemm_ring.BN, K // 64
     assert 1 <= grid <= programs and S in gemm_ring.S_CHOICES
     seen = np.zeros((tiles_m, tiles_n, k_steps), dtype=np.int64)
     pieces: dict[int, list[int]] = {}
@@ -88,19 +89,22 @@ def test_schedule_splits_small_launches_across_the_sms():
 
 
 def test_routing_rules(monkeypatch):
-    """65 to ``MAX_M`` tokens of weights from ``MIN_WORK`` elements (the measured rule), from ``MODEL_M`` tokens
+    """17 to ``MAX_M`` tokens of weights from ``MIN_WORK`` elements (the measured rule), from ``MODEL_M`` tokens
     on where the cost model says the kernel is faster; ``layer_wanted`` (the compiled layers' static part) holds
-    for every weight ``wanted`` takes at some token count, and equals it below ``MODEL_M``."""
+    for every weight ``wanted`` takes at some token count, and equals it below ``MODEL_M``. Tiles of 64 tokens up
+    to 64, of 128 up to 128, else of 256."""
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)  # this tier's TRITON_INTERPRET turns the kernel off
-    assert not gemm_ring.wanted(64, 12288, 3072) and gemm_ring.wanted(65, 12288, 3072)
+    assert not gemm_ring.wanted(16, 12288, 3072) and gemm_ring.wanted(17, 12288, 3072)
+    assert gemm_ring.wanted(64, 4096, 4096) and not gemm_ring.wanted(64, 3072, 3072)
+    assert [gemm_ring.tile_tokens(M) for M in (17, 64, 65, 128, 129, 4608)] == [64, 64, 128, 128, 256, 256]
     assert gemm_ring.wanted(2048, 12288, 3072) and not gemm_ring.wanted(2049, 12288, 3072)
     assert gemm_ring.wanted(512, 10240, 4096) and gemm_ring.wanted(512, 3072, 12288)
     assert gemm_ring.wanted(512, 4096, 4096) and not gemm_ring.wanted(512, 3072, 3072)
     assert not gemm_ring.wanted(4608, 12288, 3072)
     for N, K in ((12288, 3072), (10240, 4096), (3072, 12288), (4096, 4096), (3072, 3072), (8192, 256)):
         served = gemm_ring.layer_wanted(N, K, 64, "nf4")
-        assert all(gemm_ring.wanted(M, N, K) == served for M in (65, 100, 512))
-        assert all(served or not gemm_ring.wanted(M, N, K) for M in range(65, 2049, 37))
+        assert all(gemm_ring.wanted(M, N, K) == served for M in (17, 40, 64, 65, 100, 512))
+        assert all(served or not gemm_ring.wanted(M, N, K) for M in range(17, 2049, 37))
     assert not gemm_ring.layer_wanted(3072, 3072, 64, "nf4") and gemm_ring.layer_wanted(4096, 4096, 64, "nf4")
 
 
@@ -113,13 +117,16 @@ def test_split_for_names_the_routed_specialization(monkeypatch):
     cuda = torch.device("cuda", 0)
     for M, N, K in ((512, 3072, 12288), (512, 12288, 3072), (512, 4096, 4096), (384, 12288, 3072),
                     (1024, 4096, 10240), (640, 3072, 12288), (64, 12288, 3072), (4096, 12288, 3072),
-                    (512, 3072, 3072)):
+                    (512, 3072, 3072), (16, 12288, 3072), (100, 4096, 4096)):
         S = gemm_ring.split_for(M, N, K, 64, "nf4", cuda)
         if gemm_ring.wanted(M, N, K, 132):
-            assert S == gemm_ring.schedule(-(-M // gemm_ring.BT) * (N // gemm_ring.BN), K // 64, 132)[2]
+            tiles = -(-M // gemm_ring.tile_tokens(M)) * (N // gemm_ring.BN)
+            assert S == gemm_ring.schedule(tiles, K // 64, 132)[2]
         else:
             assert S is None, (M, N, K)
     assert gemm_ring.split_for(512, 4096, 4096, 64, "nf4", cuda) == 2  # 64 tiles on 132 SMs
+    assert gemm_ring.split_for(64, 4096, 4096, 64, "nf4", cuda) == 4  # one 64-token tile x 32 row tiles
+    assert gemm_ring.split_for(16, 4096, 4096, 64, "nf4", cuda) is None  # the small-batch kernel's
     assert gemm_ring.split_for(512, 4096, 4096, 128, "nf4", cuda) is None  # blocksize 128: not served
     assert gemm_ring.split_for(512, 4096, 4096, 64, "nf4", torch.device("cpu")) is None
     monkeypatch.setattr(gemm_ring, "ENABLED", False)
@@ -236,7 +243,7 @@ def test_gather_and_decode_give_each_fragment_column(qt):
 _COMPILE = """
 import json, sys
 from halfbyte.kernels import gemm_ring
-k = gemm_ring.compile_offline(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1")
+k = gemm_ring.compile_offline(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4]))
 ptx = k.asm["ptx"]
 print(json.dumps({"shared": k.metadata.shared, "warps": k.metadata.num_warps,
                   "wgmma": ptx.count("wgmma.mma_async.sync.aligned"),
@@ -248,27 +255,30 @@ print(json.dumps({"shared": k.metadata.shared, "warps": k.metadata.num_warps,
 
 
 @needs_gluon
-@pytest.mark.parametrize("S, has_bias, nested", [(1, True, False), (3, False, False), (8, True, False),
-                                                 (2, True, True)])
-def test_compiles_for_sm90(S, has_bias, nested):
+@pytest.mark.parametrize("S, has_bias, nested, bt", [(1, True, False, 256), (3, False, False, 256),
+                                                     (8, True, False, 256), (2, True, True, 256), (4, True, False, 64),
+                                                     (2, False, True, 128)])
+def test_compiles_for_sm90(S, has_bias, nested, bt):
     """The kernel compiles for sm_90 with this triton (its Gluon API moves between releases): 12 warps (a loader
     warpgroup and two consumer warpgroups with reallocated registers), three TMA loads per stage (two with
     double-quantized absmax, which the loader decodes with a rounded float32 product; a partial last token tile's x
-    in 64-row boxes: four more) and a TMA store, wgmma, the decode's bf16x2 products, a split's arrival counter only
-    where S > 1, and its ring within the 227 KB an SM gives one program. In a process of its own: this tier's
+    in 64-row boxes: one more per 64 tokens of the tile) and a TMA store, wgmma, the decode's bf16x2 products, a
+    split's arrival counter only where S > 1, and shared memory of the ring's stages and two output tiles, within
+    the 227 KB an SM gives one program (tiles of 256, 128 and 64 tokens). In a process of its own: this tier's
     TRITON_INTERPRET turns triton's own helpers into interpreter functions, which Gluon cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     flags = ("1" if f else "0" for f in (has_bias, nested))
-    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), *flags],
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), *flags, str(bt)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["warps"] == 12 and got["setmaxnreg"] and got["wgmma"] > 0 and got["bf16x2"] > 0
-    assert got["tma_load"] == (2 if nested else 3) + gemm_ring.BT // gemm_ring.XS and got["tma_store"] >= 1
+    assert got["tma_load"] == (2 if nested else 3) + bt // gemm_ring.XS and got["tma_store"] >= 1
     assert (got["mul_f32"] > 0) == nested
     assert (got["atom"] > 0) == (S > 1)
-    assert 200 * 1024 < got["shared"] <= 227 * 1024
+    ring = gemm_ring.STAGES * (bt * 128 + gemm_ring.BN * 48) + 2 * bt * 128  # x, words, absmax; 2 out tiles
+    assert ring <= got["shared"] <= min(ring + 4096, 227 * 1024), (got["shared"], ring)
 
 
 # --- GPU tier --------------------------------------------------------------------------------------------------
@@ -285,7 +295,8 @@ def ring_on(monkeypatch):
 
 CASES = [(65, 12288, 3072), (512, 12288, 3072), (4608, 12288, 3072), (300, 18432, 3072), (512, 10240, 4096),
          (1000, 10240, 4096), (512, 3072, 3072), (129, 3072, 12288), (512, 4096, 10240), (4096, 3072, 3072),
-         (8192, 8192, 256)]
+         (8192, 8192, 256), (17, 4096, 4096), (40, 14336, 4096), (64, 4096, 14336), (100, 11008, 4096),
+         (128, 3072, 12288)]
 
 
 @gpu
@@ -309,7 +320,8 @@ def test_fused_gemm_within_bound(M, N, K, qt, ring_on):
 
 @gpu
 @pytest.mark.parametrize("M, N, K", [(512, 12288, 3072), (4608, 12288, 3072), (512, 3072, 3072), (100, 8192, 2048),
-                                     (640, 3072, 12288)], ids=lambda v: str(v))  # the last: the model says no
+                                     (32, 12288, 3072), (640, 3072, 12288)],
+                         ids=lambda v: str(v))  # the last: the model says no
 def test_op_plan_and_direct_call_agree(M, N, K, ring_on):
     """Where ``wanted``, the registered op (first call: the direct path; later: its plan) and a ``Plan`` give the
     kernel's bits, on a (2, M/2, K) input too; where not wanted (or off) they give dequantize + cuBLAS's."""
@@ -343,7 +355,8 @@ def test_op_plan_and_direct_call_agree(M, N, K, ring_on):
 
 @gpu
 @pytest.mark.parametrize("M, N, K", [(65, 12288, 3072), (257, 10240, 4096), (300, 10240, 4096), (1000, 3072, 3072),
-                                     (129, 3072, 12288), (1300, 4096, 4096), (4600, 3072, 3072)],
+                                     (129, 3072, 12288), (1300, 4096, 4096), (4600, 3072, 3072), (17, 4096, 4096),
+                                     (50, 12288, 3072), (100, 3072, 12288)],
                          ids=lambda v: str(v))
 def test_partial_token_tile_gives_the_bits_of_the_whole_tile(M, N, K):
     """The last token tile, when partial, is read in 64-row boxes (its boxes past M re-read x's last 64 rows): its
@@ -352,7 +365,7 @@ def test_partial_token_tile_gives_the_bits_of_the_whole_tile(M, N, K):
     if not _expected(torch.device(DEV)):
         pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
     packed, stats, am = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
-    P = -(-M // gemm_ring.BT) * gemm_ring.BT
+    P = -(-M // gemm_ring.tile_tokens(M)) * gemm_ring.tile_tokens(M)
     xp = torch.randn(P, K, device=DEV).to(torch.bfloat16)
     bias = torch.randn(N, device=DEV).to(torch.bfloat16)
     gemm = gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4")
@@ -383,7 +396,8 @@ def test_fused_gemm_serves_only_what_it_can(ring_on, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("M, N, K, qt", [(512, 12288, 3072, "nf4"), (300, 10240, 4096, "fp4"),
-                                         (2048, 3072, 12288, "nf4"), (512, 12800, 3072, "nf4")],
+                                         (2048, 3072, 12288, "nf4"), (512, 12800, 3072, "nf4"),
+                                         (48, 12288, 3072, "nf4"), (120, 4096, 4096, "fp4")],
                          ids=lambda v: str(v))  # the last: a round, then whole tail tiles (S = 1) on 132 SMs
 def test_double_quantized_layers_give_the_bits_of_their_decoded_absmax(M, N, K, qt, ring_on):
     """A double-quantized weight takes the fused GEMM through the kernel, the op (direct path, then its plan), a

@@ -101,12 +101,7 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
                     quant_type).view(*A.shape[:-1], N)
     data = B.reshape(-1)
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
-    if gemm_small.MAX_M >= M >= 2 and A.dtype in (torch.float16, torch.bfloat16):
-        x = A.reshape(M, K)
-        x = x if x.is_contiguous() else x.contiguous()
-        if gemm_small.small_supported(M, N, K, x.dtype, blocksize, x, data):
-            return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
-                                       quant_type).view(*A.shape[:-1], N)
+    # the fused GEMM first: from 17 tokens it beats the small-batch kernel where both serve (gemm_ring.wanted)
     nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
     if (A.dtype == torch.bfloat16 and A.is_cuda and gemm_ring.wanted(M, N, K, gemm_ring.sms(A.get_device()))
             and A.device == data.device == absmax.device == (A.device if bias is None else bias.device)
@@ -114,6 +109,12 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
                                     has_bias=bias is not None)):
         x, bias = gemm_ring.aligned(A.reshape(M, K)), None if bias is None else gemm_ring.aligned(bias)
         return gemm_ring.gemm_for(data, absmax, N, K, quant_type, nested)(x, bias).view(*A.shape[:-1], N)
+    if gemm_small.MAX_M >= M >= 2 and A.dtype in (torch.float16, torch.bfloat16):
+        x = A.reshape(M, K)
+        x = x if x.is_contiguous() else x.contiguous()
+        if gemm_small.small_supported(M, N, K, x.dtype, blocksize, x, data):
+            return gemm_small.mm_small(x, data, absmax, nested_absmax, nested_code, offset, bias, N, K, blocksize,
+                                       quant_type).view(*A.shape[:-1], N)
     W = dequantize(B, absmax, nested_absmax, nested_code, offset, blocksize, quant_type, N * K, A.dtype)
     return torch.nn.functional.linear(A, W.view(N, K), bias)
 
@@ -170,7 +171,7 @@ class Plan:
             self._small_args = (blocksize, nested_absmax is not None, bias is not None, quant_type)
         # Last: its device check is the longest compile (``plan_checks``), so threads that build plans side by side
         # bind the launches above while one of them runs it.
-        self._fused = None  # calls over 64 tokens that gemm_ring.wanted picks
+        self._fused = None  # calls of 17 tokens or more that gemm_ring.wanted picks
         if (gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.supported(
                 N, K, blocksize, quant_type, dtype, absmax, data, nested=nested, has_bias=bias is not None)):
             self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type, nested)
@@ -193,6 +194,11 @@ class Plan:
                     acc += bias
                 return acc.to(self.dtype)
         M = x.numel() // self.K if self.K else 0
+        if self._fused is not None and gemm_ring.wanted(M, self.N, self.K, self._fused.programs):
+            out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
+            x, bias = gemm_ring.aligned(x), None if bias is None else gemm_ring.aligned(bias)
+            self._fused.run(stream, x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), M)
+            return out
         if (self._small_args is not None and 2 <= M <= gemm_small.max_m(self.N, self.K) and x.shape[-1] == self.K
                 and x.is_contiguous() and x.data_ptr() % 16 == 0):
             hit = self._small.get(M)
@@ -207,11 +213,6 @@ class Plan:
                 ws = torch.empty((splits, M, self.N), dtype=torch.float32, device=self.device)
                 mm(stream, x.data_ptr(), b, ws.data_ptr(), M)
                 sum_(stream, ws.data_ptr(), b, out.data_ptr(), M)
-            return out
-        if self._fused is not None and gemm_ring.wanted(M, self.N, self.K, self._fused.programs):
-            out = torch.empty(x.shape[:-1] + (self.N,), dtype=self.dtype, device=self.device)
-            x, bias = gemm_ring.aligned(x), None if bias is None else gemm_ring.aligned(bias)
-            self._fused.run(stream, x.data_ptr(), out.data_ptr(), None if bias is None else bias.data_ptr(), M)
             return out
         W = torch.empty((self.N, self.K), dtype=self.dtype, device=self.device)
         self._deq(stream, W.data_ptr())

@@ -1,11 +1,12 @@
-"""4-bit matmul for more than 64 tokens on Hopper without writing the weight out: the NF4/FP4 codes decoded in
+"""4-bit matmul for more than 16 tokens on Hopper without writing the weight out: the NF4/FP4 codes decoded in
 registers straight into wgmma's A operand (Gluon, warp-specialized, persistent).
 
 Why: for M > 64 the other path dequantizes the whole weight to bf16 (0.5 byte read, 2 written per weight, at a
 copy's speed) and calls cuBLAS. At 512 tokens that dequantize is a third of the layer's time; at 4608 tokens it is
 4-8 %, which is what a quantized FLUX step spends over bf16 (BENCHMARKS.md, sessions 16, 22 and 24). Here:
 * the product is transposed, out^T = W x^T, so that the decoded weight is wgmma's register operand A (never written
-  to shared memory) and x tiles (256 tokens x 64) are operand B;
+  to shared memory) and x tiles (BT tokens x 64: 256, or 64 / 128 for calls of up to 64 / 128 tokens,
+  ``tile_tokens``) are operand B;
 * a loader partition (4 warps, one thread issues) streams each K step's x tile, the 128 weight rows' packed words
   and their absmax into a 4-stage shared-memory ring by TMA; two consumer warpgroups (64 rows each) gather their
   lanes' bytes from bitsandbytes' byte order (3 ``prmt`` per word), decode them with the ``prmt`` pair tables of
@@ -48,7 +49,7 @@ from .common import INTERPRET, compile_lock
 from .gemv_ring import _Address, _sms
 from .launch import descriptor_launcher
 
-BT = 256  # tokens per tile
+BT = 256  # tokens per tile (``tile_tokens``: fewer for calls of up to 128 tokens)
 XS = 64  # rows of the boxes the last, partial token tile is read in
 BN = 128  # weight rows per tile
 STAGES = 4
@@ -56,7 +57,7 @@ GROUP_M = 4  # bitsandbytes' byte order: 4 beat 8 by 3-7 % at the wide FLUX shap
 MAXNREG = 168  # 12 warps per program
 CONS_REGS = 232
 S_CHOICES = (1, 2, 3, 4, 6, 8)  # split factors compiled (S is a constexpr): a few specializations per weight
-FUSED_MIN_M = 64  # up to this many tokens ``gemm_small`` serves (ops.FUSED_MAX_TOKENS)
+FUSED_MIN_M = 16  # up to this many tokens ``gemm_small`` serves (17-64 where this kernel does not)
 MAX_M = 2048  # tokens up to which the kernel beats dequantize + cuBLAS (``wanted``)
 MIN_WORK = 1 << 24  # weight elements from which it does
 # ``wanted``'s cost model from MODEL_M tokens on (fitted on an H100 SXM, BENCHMARKS.md session 27)
@@ -136,10 +137,22 @@ def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtyp
     return verdict(absmax.device, nested is not None, has_bias)
 
 
+def tile_tokens(M: int) -> int:
+    """Tokens per tile (the kernel's BT, its wgmma N) for a call of M tokens: the smallest of 64, 128 and ``BT`` that
+    holds them. Every tile decodes its weight rows again, so the kernel's K step costs the decode plus a wgmma of BT
+    tokens: with 256-token tiles, 17-128 tokens spent 3/4 or more of it on rows past M. On an H200 (BENCHMARKS.md
+    session 30) 64-token tiles took 0.41-0.57x the small-batch kernel's time at 64 tokens (six weights from 4096 x
+    4096 to 14336 x 4096) and 128-token tiles 0.69-0.79x the 256-token ones' at 128 tokens."""
+    return 64 if M <= 64 else 128 if M <= 128 else BT
+
+
 def wanted(M: int, N: int, K: int, programs: int = 132) -> bool:
     """Whether a call of M tokens should take this kernel rather than dequantize + cuBLAS, on a device of
-    ``programs`` SMs: 65 to ``MAX_M`` tokens of weights from ``MIN_WORK`` elements, and from ``MODEL_M`` tokens on
-    only where ``fused_us`` is below ``MARGIN`` x ``dequantize_cublas_us``. Measured on an H100
+    ``programs`` SMs (or than the small-batch kernel, up to 64 tokens): 17 to ``MAX_M`` tokens of weights from
+    ``MIN_WORK`` elements, and from ``MODEL_M`` tokens on only where ``fused_us`` is below ``MARGIN`` x
+    ``dequantize_cublas_us``. From 17 tokens its 64-token tiles beat the small-batch kernel, which decodes the
+    weight again for every 16 or 32 tokens (H200, BENCHMARKS.md session 30: 0.41-0.95x its time at 24-64 tokens
+    of 4096 x 4096 to 14336 x 4096 weights; at 16 tokens it lost, 1.1-1.5x). Measured on an H100
     (``bench/gemm_ring.py``, BENCHMARKS.md sessions 24, 26 and 27): up to 512 tokens the dequantize (a fixed cost
     per call) is 25-45 % of the layer and the kernel takes 0.55-0.97x its time at every FLUX/T5 width. Past that
     its schedule decides: 72 tiles on 132 SMs (600-768 tokens at 3072 x 12288) leave 60 SMs idle (1.16-1.30x),
@@ -160,7 +173,7 @@ def fused_us(M: int, N: int, K: int, programs: int = 132) -> float:
     card's throughput under full load (``RATE_FULL`` K steps per us per SM: bound by power, not by SM count, so a
     tail on fewer SMs runs faster per SM, up to ``RATE_ALONE``), the tail pieces, the split's fix-up and the
     launch. Fitted on 70 H100 times of 38 shapes from 513 tokens (2.6 % rms; BENCHMARKS.md session 27)."""
-    n_tiles, k_steps = -(-M // BT) * (N // BN), K // 64
+    n_tiles, k_steps = -(-M // tile_tokens(M)) * (N // BN), K // 64
     _, full, S = schedule(n_tiles, k_steps, programs)
     cap = RATE_FULL * programs
     t = LAUNCH_US + full * k_steps / RATE_FULL
@@ -186,21 +199,21 @@ def split_for(M: int, N: int, K: int, blocksize: int, quant_type: str, device: t
     programs = sms(device.index)
     if not wanted(M, N, K, programs):
         return None
-    return schedule(-(-M // BT) * (N // BN), K // 64, programs)[2]
+    return schedule(-(-M // tile_tokens(M)) * (N // BN), K // 64, programs)[2]
 
 
 def precompile(S: int, has_bias: bool, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
-               nested: tuple | None = None) -> None:
-    """Compiles (no launch) the (S, has_bias) specialization for this weight's kind of statistics (arguments as
-    ``supported``). ``halfbyte.precompile`` runs it on a thread of its own beside the layers' calls: a layer's
-    first call would otherwise compile the device check's specialization and then its own, one after the other
-    (~5 s each)."""
+               nested: tuple | None = None, bt: int = BT) -> None:
+    """Compiles (no launch) the (S, has_bias, bt) specialization (``bt``: ``tile_tokens`` of the call) for this
+    weight's kind of statistics (arguments as ``supported``). ``halfbyte.precompile`` runs it on a thread of its own
+    beside the layers' calls: a layer's first call would otherwise compile the device check's specialization and
+    then its own, one after the other (~5 s each)."""
     with torch.cuda.device(data.device):
-        RingGemm(data, absmax, N, K, quant_type, nested)._bind(S, has_bias)
+        RingGemm(data, absmax, N, K, quant_type, nested)._bind(S, has_bias, bt)
 
 
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
-    """Whether bf16 calls of an (N, K) weight take this kernel at some token count (then exactly at 65 to
+    """Whether bf16 calls of an (N, K) weight take this kernel at some token count (then exactly at 17 to
     ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the token count)."""
     return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK
 
@@ -258,6 +271,7 @@ def _counters(device: torch.device, stream: int) -> torch.Tensor:
 
 
 def _layouts(gl):
+    # x's and out's swizzle follows their 128-byte rows of 64 bf16, the same for every tile height (BT, XS)
     x_layout = gl.NVMMASharedLayout.get_default_for([BT, 64], gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     return x_layout, flat
@@ -307,48 +321,50 @@ class RingGemm:
             code = fourbit.nested_code_table(data.device) if nested_code is None else nested_code
             self.a_desc = self._descriptor(_unread_absmax(data.device), [BN, 4], [4, 1], [BN, 4], self._flat)
             self.stats = tuple(t.data_ptr() for t in (absmax, nested_absmax, code, offset))
-        self._bound: dict[tuple[int, bool], tuple] = {}  # (S, has_bias) -> (launcher, head, w / absmax, expand)
+        self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt) -> (launcher, head, w / absmax, expand)
         self._io: dict[tuple[int, int, int], list] = {}  # (x, out, M) -> their descriptors' parameters
 
-    def _bind(self, S: int, has_bias: bool) -> tuple:
-        """Compiles (no launch) the (S, has_bias) specialization and encodes the weight's descriptors for it."""
-        x = torch.empty(BT, self.K, dtype=torch.bfloat16, device=self.device)  # dtypes and alignment specialize
-        out = torch.empty(BT, self.N, dtype=torch.bfloat16, device=self.device)
+    def _bind(self, S: int, has_bias: bool, bt: int = BT) -> tuple:
+        """Compiles (no launch) the (S, has_bias) specialization with ``bt``-token tiles and encodes the weight's
+        descriptors for it."""
+        x = torch.empty(bt, self.K, dtype=torch.bfloat16, device=self.device)  # dtypes and alignment specialize
+        out = torch.empty(bt, self.N, dtype=torch.bfloat16, device=self.device)
         ws = torch.empty(16, dtype=torch.float32, device=self.device)
         cnt = torch.empty(16, dtype=torch.int32, device=self.device)
         stats = (torch.empty(16, dtype=torch.uint8, device=self.device),
                  *(torch.empty(16, dtype=torch.float32, device=self.device) for _ in range(3)))  # dtypes specialize
-        args = (self._io_desc(x.data_ptr(), BT, self.K), self.w_desc, self.a_desc,
-                self._io_desc(out.data_ptr(), BT, self.N), self._io_desc(x.data_ptr(), BT, self.K, XS), out,
-                out, self.table, ws, cnt, *stats, BT, self.N, 1, 1, 1, 1, 2)
-        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested)):
+        args = (self._io_desc(x.data_ptr(), bt, self.K, bt), self.w_desc, self.a_desc,
+                self._io_desc(out.data_ptr(), bt, self.N, bt), self._io_desc(x.data_ptr(), bt, self.K, XS), out,
+                out, self.table, ws, cnt, *stats, bt, self.N, 1, 1, 1, 1, 2)
+        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt)):
             compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested))
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
-        bound = self._bound[(S, has_bias)] = (c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)),
-                                              expand)
+        bound = self._bound[(S, has_bias, bt)] = (c_launch, head,
+                                                  (*expand(self.w_desc, 1), *expand(self.a_desc, 2)), expand)
         return bound
 
-    def _io_desc(self, ptr: int, M: int, cols: int, rows: int = BT):
+    def _io_desc(self, ptr: int, M: int, cols: int, rows: int):
         return self._descriptor(_Address(ptr, torch.bfloat16), [M, cols], [cols, 1], [rows, 64], self.x_layout)
 
     def run(self, stream: int, x: int, out: int, bias: int | None, M: int) -> None:
         """Launches on the raw CUDA ``stream`` with device addresses: x (M, K) and out (M, N) bf16 row-major,
         16-byte aligned; ``bias`` (N,) bf16 or None."""
-        tiles_m, tiles_n, k_steps = -(-M // BT), self.N // BN, self.K // 64
+        bt = tile_tokens(M)
+        tiles_m, tiles_n, k_steps = -(-M // bt), self.N // BN, self.K // 64
         n_tiles = tiles_m * tiles_n
         grid, full, S = schedule(n_tiles, k_steps, self.programs)
         has_bias = bias is not None
-        c_launch, head, wa, expand = self._bound.get((S, has_bias)) or self._bind(S, has_bias)
-        io = self._io.get((x, out, M))
+        c_launch, head, wa, expand = self._bound.get((S, has_bias, bt)) or self._bind(S, has_bias, bt)
+        io = self._io.get((x, out, M))  # (M decides bt)
         if io is None:
             if len(self._io) >= 64:
                 self._io.clear()
-            io = self._io[(x, out, M)] = [expand(self._io_desc(x, M, self.K), 0),
-                                         expand(self._io_desc(out, M, self.N), 3)
+            io = self._io[(x, out, M)] = [expand(self._io_desc(x, M, self.K, bt), 0),
+                                         expand(self._io_desc(out, M, self.N, bt), 3)
                                          + expand(self._io_desc(x, M, self.K, XS), 4)]
         tail = n_tiles - full * grid
-        ws = torch.empty(tail * S * BN * BT, dtype=torch.float32, device=self.device) if S > 1 else None
+        ws = torch.empty(tail * S * BN * bt, dtype=torch.float32, device=self.device) if S > 1 else None
         cnt = _counters(self.device, stream) if S > 1 else None  # S == 1: neither is read (``out`` stands in)
         c_launch(grid, 1, 1, stream, *head, *io[0], *wa, *io[1], out, bias if has_bias else out,
                  self.table.data_ptr(), out if ws is None else ws.data_ptr(), out if cnt is None else cnt.data_ptr(),
@@ -445,17 +461,17 @@ def _check(device: torch.device, nested: bool, has_bias: bool) -> bool:
     return ok
 
 
-def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False):
-    """Compiles the kernel for sm_90 without a GPU (``triton.compile``) -> the CompiledKernel. For the CPU tests
-    and the bench's ``--compile-only``."""
+def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False, bt: int = BT):
+    """Compiles the kernel (``bt``-token tiles) for sm_90 without a GPU (``triton.compile``) -> the CompiledKernel.
+    For the CPU tests and the bench's ``--compile-only``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     gl, _, kernel = _gluon()
     x_layout, flat = _layouts(gl)
-    sig = {"x_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
-           "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<bf16[{BT}, 64],{x_layout!r}>",
+    sig = {"x_desc": f"tensordesc<bf16[{bt}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
+           "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<bf16[{bt}, 64],{x_layout!r}>",
            "xs_desc": f"tensordesc<bf16[{XS}, 64],{x_layout!r}>",
            "out_ptr": "*bf16", "bias_ptr": "*bf16", "tab_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            "am_ptr": "*u8", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "off_ptr": "*fp32",

@@ -1,11 +1,12 @@
 """Few tokens (16-128): the fused 4-bit GEMM (``kernels.gemm_ring``) with 64-, 128- and 256-token tiles against the
 small-batch kernel (``kernels.gemm_small``), bf16 and bitsandbytes, one GPU.
 
-    python bench/gemm_ring_tiles.py [--tokens 16 24 32 ...] [--shapes NxK ...] [--json out.json]
+    python bench/gemm_ring_tiles.py [--tokens 16 24 32 ...] [--shapes NxK ...] [--all-tiles] [--json out.json]
 
 Per weight (default: LLaMA-7B/-3-8B and FLUX widths) and token count: bf16 ``F.linear``; bitsandbytes' NF4
 ``Linear4bit`` (bf16 compute; when installed); the small-batch kernel where it serves (up to 64 tokens); the fused
-kernel with each tile height that holds the tokens (``RingGemm`` with ``tile_tokens`` pinned); halfbyte's
+kernel with each tile height that holds the tokens (``--all-tiles``: every height, a call then spanning several token
+tiles; ``RingGemm`` with ``tile_tokens`` pinned); halfbyte's
 ``Linear4bit`` as routed. CUDA graph replay over weight copies cycled past the L2 (a model's layers are), us per
 call. Each fused output is checked against the small-batch kernel's (or, past 64 tokens, the 256-token tiles')
 within 2^-7 of |x| @ |W|^T.
@@ -46,7 +47,7 @@ def pinned(bt: int):
     return call
 
 
-def shape_rows(N: int, K: int, tokens) -> list[dict]:
+def shape_rows(N: int, K: int, tokens, all_tiles: bool = False) -> list[dict]:
     copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
     lins = []
     for _ in range(copies):
@@ -81,7 +82,7 @@ def shape_rows(N: int, K: int, tokens) -> list[dict]:
             ref = small(layers[0])
         r["ok"] = True
         for bt in (64, 128, 256):
-            if bt < M:
+            if bt < M and not all_tiles:
                 continue
             call = pinned(bt)
             out = call(gemms[0], x, layers[0].bias)
@@ -102,6 +103,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--shapes", nargs="*", help="NxK")
+    ap.add_argument("--all-tiles", action="store_true", help="also tile heights below the token count")
     ap.add_argument("--json")
     a = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes] if a.shapes else SHAPES
@@ -109,7 +111,7 @@ def main():
           f"bitsandbytes {getattr(bnb, '__version__', '-')}")
     rows = []
     for N, K in shapes:
-        rows += shape_rows(N, K, a.tokens)
+        rows += shape_rows(N, K, a.tokens, a.all_tiles)
         torch.cuda.empty_cache()
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -11,7 +11,7 @@ quantized on the GPU from the same bf16 weights, one variant at a time; halfbyte
 groups of layers that share their input's quantization (``halfbyte.share_int8_inputs``, as ``quantize_`` and the
 loaders do; ``hb-int8-unshared`` without); ``hb-nf4-fp8`` / ``hb-nf4-dq-fp8`` are halfbyte's NF4 with the opt-in fp8
 compute (``halfbyte.set_fp8_compute``: no longer bitsandbytes' numbers); ``hb-nf4-noring`` / ``hb-nf4-dq-noring`` are
-halfbyte's NF4 with the fused GEMM for 65-2048 tokens off (``halfbyte.kernels.gemm_ring.ENABLED``: dequantize +
+halfbyte's NF4 with the fused GEMM for 17-2048 tokens off (``halfbyte.kernels.gemm_ring.ENABLED``: dequantize +
 cuBLAS, as before it).
 "peak" is the variant's own peak GPU memory: the allocator's peak during its steps minus the bf16 linear weights
 held aside (allocated before and untouched; exact accounting). ``--compile`` compiles the repeated blocks
@@ -219,7 +219,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
             continue
         torch._dynamo.reset()
         layers = None
-        # hb-nf4-noring: halfbyte NF4 without the fused GEMM for 65-2048 tokens (kernels.gemm_ring; read when a
+        # hb-nf4-noring: halfbyte NF4 without the fused GEMM for 17-2048 tokens (kernels.gemm_ring; read when a
         # layer is built or moved and when its plan is built, so for the whole variant)
         set_gemm_ring(not kind.endswith("-noring"))
         try:

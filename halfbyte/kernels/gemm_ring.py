@@ -68,7 +68,7 @@ RATE_ALONE = 1.5  # ... with few busy
 LAUNCH_US, FIXUP_US, FIXUP_US_PER_PIECE = 6.0, 4.0, 1.5
 DEQUANT_BYTES_PER_US, READ_BYTES_PER_US, CUBLAS_FLOP_PER_US, DC_US = 2.6e6, 2.5e6, 7.6e8, 9.0
 
-#: Whether 4-bit calls of more than 64 tokens take this kernel where it serves and is wanted (on by default;
+#: Whether 4-bit calls of more than 16 tokens take this kernel where it serves and is wanted (on by default;
 #: ``HALFBYTE_GEMM_RING=0`` turns it off). Read when a plan is built and when a layer is built, moved or loaded
 #: (its compiled route): set it before those.
 ENABLED = os.environ.get("HALFBYTE_GEMM_RING", "1") != "0"
@@ -456,8 +456,9 @@ def _check(device: torch.device, nested: bool, has_bias: bool) -> bool:
         ok, reason = False, f"failed ({type(e).__name__}: {str(e)[:200]})"
     if not ok:
         what = "with double-quantized absmax " if nested else ""
-        warnings.warn(f"halfbyte: the fused 4-bit GEMM {what}{reason} on {device}; those calls over 64 tokens "
-                      "dequantize and call cuBLAS", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"halfbyte: the fused 4-bit GEMM {what}{reason} on {device}; those calls take the "
+                      "small-batch kernel (up to 64 tokens) or dequantize and call cuBLAS", RuntimeWarning,
+                      stacklevel=4)
     return ok
 
 

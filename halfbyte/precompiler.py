@@ -182,17 +182,17 @@ class _Early:
                                                has_bias, device).items():
             if key not in self.checks:
                 self.checks[key] = self.pool.submit(check)
-        if cdt != torch.bfloat16 or layer.fp8_compute:  # (fp8 compute: its own path over 64 tokens)
+        if cdt not in (torch.bfloat16, torch.float16) or layer.fp8_compute:  # (fp8 compute: its own path)
             return
-        S = gemm_ring.split_for(M, N, K, layer.blocksize, layer.quant_type, device)
+        S = gemm_ring.split_for(M, N, K, layer.blocksize, layer.quant_type, device, cdt)
         bt = gemm_ring.tile_tokens(M)
-        key = (device, S, has_bias, layer.double_quant, bt)
+        key = (device, S, has_bias, layer.double_quant, bt, cdt)
         if S is not None and key not in self.variants:
             absmax, nested_absmax, nested_code, offset = layer.quant_stats()
             nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
             data = layer.weight.reshape(-1).view(torch.uint8)
             self.variants[key] = self.pool.submit(gemm_ring.precompile, S, has_bias, data, absmax, N, K,
-                                                  layer.quant_type, nested, bt)
+                                                  layer.quant_type, nested, bt, cdt)
 
     def jobs(self) -> list:
         return [*self.checks.values(), *self.variants.values()]

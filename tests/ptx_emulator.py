@@ -1,5 +1,5 @@
 """A host emulator of the PTX subset that halfbyte's inline-assembly decoders use (``mov``, ``and``/``or``/``shl``/
-``shr``/``add.u32``, ``prmt``, ``mul.rn.f32``/``add.rn.f32``, ``mul.rn.bf16x2``, ``cvt.rn.{bf16,f16}x2.f32``,
+``shr``/``add.u32``, ``prmt``, ``mul.rn.f32``/``add.rn.f32``, ``mul.rn.{bf16,f16}x2``, ``cvt.rn.{bf16,f16}x2.f32``,
 ``setp.ne``, predicated ``st.global.v4`` and 32-bit ``ld.shared``/``st.shared`` at named shared symbols), so the
 assembly that the GPU kernels run (``kernels.lut``'s table decoders, ``kernels.gemv_ring``'s absmax decode,
 ``kernels.gemm_ring``'s gather and decode, bench/dequant_words.py) is checked bit for bit on a CPU, where the
@@ -69,6 +69,12 @@ def run_ptx(asm: str, operands: dict[int, int], shared: dict[int, int] | None = 
             for sh in (0, 16):
                 a, b = (np.array([((t >> sh) & 0xFFFF) << 16], dtype=np.uint32).view(np.float32)[0] for t in v)
                 r |= half_bits(np.float32(a * b), torch.bfloat16) << sh
+        elif op == "mul.rn.f16x2":  # each half: the float32 product of two fp16 (22 bits) is exact, rounded to fp16
+            r = 0
+            for sh in (0, 16):
+                a, b = (np.array([(t >> sh) & 0xFFFF], dtype=np.uint16).view(np.float16)[0].astype(np.float32)
+                        for t in v)
+                r |= half_bits(np.float32(a * b), torch.float16) << sh
         elif op == "add.rn.f32":
             r = int(np.array([f32(v[0]) + f32(v[1])], dtype=np.float32).view(np.uint32)[0])
         elif op == "add.u32":

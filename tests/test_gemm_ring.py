@@ -165,8 +165,10 @@ def test_cost_model_routes_as_measured(monkeypatch):
 ])
 def test_shape_rule_takes_what_the_kernel_tiles(N, K, bs, qt, dtype, monkeypatch):
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)
-    assert gemm_ring.shape_ok(N, K, bs, qt, dtype)
-    assert not gemm_ring.shape_ok(N, K, bs, qt, torch.float16)
+    assert gemm_ring.shape_ok(N, K, bs, qt, dtype) and not gemm_ring.shape_ok(N, K, bs, qt, torch.float32)
+    assert gemm_ring.shape_ok(N, K, bs, qt, torch.float16) == gemm_ring.FP16  # fp16: opt-in until GPU-run
+    monkeypatch.setattr(gemm_ring, "FP16", True)
+    assert gemm_ring.shape_ok(N, K, bs, qt, torch.float16)
     assert not gemm_ring.shape_ok(N, K, 128, qt, dtype)
     assert not gemm_ring.shape_ok(N, K + 64, bs, qt, dtype)  # K % 256
     assert not gemm_ring.shape_ok(N + 64, K, bs, qt, dtype)  # N % 128
@@ -179,7 +181,7 @@ def test_supported_takes_float32_or_double_quantized_absmax(monkeypatch):
     16-byte aligned, or uint8 codes with their nested statistics; one absmax per 64 weights either way."""
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)
     monkeypatch.setattr(gemm_ring, "device_ok", lambda device: True)
-    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False, has_bias=True: True)
+    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False, has_bias=True, dtype=None: True)
     N, K = 256, 1024
     data = torch.zeros(N * K // 2, dtype=torch.uint8)
     f32 = torch.zeros(N * K // 64, dtype=torch.float32)
@@ -192,7 +194,9 @@ def test_supported_takes_float32_or_double_quantized_absmax(monkeypatch):
     assert not gemm_ring.supported(*args, f32[:-1], data) and not gemm_ring.supported(*args, codes[:-1], data,
                                                                                        nested=nested)
     assert not gemm_ring.supported(*args, torch.zeros(N * K // 64 + 1)[1:], data)  # absmax 4 bytes off
-    assert not gemm_ring.supported(N, K, 64, "nf4", torch.float16, codes, data, nested=nested)
+    assert not gemm_ring.supported(N, K, 64, "nf4", torch.float32, codes, data, nested=nested)
+    monkeypatch.setattr(gemm_ring, "FP16", True)
+    assert gemm_ring.supported(N, K, 64, "nf4", torch.float16, codes, data, nested=nested)
     # the kernel reads the nested statistics by address: their lengths, dtypes and layout must be the expected ones
     assert gemm_ring.supported(*args, codes, data, nested=(nested[0], torch.zeros(256), nested[2]))
     for bad in ((nested[0][:-1], None, nested[2]), (nested[0], None, None), (nested[0], torch.zeros(255), nested[2]),
@@ -205,23 +209,25 @@ def _bits(x) -> int:
     return int(x) & 0xFFFFFFFF
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("qt", ["nf4", "fp4"])
-def test_gather_and_decode_give_each_fragment_column(qt):
+def test_gather_and_decode_give_each_fragment_column(qt, dt):
     """One weight row's 64-weight step (32 bytes, bitsandbytes' order: byte p holds weights 2p (high nibble) and
     2p + 1), emulated for the four lanes b of the row: ``_GATHER_ASM`` picks byte b of words 4t..4t+3, ``_WORD_ASM``
-    decodes the gathered word into four bf16 pairs times the bf16 absmax, and the kernel's join/permute puts pair
-    q_(h + 2 s0) of lane (b, t) at column b + 4h + 8s0 + 16t. Every column must hold
-    bf16(bf16(code) * bf16(absmax)) of its weights."""
+    (``_WORD_ASM_F16`` for fp16 activations) decodes the gathered word into four 16-bit pairs times the absmax, and
+    the kernel's join/permute puts pair q_(h + 2 s0) of lane (b, t) at column b + 4h + 8s0 + 16t. Every column must
+    hold dt(dt(code) * dt(absmax)) of its weights."""
     from halfbyte.kernels import _gemm_ring_kernel as kr
 
     g = torch.Generator().manual_seed(3)
     code = code_4bit(qt)
-    tables = [_bits(w) for w in lut.pair_tables(tuple(code.tolist()), torch.bfloat16)]
+    tables = [_bits(w) for w in lut.pair_tables(tuple(code.tolist()), dt)]
+    word_asm = (kr._WORD_ASM_F16 if dt == torch.float16 else kr._WORD_ASM).value
     for _ in range(4):
         row = torch.randint(0, 256, (32,), generator=g, dtype=torch.int64)
         words = [int(sum(int(row[4 * w + i]) << (8 * i) for i in range(4))) for w in range(8)]
         absmax = float(torch.rand(1, generator=g) * 3 + 0.01)
-        ab = int(torch.tensor([absmax]).to(torch.bfloat16).view(torch.int16).item()) & 0xFFFF
+        ab = int(torch.tensor([absmax]).to(dt).view(torch.int16).item()) & 0xFFFF
         got = [None] * 64
         for b in range(4):
             for t in range(2):
@@ -229,36 +235,39 @@ def test_gather_and_decode_give_each_fragment_column(qt):
                        8: b | ((b + 4) << 4)}
                 run_ptx(kr._GATHER_ASM.value, ops)
                 dops = {4: ops[0], **{5 + i: tables[i] for i in range(8)}, 13: ab | (ab << 16)}
-                run_ptx(kr._WORD_ASM.value, dops)
+                run_ptx(word_asm, dops)
                 for j in range(4):
                     h, s0 = j % 2, j // 2
                     p = b + 4 * h + 8 * s0 + 16 * t
                     got[2 * p], got[2 * p + 1] = dops[j] & 0xFFFF, dops[j] >> 16
         nib = torch.stack([row >> 4, row & 15], 1).reshape(-1)
-        expect = (code.to(torch.bfloat16)[nib].float() * torch.tensor(absmax).to(torch.bfloat16).float())
-        expect = expect.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+        expect = (code.to(dt)[nib].float() * torch.tensor(absmax).to(dt).float())
+        expect = expect.to(dt).view(torch.int16).to(torch.int64) & 0xFFFF
         assert got == expect.tolist()
 
 
 _COMPILE = """
 import json, sys
 from halfbyte.kernels import gemm_ring
-k = gemm_ring.compile_offline(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4]))
+import torch
+k = gemm_ring.compile_offline(int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4]),
+                              torch.float16 if sys.argv[5] == "1" else torch.bfloat16)
 ptx = k.asm["ptx"]
 print(json.dumps({"shared": k.metadata.shared, "warps": k.metadata.num_warps,
                   "wgmma": ptx.count("wgmma.mma_async.sync.aligned"),
                   "tma_load": ptx.count("cp.async.bulk.tensor.2d.shared"),
                   "tma_store": ptx.count("cp.async.bulk.tensor.2d.global"), "setmaxnreg": "setmaxnreg" in ptx,
-                  "bf16x2": ptx.count("mul.rn.bf16x2"), "atom": ptx.count("atom."),
+                  "bf16x2": ptx.count("mul.rn.bf16x2"), "f16x2": ptx.count("mul.rn.f16x2"), "atom": ptx.count("atom."),
                   "mul_f32": ptx.count("mul.rn.f32")}))
 """
 
 
 @needs_gluon
-@pytest.mark.parametrize("S, has_bias, nested, bt", [(1, True, False, 256), (3, False, False, 256),
-                                                     (8, True, False, 256), (2, True, True, 256), (4, True, False, 64),
-                                                     (2, False, True, 128)])
-def test_compiles_for_sm90(S, has_bias, nested, bt):
+@pytest.mark.parametrize("S, has_bias, nested, bt, f16", [
+    (1, True, False, 256, False), (3, False, False, 256, False), (8, True, False, 256, False),
+    (2, True, True, 256, False), (4, True, False, 64, False), (2, False, True, 128, False),
+    (2, True, False, 256, True), (4, False, True, 64, True)])
+def test_compiles_for_sm90(S, has_bias, nested, bt, f16):
     """The kernel compiles for sm_90 with this triton (its Gluon API moves between releases): 12 warps (a loader
     warpgroup and two consumer warpgroups with reallocated registers), three TMA loads per stage (two with
     double-quantized absmax, which the loader decodes with a rounded float32 product; a partial last token tile's x
@@ -269,13 +278,14 @@ def test_compiles_for_sm90(S, has_bias, nested, bt):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     flags = ("1" if f else "0" for f in (has_bias, nested))
-    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), *flags, str(bt)],
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(S), *flags, str(bt), "1" if f16 else "0"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
-    assert got["warps"] == 12 and got["setmaxnreg"] and got["wgmma"] > 0 and got["bf16x2"] > 0
+    assert got["warps"] == 12 and got["setmaxnreg"] and got["wgmma"] > 0 and (got["bf16x2"] > 0) != f16
     assert got["tma_load"] == (2 if nested else 3) + bt // gemm_ring.XS and got["tma_store"] >= 1
     assert (got["mul_f32"] > 0) == nested
+    assert got["f16x2"] > 0 if f16 else got["f16x2"] == 0  # the decode's products in x's dtype
     assert (got["atom"] > 0) == (S > 1)
     ring = gemm_ring.STAGES * (bt * 128 + gemm_ring.BN * 48) + 2 * bt * 128  # x, words, absmax; 2 out tiles
     assert ring <= got["shared"] <= min(ring + 4096, 227 * 1024), (got["shared"], ring)
@@ -316,6 +326,41 @@ def test_fused_gemm_within_bound(M, N, K, qt, ring_on):
         outs = [gemm(x, b) for _ in range(3)]
         assert_within_fp32_sum_bound(outs[0], x, W, b, weight_terms=WEIGHT_TERMS)
         assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+@gpu
+@pytest.mark.parametrize("M, N, K", [(17, 4096, 4096), (100, 11008, 4096), (512, 12288, 3072), (300, 10240, 4096),
+                                     (4608, 3072, 3072)], ids=lambda v: str(v))
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+def test_fused_gemm_fp16(M, N, K, nested, ring_on, monkeypatch):
+    """fp16 activations (``gemm_ring.FP16`` on): the weight decoded to fp16 (fp16 tables and absmax,
+    ``mul.rn.f16x2``), fp16 wgmma and output, within the same derived bound in fp16's unit roundoff; fixed bits
+    over three calls; the op, its plan and a ``Plan`` give the kernel's bits; double-quantized absmax gives the
+    bits of its decoded float32 absmax."""
+    from halfbyte.kernels import gemm4bit
+
+    monkeypatch.setattr(gemm_ring, "FP16", True)
+    if not _expected(torch.device(DEV)):
+        pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
+    dt = torch.float16
+    packed, stats, am = _quantized_linear(N, K, 64, "nf4", nested, dt)
+    W = fourbit.dequantize_4bit(packed, am, 64, "nf4", (N, K), dt)
+    x = torch.randn(M, K, device=DEV).to(dt)
+    bias = torch.randn(N, device=DEV).to(dt)
+    gemm = gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4", None, dt)
+    outs = [gemm(x, bias) for _ in range(3)]
+    assert outs[0].dtype == dt
+    assert_within_fp32_sum_bound(outs[0], x, W, bias, weight_terms=WEIGHT_TERMS)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    if nested:
+        q, nested_absmax, _, offset = stats
+        dq = gemm_ring.RingGemm(packed.reshape(-1), q, N, K, "nf4", (nested_absmax, None, offset), dt)
+        assert torch.equal(dq(x, bias), outs[0])
+    if gemm_ring.wanted(M, N, K, gemm_ring.sms(x.get_device())):
+        for _ in range(3):  # direct, then the op's plan
+            assert torch.equal(torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, "nf4"), outs[0])
+        plan = gemm4bit.Plan(packed, *stats, bias, N, K, 64, "nf4", dt)
+        assert plan._fused is not None and torch.equal(plan(x, bias), outs[0])
 
 
 @gpu
@@ -374,13 +419,13 @@ def test_partial_token_tile_gives_the_bits_of_the_whole_tile(M, N, K):
 
 @gpu
 def test_fused_gemm_serves_only_what_it_can(ring_on, monkeypatch):
-    """fp16 activations and blocksize 128 (plain or double-quantized) take dequantize + cuBLAS (bit-identical to
-    it); so does everything with ``ENABLED`` off."""
+    """Blocksize 128 (plain or double-quantized, bf16 or fp16) takes dequantize + cuBLAS (bit-identical to it); so
+    does everything with ``ENABLED`` off."""
     from halfbyte.kernels import gemm4bit
 
     M, N, K = 512, 12288, 3072
     x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
-    for nested, bs, dtype in ((True, 64, torch.float16), (False, 64, torch.float16), (False, 128, torch.bfloat16),
+    for nested, bs, dtype in ((True, 128, torch.float16), (False, 128, torch.float16), (False, 128, torch.bfloat16),
                               (True, 128, torch.bfloat16)):
         packed, stats, am = _quantized_linear(N, K, bs, "nf4", nested, dtype)
         W = fourbit.dequantize_4bit(packed, am, bs, "nf4", (N, K), dtype)

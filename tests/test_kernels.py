@@ -427,7 +427,7 @@ def test_gemm_4bit_fallbacks_and_leading_dims():
 @pytest.mark.parametrize("dn", ["bf16", "fp16"])
 def test_gemm_4bit_flux_t5_shapes(shape, dn):
     """Double-quantized NF4 through the registered op at every token-count regime: the GEMV and the small-batch
-    kernel within the bound; the fused GEMM (bf16, 17-2048 tokens, Hopper) within its bound and with the bits of
+    kernel within the bound; the fused GEMM (bf16 / fp16, 17-2048 tokens, Hopper) within its bound and with the bits of
     the weight's absmax decoded to float32; dequantize + cuBLAS bit-identical to ``F.linear``."""
     from halfbyte.kernels import gemm_ring
 
@@ -442,7 +442,7 @@ def test_gemm_4bit_flux_t5_shapes(shape, dn):
         out = torch.ops.halfbyte.gemm_4bit(x, packed, *stats, bias, [N, K], 64, "nf4")  # the registered kernel
         if M > 1 and ring and gemm_ring.wanted(M, N, K, gemm_ring.sms(x.get_device())):  # from 17 tokens
             assert_within_fp32_sum_bound(out, x, W, bias, weight_terms=5)
-            assert torch.equal(out, gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4")(x, bias))
+            assert torch.equal(out, gemm_ring.RingGemm(packed.reshape(-1), am, N, K, "nf4", None, dtype)(x, bias))
         elif M == 1 or small_serves(x, packed, K, 64):  # the GEMV and the small-batch kernel
             assert M <= 16 or N * K >= 2**24
             assert_within_fp32_sum_bound(out, x, W, bias, unrounded_weights=True)

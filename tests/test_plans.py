@@ -257,8 +257,8 @@ def test_plan_checks_lists_the_checks_a_plan_runs(monkeypatch, dq, dtype, N, K, 
     from halfbyte.kernels import gemm4bit, gemm_ring, gemm_small, gemv_mma, gemv_ring
 
     seen = {}
-    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False, has_bias=True: seen.setdefault(
-        ("gemm_ring", device, nested), has_bias) is not None)
+    monkeypatch.setattr(gemm_ring, "verdict", lambda device, nested=False, has_bias=True, dtype=torch.bfloat16:
+                        seen.setdefault(("gemm_ring", device, nested, dtype), has_bias) is not None)
     monkeypatch.setattr(gemv_ring, "verdict", lambda device, dtype, nested=False: not seen.setdefault(
         ("gemv_ring", device, dtype, nested), None))
     monkeypatch.setattr(gemv_mma, "layout_ok", lambda device: not seen.setdefault(("gemv_mma", device), None))
@@ -269,9 +269,10 @@ def test_plan_checks_lists_the_checks_a_plan_runs(monkeypatch, dq, dtype, N, K, 
         layer(torch.randn(2, K, dtype=dtype, device="cuda"))  # builds the plan
     assert layer._plans[dtype][1] is not None
     assert set(seen) == set(listed)
-    if ("gemm_ring", layer.weight.device, dq) in seen:
-        assert seen[("gemm_ring", layer.weight.device, dq)] == bias  # the check runs the calls' bias flag
-        assert listed[("gemm_ring", layer.weight.device, dq)].args == (layer.weight.device, dq, bias)
+    key = ("gemm_ring", layer.weight.device, dq, dtype)
+    if key in seen:
+        assert seen[key] == bias  # the check runs the calls' bias flag
+        assert listed[key].args == (layer.weight.device, dq, bias, dtype)
 
 
 def test_plan_checks_follow_the_kernels_static_rules(monkeypatch):
@@ -283,8 +284,15 @@ def test_plan_checks_follow_the_kernels_static_rules(monkeypatch):
     monkeypatch.setattr(gemm_ring, "device_ok", lambda device: True)
     dev = torch.device("cpu")  # (the ring GEMV's own rule wants a CUDA device: not listed here)
     checks = gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.bfloat16, False, False, dev)
-    assert set(checks) == {("gemv_mma", dev), ("gemm_small", dev), ("gemm_ring", dev, False)}
-    assert checks[("gemm_ring", dev, False)].args == (dev, False, False)  # the calls' bias flag goes to the check
+    ring = ("gemm_ring", dev, False, torch.bfloat16)
+    assert set(checks) == {("gemv_mma", dev), ("gemm_small", dev), ring}
+    assert checks[ring].args == (dev, False, False, torch.bfloat16)  # the calls' bias flag goes to the check
+    f16 = set(gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float16, True, True, dev))
+    assert f16 == {("gemv_mma", dev), ("gemm_small", dev)} | ({("gemm_ring", dev, True, torch.float16)}
+                                                              if gemm_ring.FP16 else set())
+    monkeypatch.setattr(gemm_ring, "FP16", True)  # fp16 calls, opt-in: a check of their own
+    assert ("gemm_ring", dev, True, torch.float16) in gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float16,
+                                                                           True, True, dev)
     assert gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float32, True, True, dev) == {}
     # 3072 x 3072: under the fused GEMM's size; K % 2048 != 0: no tensor-core GEMV in bf16 (it is in fp16)
     assert set(gemm4bit.plan_checks(3072, 3072, 64, "nf4", torch.bfloat16, True, True, dev)) == {("gemm_small", dev)}

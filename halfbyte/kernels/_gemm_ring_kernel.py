@@ -23,17 +23,18 @@ _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_globa
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
-def _word_asm() -> str:
-    """$0..$3: the four bf16 pairs of word $4's codes (weights 0-1, 2-3, 4-5, 6-7) times $13 (the bf16 absmax in
-    both halves); $5..$12 the ``lut.pair_tables`` words of the code."""
+def _word_asm(ty: str = "bf16") -> str:
+    """$0..$3: the four ``ty`` (bf16 / f16) pairs of word $4's codes (weights 0-1, 2-3, 4-5, 6-7) times $13 (the
+    absmax in ``ty``, in both halves); $5..$12 the ``lut.pair_tables`` words of the code in ``ty``."""
     lines = ["{", ".reg .b32 %o0, %o1, %o2, %o3;"]
     lines += pair_decode_lines(tuple(f"${5 + i}" for i in range(8)), "$4", ("%o0", "%o1", "%o2", "%o3"), "%u")
-    lines += [f"mul.rn.bf16x2 ${i}, %o{i}, $13;" for i in range(4)]
+    lines += [f"mul.rn.{ty}x2 ${i}, %o{i}, $13;" for i in range(4)]
     lines.append("}")
     return "\n".join(lines)
 
 
 _WORD_ASM = gl.constexpr(_word_asm())
+_WORD_ASM_F16 = gl.constexpr(_word_asm("f16"))
 _WORD_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
 
 # prmt selectors: $8 picks byte b of $4 and of $5 into bytes 0-1 (and of $6, $7); 0x5410 joins the two halves
@@ -210,28 +211,35 @@ def _gather_words(wbuf, WG: gl.constexpr, g_layout: gl.constexpr):
 
 
 @gluon.jit
-def _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout: gl.constexpr):
-    """The (64, 64) bf16 A fragment of gathered words ``w`` (64, 8) and the rows' absmax ``am`` (64,):
-    bf16(bf16(code) * bf16(absmax)) per weight."""
-    h = am.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+def _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout: gl.constexpr, DT: gl.constexpr):
+    """The (64, 64) A fragment in DT (bf16 / fp16, x's dtype) of gathered words ``w`` (64, 8) and the rows' absmax
+    ``am`` (64,): DT(DT(code) * DT(absmax)) per weight."""
+    h = am.to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
     scale = (h | (h << 16))[:, None] + gl.zeros_like(w)
-    q0, q1, q2, q3 = gl.inline_asm_elementwise(_WORD_ASM, _WORD_CONSTRAINTS,
-                                               [w, t0, t1, t2, t3, t4, t5, t6, t7, scale],
-                                               dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+    if DT == gl.float16:
+        q0, q1, q2, q3 = gl.inline_asm_elementwise(_WORD_ASM_F16, _WORD_CONSTRAINTS,
+                                                   [w, t0, t1, t2, t3, t4, t5, t6, t7, scale],
+                                                   dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
+                                                   pack=1)
+    else:
+        q0, q1, q2, q3 = gl.inline_asm_elementwise(_WORD_ASM, _WORD_CONSTRAINTS,
+                                                   [w, t0, t1, t2, t3, t4, t5, t6, t7, scale],
+                                                   dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
+                                                   pack=1)
     # q_j of element (r, 2b + t) is the pair of original byte b + 4 (4t + j): pair column b + 4h + 8s0 + 16t
     # with j = h + 2 s0
     q = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # [64, 8 (b, t), 2 (h), 2 (s0)]
     q = q.reshape([64, 4, 2, 2, 2]).permute((0, 2, 4, 3, 1)).reshape([64, 32])
-    lo = q.to(gl.int16).to(gl.bfloat16, bitcast=True)
-    hi = (q >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+    lo = q.to(gl.int16).to(DT, bitcast=True)
+    hi = (q >> 16).to(gl.int16).to(DT, bitcast=True)
     a = gl.join(lo, hi).reshape([64, 64])
     return gl.convert_layout(a, a_layout)
 
 
 @gluon.jit
 def _frag(i, k, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG: gl.constexpr, STAGES: gl.constexpr,
-          g_layout: gl.constexpr, am_layout: gl.constexpr, a_layout: gl.constexpr):
-    """Step i's (the tile's K step k) A fragment of this warpgroup's 64 rows, decoded from the stage."""
+          g_layout: gl.constexpr, am_layout: gl.constexpr, a_layout: gl.constexpr, DT: gl.constexpr):
+    """Step i's (the tile's K step k) A fragment of this warpgroup's 64 rows, decoded from the stage into DT."""
     s = i % STAGES
     mbarrier.wait(ready.index(s), (i // STAGES) & 1)
     w = _gather_words(w_bufs.index(s), WG, g_layout)
@@ -239,7 +247,7 @@ def _frag(i, k, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG: gl.co
     col = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, am_layout)), 0)
     am = gl.sum(gl.where(col == k % 4, a4, 0.0), axis=1)
     am = gl.convert_layout(am, gl.SliceLayout(1, g_layout))
-    return _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout)
+    return _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout, DT)
 
 
 @gluon.jit
@@ -247,8 +255,9 @@ def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, 
               WG: gl.constexpr, STAGES: gl.constexpr, g_layout: gl.constexpr, am_layout: gl.constexpr,
               a_layout: gl.constexpr):
     """acc += this warpgroup's rows of W[:, 64 kb: 64 ke] @ x^T from the stages i, i + 1, ...; ke - kb even."""
+    DT: gl.constexpr = x_bufs.dtype  # the weight fragment's dtype: x's (bf16 or fp16)
     fa = _frag(i, kb, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout, am_layout,
-               a_layout)
+               a_layout, DT)
     n = ke - kb
     # Two fragment variables: the decode of the next step must not write the registers a wgmma in flight reads
     # (with one, ptxas serialized every wgmma). Each wgmma retires before the next issues; the other warpgroup's
@@ -256,17 +265,17 @@ def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, 
     for k in range(0, n - 2, 2):
         acc = warpgroup_mma(fa, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
         fb = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                   g_layout, am_layout, a_layout)
+                   g_layout, am_layout, a_layout, DT)
         acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
         mbarrier.arrive(empty.index((i + k) % STAGES), count=1)
         acc = warpgroup_mma(fb, x_bufs.index((i + k + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         fa = _frag(i + k + 2, kb + k + 2, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                   g_layout, am_layout, a_layout)
+                   g_layout, am_layout, a_layout, DT)
         acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
         mbarrier.arrive(empty.index((i + k + 1) % STAGES), count=1)
     acc = warpgroup_mma(fa, x_bufs.index((i + n - 2) % STAGES).permute((1, 0)), acc, is_async=True)
     fb = _frag(i + n - 1, ke - 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout,
-               am_layout, a_layout)
+               am_layout, a_layout, DT)
     acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
     mbarrier.arrive(empty.index((i + n - 2) % STAGES), count=1)
     acc = warpgroup_mma(fb, x_bufs.index((i + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
@@ -289,7 +298,7 @@ def _store_tile(acc, c_smem, out_desc, pm, pn, WG: gl.constexpr, BT: gl.constexp
     """out[m, n] = acc[n, m] through shared memory by TMA (rows past M are clipped); the previous tile's store
     must have left c_smem first."""
     tma.store_wait(pendings=0)
-    c_smem.store(acc.to(gl.bfloat16).permute((1, 0)))
+    c_smem.store(acc.to(c_smem.dtype).permute((1, 0)))
     fence_async_shared()
     _tma_store(out_desc, [pm * BT, pn * 128 + 64 * WG], c_smem)
 
@@ -331,7 +340,7 @@ def _store_piece(acc, piece, pm, pn, ws_ptr, cnt_ptr, out_ptr, bias_ptr, M, N, S
                 part += gl.load(base + r * (128 * BT) + o)
             part = _add_bias(part, bias_ptr, pn, WG, CL, HAS_BIAS)
             tok = pm * BT + c * CW + m
-            gl.store(out_ptr + tok.to(gl.int64) * N + pn * 128 + 64 * WG + n, part.to(gl.bfloat16),
+            gl.store(out_ptr + tok.to(gl.int64) * N + pn * 128 + 64 * WG + n, part.to(out_ptr.dtype.element_ty),
                      mask=(tok < M) & (n >= 0))
         gl.store(cnt_ptr + tile * 2 + WG, 0)
 
@@ -388,10 +397,11 @@ def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, xs_desc, out_ptr, bias_pt
     blocks), ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32) are the double-quantized absmax (scalar
     loads: their alignment is not specialized). Without NESTED those four are not read."""
     BT: gl.constexpr = x_desc.block_type.shape[0]
-    x_bufs = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BT, 64], x_desc.layout)
+    DT: gl.constexpr = x_desc.block_type.element_ty  # bf16 or fp16: x, the decoded weight and out
+    x_bufs = gl.allocate_shared_memory(DT, [STAGES, BT, 64], x_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 128, 8], w_desc.layout)
     a_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 128, 4], a_desc.layout)
-    c_bufs = gl.allocate_shared_memory(gl.bfloat16, [2, BT, 64], out_desc.layout)
+    c_bufs = gl.allocate_shared_memory(DT, [2, BT, 64], out_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):

@@ -9,7 +9,7 @@
     code * x on the tensor cores;
   - fp32, and where those do not apply (alignment, K): ``gemv._gemv_kernel``, two loads from the code table per
     byte.
-* 17 to 2048 tokens, bf16, on Hopper: ``kernels.gemm_ring``, a fused GEMM that decodes the codes
+* 17 to 2048 tokens, bf16 or fp16, on Hopper: ``kernels.gemm_ring``, a fused GEMM that decodes the codes
   straight into the tensor cores' operand (the weight is never written out), in token tiles of 64, 128 or 256,
   where ``gemm_ring.wanted`` says it beats the next path (weights from 2^24 elements: 0.41-0.95x the small-batch
   kernel's time at 24-64 tokens, 0.55-0.96x dequantize + cuBLAS's from 65).
@@ -105,12 +105,13 @@ def gemm_4bit(A, B, absmax, nested_absmax, nested_code, offset, bias, shape, blo
     data = data if data.dtype == torch.uint8 else data.view(torch.uint8)
     # the fused GEMM first: from 17 tokens it beats the small-batch kernel where both serve (gemm_ring.wanted)
     nested = None if nested_absmax is None else (nested_absmax, nested_code, offset)
-    if (A.dtype == torch.bfloat16 and A.is_cuda and gemm_ring.wanted(M, N, K, gemm_ring.sms(A.get_device()))
+    if (A.dtype in (torch.bfloat16, torch.float16) and A.is_cuda
+            and gemm_ring.wanted(M, N, K, gemm_ring.sms(A.get_device()))
             and A.device == data.device == absmax.device == (A.device if bias is None else bias.device)
             and gemm_ring.supported(N, K, blocksize, quant_type, A.dtype, absmax, data, nested=nested,
                                     has_bias=bias is not None)):
         x, bias = gemm_ring.aligned(A.reshape(M, K)), None if bias is None else gemm_ring.aligned(bias)
-        return gemm_ring.gemm_for(data, absmax, N, K, quant_type, nested)(x, bias).view(*A.shape[:-1], N)
+        return gemm_ring.gemm_for(data, absmax, N, K, quant_type, nested, A.dtype)(x, bias).view(*A.shape[:-1], N)
     if gemm_small.MAX_M >= M >= 2 and A.dtype in (torch.float16, torch.bfloat16):
         x = A.reshape(M, K)
         x = x if x.is_contiguous() else x.contiguous()
@@ -176,7 +177,7 @@ class Plan:
         self._fused = None  # calls of 17 tokens or more that gemm_ring.wanted picks
         if (gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.supported(
                 N, K, blocksize, quant_type, dtype, absmax, data, nested=nested, has_bias=bias is not None)):
-            self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type, nested)
+            self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type, nested, dtype)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (..., K) CUDA in the plan's dtype on the current device -> (..., N): ``gemm_4bit``'s result."""
@@ -267,7 +268,8 @@ def plan_checks(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dt
         checks[("gemm_small", device)] = functools.partial(gemm_small.layout_ok, device)
     if (gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.shape_ok(N, K, blocksize, quant_type, dtype)
             and gemm_ring.device_ok(device)):
-        checks[("gemm_ring", device, nested)] = functools.partial(gemm_ring.verdict, device, nested, has_bias)
+        checks[("gemm_ring", device, nested, dtype)] = functools.partial(gemm_ring.verdict, device, nested, has_bias,
+                                                                        dtype)
     return checks
 
 

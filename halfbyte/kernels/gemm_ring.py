@@ -10,7 +10,8 @@ copy's speed) and calls cuBLAS. At 512 tokens that dequantize is a third of the 
 * a loader partition (4 warps, one thread issues) streams each K step's x tile, the 128 weight rows' packed words
   and their absmax into a 4-stage shared-memory ring by TMA; two consumer warpgroups (64 rows each) gather their
   lanes' bytes from bitsandbytes' byte order (3 ``prmt`` per word), decode them with the ``prmt`` pair tables of
-  ``kernels.lut`` and multiply by the absmax (``mul.bf16x2``) while their previous wgmma runs;
+  ``kernels.lut`` and multiply by the absmax (``mul.bf16x2``, ``mul.f16x2`` for fp16) while their previous wgmma
+  runs;
 * programs are persistent, one per SM: equal rounds of whole 128 x 256 tiles (GROUP_M token tiles per group, so a
   group's weight stays in L2), then the tiles left over -- all of them when there are fewer tiles than SMs, as at
   512 tokens -- are split along K into S pieces with a deterministic fix-up: the last piece of a tile to arrive
@@ -23,12 +24,13 @@ Numerics: each weight is bf16(bf16(code) * bf16(absmax)), summed in float32 by t
 rounds code * absmax once (float32 product). The difference is a few bf16 roundings per weight, inside the
 matmul tolerance tests/test_gemm_ring.py derives.
 
-Serves: bf16 activations, NF4/FP4 with blocksize 64 (float32 or double-quantized absmax), K % 256 == 0,
-N % 128 == 0, compute capability 9.x, triton with Gluon; ``supported`` says where, ``wanted`` for which token
-counts (measured: ``bench/gemm_ring.py``), and each device runs it once against the reference before use
-(``verdict``). ``RingGemm`` binds the launch (weight descriptors encoded once). Gluon does not run
-under the interpreter: the CPU tier compiles the kernel for sm_90, checks the schedule and emulates the byte
-gather (tests/test_gemm_ring.py).
+Serves: bf16 activations, and fp16 ones where ``FP16`` is on (the weight decoded to x's dtype; fp16 rounds each weight
+8x finer; eager and direct calls: compiled fp16 layers still dequantize in the graph over 64 tokens), NF4/FP4 with
+blocksize 64 (float32 or double-quantized absmax), K % 256 == 0, N % 128 == 0, compute capability 9.x, triton with
+Gluon; ``supported`` says where, ``wanted`` for which token counts (measured: ``bench/gemm_ring.py``), and each device
+runs it once against the reference before use (``verdict``). ``RingGemm`` binds the launch (weight descriptors encoded
+once). Gluon does not run under the interpreter: the CPU tier compiles the kernel for sm_90, checks the schedule and
+emulates the byte gather (tests/test_gemm_ring.py).
 
 Double-quantized absmax (uint8 codes + nested float32 stats): the loader partition's 128 threads decode each
 stage's 128 row absmax themselves (``ncode[q] * nested + offset``, the product rounded: ``ops.decode_absmax``'s
@@ -72,6 +74,10 @@ DEQUANT_BYTES_PER_US, READ_BYTES_PER_US, CUBLAS_FLOP_PER_US, DC_US = 2.6e6, 2.5e
 #: ``HALFBYTE_GEMM_RING=0`` turns it off). Read when a plan is built and when a layer is built, moved or loaded
 #: (its compiled route): set it before those.
 ENABLED = os.environ.get("HALFBYTE_GEMM_RING", "1") != "0"
+#: Whether fp16 calls take it too (``HALFBYTE_GEMM_RING_FP16=1``; off by default). The fp16 build compiles for sm_90
+#: and its decode is emulated bit for bit on the CPU, but it has not yet run on a GPU (its GPU tests turn it on):
+#: until it has, fp16 calls keep the small-batch kernel and dequantize + cuBLAS.
+FP16 = os.environ.get("HALFBYTE_GEMM_RING_FP16", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,7 +101,8 @@ def available() -> bool:
 
 def shape_ok(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype) -> bool:
     """The static part of ``supported``: what the kernel's tiling and decode take."""
-    return (ENABLED and not INTERPRET and dtype == torch.bfloat16 and blocksize == 64
+    return (ENABLED and not INTERPRET and (dtype == torch.bfloat16 or (FP16 and dtype == torch.float16))
+            and blocksize == 64
             and quant_type in ("nf4", "fp4") and N > 0 and K > 0 and N % BN == 0 and K % 256 == 0)
 
 
@@ -134,7 +141,7 @@ def supported(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtyp
             return False
     if any(t.data_ptr() % 16 for t in tensors) or not device_ok(absmax.device):
         return False
-    return verdict(absmax.device, nested is not None, has_bias)
+    return verdict(absmax.device, nested is not None, has_bias, dtype)
 
 
 def tile_tokens(M: int) -> int:
@@ -191,10 +198,11 @@ def dequantize_cublas_us(M: int, N: int, K: int) -> float:
     return N * K * 2.5 / DEQUANT_BYTES_PER_US + gemm + DC_US
 
 
-def split_for(M: int, N: int, K: int, blocksize: int, quant_type: str, device: torch.device) -> int | None:
-    """The S of the specialization that a bf16 call of M tokens of an (N, K) weight on ``device`` takes where
+def split_for(M: int, N: int, K: int, blocksize: int, quant_type: str, device: torch.device,
+              dtype: torch.dtype = torch.bfloat16) -> int | None:
+    """The S of the specialization that a ``dtype`` call of M tokens of an (N, K) weight on ``device`` takes where
     ``wanted`` sends it here, else None (shape, token count, device; the device check is not run)."""
-    if not (ENABLED and device_ok(device) and shape_ok(N, K, blocksize, quant_type, torch.bfloat16)):
+    if not (ENABLED and device_ok(device) and shape_ok(N, K, blocksize, quant_type, dtype)):
         return None
     programs = sms(device.index)
     if not wanted(M, N, K, programs):
@@ -203,18 +211,18 @@ def split_for(M: int, N: int, K: int, blocksize: int, quant_type: str, device: t
 
 
 def precompile(S: int, has_bias: bool, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
-               nested: tuple | None = None, bt: int = BT) -> None:
+               nested: tuple | None = None, bt: int = BT, dtype: torch.dtype = torch.bfloat16) -> None:
     """Compiles (no launch) the (S, has_bias, bt) specialization (``bt``: ``tile_tokens`` of the call) for this
     weight's kind of statistics (arguments as ``supported``). ``halfbyte.precompile`` runs it on a thread of its own
     beside the layers' calls: a layer's first call would otherwise compile the device check's specialization and
     then its own, one after the other (~5 s each)."""
     with torch.cuda.device(data.device):
-        RingGemm(data, absmax, N, K, quant_type, nested)._bind(S, has_bias, bt)
+        RingGemm(data, absmax, N, K, quant_type, nested, dtype)._bind(S, has_bias, bt)
 
 
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
-    """Whether bf16 calls of an (N, K) weight take this kernel at some token count (then exactly at 17 to
-    ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the token count)."""
+    """Whether 16-bit calls (bf16, fp16) of an (N, K) weight take this kernel at some token count (then exactly at 17
+    to ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the token count)."""
     return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK
 
 
@@ -234,20 +242,21 @@ def schedule(n_tiles: int, k_steps: int, programs: int) -> tuple[int, int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def _table_words(quant_type: str) -> tuple[int, ...]:
+def _table_words(quant_type: str, dtype: torch.dtype) -> tuple[int, ...]:
     code = ref4.code_4bit(quant_type, torch.device("cpu"))
-    words = lut.pair_tables(tuple(code.tolist()), torch.bfloat16)
+    words = lut.pair_tables(tuple(code.tolist()), dtype)
     return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
 
 
 _TABLES: dict[tuple, torch.Tensor] = {}
 
 
-def pair_table(quant_type: str, device: torch.device) -> torch.Tensor:
-    """The 8 ``prmt`` pair-table words of the code rounded to bf16 (int32 on ``device``, one copy per device)."""
-    t = _TABLES.get((quant_type, device))
+def pair_table(quant_type: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The 8 ``prmt`` pair-table words of the code rounded to ``dtype`` (int32 on ``device``, one copy per device)."""
+    key = (quant_type, device, dtype)
+    t = _TABLES.get(key)
     if t is None:
-        t = _TABLES[(quant_type, device)] = torch.tensor(_table_words(quant_type), dtype=torch.int32, device=device)
+        t = _TABLES[key] = torch.tensor(_table_words(quant_type, dtype), dtype=torch.int32, device=device)
     return t
 
 
@@ -270,9 +279,9 @@ def _counters(device: torch.device, stream: int) -> torch.Tensor:
     return c
 
 
-def _layouts(gl):
-    # x's and out's swizzle follows their 128-byte rows of 64 bf16, the same for every tile height (BT, XS)
-    x_layout = gl.NVMMASharedLayout.get_default_for([BT, 64], gl.bfloat16)
+def _layouts(gl, dtype: torch.dtype = torch.bfloat16):
+    # x's and out's swizzle follows their 128-byte rows of 64 16-bit values, the same for every tile height
+    x_layout = gl.NVMMASharedLayout.get_default_for([BT, 64], gl.float16 if dtype == torch.float16 else gl.bfloat16)
     flat = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     return x_layout, flat
 
@@ -296,21 +305,22 @@ def _unread_absmax(device: torch.device) -> torch.Tensor:
 class RingGemm:
     """The launch of one (N, K) 4-bit weight, bound: the weight and absmax descriptors are encoded once, x's and
     out's once per (address, token count) (a few dozen kept), and a call is one call of triton's C launcher
-    (``launch.descriptor_launcher``) plus the split's workspace. ``__call__(x, bias)``: x (M, K) bf16, contiguous,
-    16-byte aligned on the weight's device, bias (N,) bf16 or None -> (M, N) bf16. ``absmax`` float32, or uint8
+    (``launch.descriptor_launcher``) plus the split's workspace. ``__call__(x, bias)``: x (M, K) ``dtype`` (bf16 or
+    fp16), contiguous, 16-byte aligned on the weight's device, bias (N,) ``dtype`` or None -> (M, N) ``dtype``.
+    ``absmax`` float32, or uint8
     with ``nested`` = (nested_absmax float32, nested_code (256,) float32 or None for the dynamic map, offset
     float32): double quantization, decoded in the kernel's loader warps.
     Holds the weight's addresses, not its tensors: its owner checks that they still hold the weight."""
 
     def __init__(self, data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
-                 nested: tuple | None = None):
-        self.N, self.K, self.device = N, K, data.device
+                 nested: tuple | None = None, dtype: torch.dtype = torch.bfloat16):
+        self.N, self.K, self.device, self.dtype = N, K, data.device, dtype
         gl, self._descriptor, self._kernel = _gluon()
-        self.x_layout, self._flat = _layouts(gl)
+        self.x_layout, self._flat = _layouts(gl, dtype)
         self.programs = _sms(data.device.index)
         self.w_desc = self._descriptor(_Address(data.data_ptr(), torch.int32), [N, K // 8], [K // 8, 1], [BN, 8],
                                        self._flat)
-        self.table = pair_table(quant_type, data.device)
+        self.table = pair_table(quant_type, data.device, dtype)
         self.nested = nested is not None
         if nested is None:
             self.a_desc = self._descriptor(_Address(absmax.data_ptr(), torch.float32), [N, K // 64], [K // 64, 1],
@@ -327,8 +337,8 @@ class RingGemm:
     def _bind(self, S: int, has_bias: bool, bt: int = BT) -> tuple:
         """Compiles (no launch) the (S, has_bias) specialization with ``bt``-token tiles and encodes the weight's
         descriptors for it."""
-        x = torch.empty(bt, self.K, dtype=torch.bfloat16, device=self.device)  # dtypes and alignment specialize
-        out = torch.empty(bt, self.N, dtype=torch.bfloat16, device=self.device)
+        x = torch.empty(bt, self.K, dtype=self.dtype, device=self.device)  # dtypes and alignment specialize
+        out = torch.empty(bt, self.N, dtype=self.dtype, device=self.device)
         ws = torch.empty(16, dtype=torch.float32, device=self.device)
         cnt = torch.empty(16, dtype=torch.int32, device=self.device)
         stats = (torch.empty(16, dtype=torch.uint8, device=self.device),
@@ -345,11 +355,11 @@ class RingGemm:
         return bound
 
     def _io_desc(self, ptr: int, M: int, cols: int, rows: int):
-        return self._descriptor(_Address(ptr, torch.bfloat16), [M, cols], [cols, 1], [rows, 64], self.x_layout)
+        return self._descriptor(_Address(ptr, self.dtype), [M, cols], [cols, 1], [rows, 64], self.x_layout)
 
     def run(self, stream: int, x: int, out: int, bias: int | None, M: int) -> None:
-        """Launches on the raw CUDA ``stream`` with device addresses: x (M, K) and out (M, N) bf16 row-major,
-        16-byte aligned; ``bias`` (N,) bf16 or None."""
+        """Launches on the raw CUDA ``stream`` with device addresses: x (M, K) and out (M, N) in the launch's dtype,
+        row-major, 16-byte aligned; ``bias`` (N,) in that dtype or None."""
         bt = tile_tokens(M)
         tiles_m, tiles_n, k_steps = -(-M // bt), self.N // BN, self.K // 64
         n_tiles = tiles_m * tiles_n
@@ -373,7 +383,7 @@ class RingGemm:
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         M = x.shape[0]
-        out = torch.empty(M, self.N, dtype=torch.bfloat16, device=self.device)
+        out = torch.empty(M, self.N, dtype=self.dtype, device=self.device)
         if M:
             self.run(torch._C._cuda_getCurrentRawStream(self.device.index), x.data_ptr(), out.data_ptr(),
                      None if bias is None else bias.data_ptr(), M)
@@ -390,43 +400,44 @@ _GEMMS: dict[tuple, RingGemm] = {}
 
 
 def gemm_for(data: torch.Tensor, absmax: torch.Tensor, N: int, K: int, quant_type: str,
-             nested: tuple | None = None) -> RingGemm:
+             nested: tuple | None = None, dtype: torch.dtype = torch.bfloat16) -> RingGemm:
     """A ``RingGemm`` for ``gemm_4bit``'s direct calls, kept by the weight's addresses and shape (at most 256,
     forgotten together when full)."""
     stats = () if nested is None else tuple(0 if t is None else t.data_ptr() for t in nested)
-    key = (data.data_ptr(), absmax.data_ptr(), *stats, N, K, quant_type, data.device)
+    key = (data.data_ptr(), absmax.data_ptr(), *stats, N, K, quant_type, data.device, dtype)
     g = _GEMMS.get(key)
     if g is None:
         if len(_GEMMS) >= 256:
             _GEMMS.clear()
-        g = _GEMMS[key] = RingGemm(data, absmax, N, K, quant_type, nested)
+        g = _GEMMS[key] = RingGemm(data, absmax, N, K, quant_type, nested, dtype)
     return g
 
 
-_VERDICTS: dict[tuple[torch.device, bool], bool] = {}
+_VERDICTS: dict[tuple, bool] = {}
 
 
-def verdict(device: torch.device, nested: bool = False, has_bias: bool = True) -> bool:
-    """Runs the kernel once on ``device`` (a 256 x 1024 NF4 weight, 300 tokens, on 3 programs: a round of whole
-    tiles, then a tail tile split in 2 with its fix-up; compiling first), with float32 or (``nested``)
-    double-quantized absmax, against the dequantized float32 product; False, with a warning, if it fails or
-    disagrees, and the dequantize path serves. While a CUDA graph is being captured an unchecked device answers
-    False (a plan built then keeps the dequantize path) and is checked on a later call.
-    One check per (device, nested); the first caller's ``has_bias`` says whether it passes a bias. The check's
-    specialization (S = 2, has_bias) is the one that most of FLUX's and T5's 512-token calls take, so a model's own
-    calls reuse its compile (~6 s) rather than add one: checked with a bias always, a model without biases (T5)
-    compiled a specialization it never ran (BENCHMARKS.md, session 28)."""
-    key = (device, nested)
+def verdict(device: torch.device, nested: bool = False, has_bias: bool = True,
+            dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Runs the kernel once on ``device`` (a 256 x 1024 NF4 weight, 300 tokens, on 3 programs: a round of whole tiles,
+    then a tail tile split in 2 with its fix-up; compiling first), with float32 or (``nested``) double-quantized
+    absmax, against the dequantized float32 product; False, with a warning, if it fails or disagrees, and the
+    dequantize path serves. While a CUDA graph is being captured an unchecked device answers False (a plan built then
+    keeps the dequantize path) and is checked on a later call. One check per (device, nested, activation dtype); the
+    first caller's ``has_bias`` says whether it passes a bias. The check's specialization (S = 2, has_bias) is the one
+    that most of FLUX's and T5's 512-token calls take, so a model's own calls reuse its compile (~6 s) rather than add
+    one: checked with a bias always, a model without biases (T5) compiled a specialization it never ran (BENCHMARKS.md,
+    session 28)."""
+    key = (device, nested, dtype)
     if key not in _VERDICTS:
         if torch.cuda.is_current_stream_capturing():
             return False
         with compile_lock(("gemm_ring.verdict", key)):  # threads: one check, the others wait for it
             if key not in _VERDICTS:
-                _VERDICTS[key] = _check(device, nested, has_bias)
+                _VERDICTS[key] = _check(device, nested, has_bias, dtype)
     return _VERDICTS[key]
 
 
-def _check(device: torch.device, nested: bool, has_bias: bool) -> bool:
+def _check(device: torch.device, nested: bool, has_bias: bool, dtype: torch.dtype) -> bool:
     g = torch.Generator(device="cpu").manual_seed(0)
     M, N, K = 300, 256, 1024
     w = torch.randn(N, K, generator=g) / K**0.5
@@ -435,8 +446,8 @@ def _check(device: torch.device, nested: bool, has_bias: bool) -> bool:
     if nested:
         q, nested_absmax, offset = blockwise.double_quantize(absmax)
         absmax, stats = blockwise.double_dequantize(q, nested_absmax, offset), (q, nested_absmax, None, offset)
-    x = torch.randn(M, K, generator=g).to(torch.bfloat16)
-    bias = torch.randn(N, generator=g).to(torch.bfloat16) if has_bias else torch.zeros(N, dtype=torch.bfloat16)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype) if has_bias else torch.zeros(N, dtype=dtype)
     W = ref4.dequantize_4bit(packed, absmax, 64, "nf4", (N, K), torch.float32)
     exact = x.float() @ W.T + bias.float()
     bound = 2.0**-7 * (x.float().abs() @ W.abs().T + bias.float().abs()) + 1e-3
@@ -444,10 +455,10 @@ def _check(device: torch.device, nested: bool, has_bias: bool) -> bool:
         with torch.cuda.device(device):
             data, am = packed.reshape(-1).to(device), absmax.to(device)  # held: a RingGemm keeps addresses only
             if stats is None:
-                gemm = RingGemm(data, am, N, K, "nf4")
+                gemm = RingGemm(data, am, N, K, "nf4", None, dtype)
             else:
                 q, nested_absmax, _, offset = (None if t is None else t.to(device) for t in stats)
-                gemm = RingGemm(data, q, N, K, "nf4", (nested_absmax, None, offset))
+                gemm = RingGemm(data, q, N, K, "nf4", (nested_absmax, None, offset), dtype)
             gemm.programs = 3  # 4 tiles: one round of 3, then the last tile in 2 pieces (schedule: (3, 1, 2))
             out = gemm(x.to(device), bias.to(device) if has_bias else None)
         ok = bool(((out.float().cpu() - exact).abs() <= bound).all())
@@ -455,14 +466,15 @@ def _check(device: torch.device, nested: bool, has_bias: bool) -> bool:
     except Exception as e:  # noqa: BLE001  (a triton or driver without what it needs: the dequantize path serves)
         ok, reason = False, f"failed ({type(e).__name__}: {str(e)[:200]})"
     if not ok:
-        what = "with double-quantized absmax " if nested else ""
+        what = f"({str(dtype)[6:]}{', double-quantized absmax' if nested else ''}) "
         warnings.warn(f"halfbyte: the fused 4-bit GEMM {what}{reason} on {device}; those calls take the "
                       "small-batch kernel (up to 64 tokens) or dequantize and call cuBLAS", RuntimeWarning,
                       stacklevel=4)
     return ok
 
 
-def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False, bt: int = BT):
+def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False, bt: int = BT,
+                    dtype: torch.dtype = torch.bfloat16):
     """Compiles the kernel (``bt``-token tiles) for sm_90 without a GPU (``triton.compile``) -> the CompiledKernel.
     For the CPU tests and the bench's ``--compile-only``."""
     import triton
@@ -470,11 +482,12 @@ def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False, bt:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     gl, _, kernel = _gluon()
-    x_layout, flat = _layouts(gl)
-    sig = {"x_desc": f"tensordesc<bf16[{bt}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
-           "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<bf16[{bt}, 64],{x_layout!r}>",
-           "xs_desc": f"tensordesc<bf16[{XS}, 64],{x_layout!r}>",
-           "out_ptr": "*bf16", "bias_ptr": "*bf16", "tab_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
+    x_layout, flat = _layouts(gl, dtype)
+    ty = "fp16" if dtype == torch.float16 else "bf16"
+    sig = {"x_desc": f"tensordesc<{ty}[{bt}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
+           "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<{ty}[{bt}, 64],{x_layout!r}>",
+           "xs_desc": f"tensordesc<{ty}[{XS}, 64],{x_layout!r}>",
+           "out_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tab_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            "am_ptr": "*u8", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "off_ptr": "*fp32",
            "M": "i32", "N": "i32", "n_tiles": "i32", "full_rounds": "i32", "tiles_m": "i32",
            "tiles_n": "i32", "k_steps": "i32"}

@@ -1,15 +1,17 @@
 """Few tokens (16-128): the fused 4-bit GEMM (``kernels.gemm_ring``) with 64-, 128- and 256-token tiles against the
 small-batch kernel (``kernels.gemm_small``), bf16 and bitsandbytes, one GPU.
 
-    python bench/gemm_ring_tiles.py [--tokens 16 24 32 ...] [--shapes NxK ...] [--all-tiles] [--json out.json]
+    python bench/gemm_ring_tiles.py [--tokens 16 24 32 ...] [--shapes NxK ...] [--all-tiles] [--dtype float16]
+                                    [--json out.json]
 
 Per weight (default: LLaMA-7B/-3-8B and FLUX widths) and token count: bf16 ``F.linear``; bitsandbytes' NF4
 ``Linear4bit`` (bf16 compute; when installed); the small-batch kernel where it serves (up to 64 tokens); the fused
 kernel with each tile height that holds the tokens (``--all-tiles``: every height, a call then spanning several token
-tiles; ``RingGemm`` with ``tile_tokens`` pinned); halfbyte's
-``Linear4bit`` as routed. CUDA graph replay over weight copies cycled past the L2 (a model's layers are), us per
-call. Each fused output is checked against the small-batch kernel's (or, past 64 tokens, the 256-token tiles')
-within 2^-7 of |x| @ |W|^T.
+tiles; ``RingGemm`` with ``tile_tokens`` pinned); halfbyte's ``Linear4bit`` as routed. ``--dtype float16``: fp16
+activations and weights throughout (the fused GEMM's fp16 build, ``gemm_ring.FP16``, turned on; the "bf16" column is
+then fp16 cuBLAS). CUDA graph replay over weight copies cycled past the L2 (a model's layers are), us per call. Each
+fused output is checked against the small-batch kernel's (or, past 64 tokens, the 256-token tiles') within 2^-7 of |x|
+@ |W|^T.
 """
 
 import argparse
@@ -47,25 +49,25 @@ def pinned(bt: int):
     return call
 
 
-def shape_rows(N: int, K: int, tokens, all_tiles: bool = False) -> list[dict]:
+def shape_rows(N: int, K: int, tokens, all_tiles: bool = False, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
     lins = []
     for _ in range(copies):
-        lin = torch.nn.Linear(K, N, device="cuda", dtype=torch.bfloat16)
+        lin = torch.nn.Linear(K, N, device="cuda", dtype=dtype)
         lin.weight.data.normal_(0, K ** -0.5)
         lins.append(lin)
     layers = [halfbyte.Linear4bit.from_linear(lin, quant_type="nf4") for lin in lins]
-    gemms = [gemm_ring.RingGemm(q.weight.reshape(-1), q.quant_stats()[0], N, K, "nf4") for q in layers]
+    gemms = [gemm_ring.RingGemm(q.weight.reshape(-1), q.quant_stats()[0], N, K, "nf4", None, dtype) for q in layers]
     qbs = []
     if bnb is not None:
         for lin in lins:
-            qb = bnb.nn.Linear4bit(K, N, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+            qb = bnb.nn.Linear4bit(K, N, compute_dtype=dtype, quant_type="nf4", device="meta")
             qb.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4").cuda()
             qb.bias = lin.bias
             qbs.append(qb)
     rows = []
     for M in tokens:
-        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
         r = {"N": N, "K": K, "M": M, "tile": gemm_ring.tile_tokens(M)}
         r["bf16"] = timed_graph(lambda: [lin(x) for lin in lins]) / copies
         if qbs:
@@ -104,14 +106,18 @@ def main():
     ap.add_argument("--tokens", nargs="*", type=int, default=TOKENS)
     ap.add_argument("--shapes", nargs="*", help="NxK")
     ap.add_argument("--all-tiles", action="store_true", help="also tile heights below the token count")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     ap.add_argument("--json")
     a = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes] if a.shapes else SHAPES
+    dtype = getattr(torch, a.dtype)
+    if dtype == torch.float16:
+        gemm_ring.FP16 = True  # (before any layer builds its plan)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"bitsandbytes {getattr(bnb, '__version__', '-')}")
     rows = []
     for N, K in shapes:
-        rows += shape_rows(N, K, a.tokens, a.all_tiles)
+        rows += shape_rows(N, K, a.tokens, a.all_tiles, dtype)
         torch.cuda.empty_cache()
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

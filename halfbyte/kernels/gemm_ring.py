@@ -221,8 +221,9 @@ def precompile(S: int, has_bias: bool, data: torch.Tensor, absmax: torch.Tensor,
 
 
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
-    """Whether 16-bit calls (bf16, fp16) of an (N, K) weight take this kernel at some token count (then exactly at 17
-    to ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the token count)."""
+    """Whether bf16 calls (fp16 too where ``FP16`` is on) of an (N, K) weight take this kernel at some token count
+    (then exactly at 17 to ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the
+    token count)."""
     return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK
 
 
@@ -346,7 +347,7 @@ class RingGemm:
         args = (self._io_desc(x.data_ptr(), bt, self.K, bt), self.w_desc, self.a_desc,
                 self._io_desc(out.data_ptr(), bt, self.N, bt), self._io_desc(x.data_ptr(), bt, self.K, XS), out,
                 out, self.table, ws, cnt, *stats, bt, self.N, 1, 1, 1, 1, 2)
-        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt)):
+        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt, self.dtype)):
             compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested))
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)

@@ -1,7 +1,7 @@
 """Per layer: the fused 4-bit GEMM (``halfbyte.kernels.gemm_ring``) against dequantize + cuBLAS, bf16 and
 bitsandbytes, one GPU.
 
-    python bench/gemm_ring.py [--mnk M,N,K ...] [--sweep] [--nested] [--json out.json]
+    python bench/gemm_ring.py [--mnk M,N,K ...] [--sweep] [--nested] [--dtype float16] [--json out.json]
     python bench/gemm_ring.py --splits [--mnk M,N,K ...] [--json out.json]
 
 For each shape (tokens x out x in; default: the FLUX/T5 layers over 64 tokens, ``--sweep`` adds token counts at two
@@ -51,13 +51,13 @@ def rel(out, exact):
     return ((out.double() - exact).norm() / exact.norm()).item()
 
 
-def row(M: int, N: int, K: int, nested: bool = False) -> dict:
-    lin = torch.nn.Linear(K, N, device="cuda", dtype=torch.bfloat16)
+def row(M: int, N: int, K: int, nested: bool = False, dtype: torch.dtype = torch.bfloat16) -> dict:
+    lin = torch.nn.Linear(K, N, device="cuda", dtype=dtype)
     lin.weight.normal_(0, K ** -0.5)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(M, K, device="cuda", dtype=dtype)
     r = {"M": M, "N": N, "K": K, "bf16": timed_graph(lambda: lin(x))}
     if bnb is not None:
-        qb = bnb.nn.Linear4bit(K, N, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+        qb = bnb.nn.Linear4bit(K, N, compute_dtype=dtype, quant_type="nf4", device="meta")
         qb.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
                                       compress_statistics=nested).cuda()
         qb.bias = lin.bias
@@ -67,11 +67,11 @@ def row(M: int, N: int, K: int, nested: bool = False) -> dict:
     bias = lin.bias.detach()
 
     def deq():
-        W = fourbit.dequantize(data, absmax, *stats, 64, "nf4", N * K, torch.bfloat16)
+        W = fourbit.dequantize(data, absmax, *stats, 64, "nf4", N * K, dtype)
         return torch.nn.functional.linear(x, W.view(N, K), bias)
 
     r["deq+cublas"] = timed_graph(deq)
-    fused = gemm_ring.RingGemm(data, absmax, N, K, "nf4", tuple(stats) if nested else None)
+    fused = gemm_ring.RingGemm(data, absmax, N, K, "nf4", tuple(stats) if nested else None, dtype)
     r["fused"] = timed_graph(lambda: fused(x, bias))
     q(x)
     q(x)  # binds the plan
@@ -84,7 +84,7 @@ def row(M: int, N: int, K: int, nested: bool = False) -> dict:
     r["ok"] = bool(((outs[0].double() - exact).abs() <= bound).all()) and all(torch.equal(outs[0], o) for o in outs)
     if nested:  # the bits of the same weight with its absmax decoded; its time with float32 absmax
         am = halfbyte.ops.decode_absmax(absmax, *stats)  # held: a RingGemm keeps addresses, not tensors
-        plain = gemm_ring.RingGemm(data, am, N, K, "nf4")
+        plain = gemm_ring.RingGemm(data, am, N, K, "nf4", None, dtype)
         r["ok"] = r["ok"] and torch.equal(plain(x, bias), outs[0])
         r["fused_f32"] = timed_graph(lambda: plain(x, bias))
     r["err_deq"], r["err_fused"] = rel(deq(), exact), rel(outs[0], exact)
@@ -150,8 +150,13 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--nested", action="store_true", help="double-quantized absmax")
     ap.add_argument("--splits", action="store_true", help="the fused kernel under every split of its tail")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
+                    help="float16: fp16 throughout, the fused GEMM's opt-in fp16 build on (the bf16 column: fp16)")
     ap.add_argument("--json")
     a = ap.parse_args()
+    dtype = getattr(torch, a.dtype)
+    if dtype == torch.float16:
+        gemm_ring.FP16 = True  # (before any layer builds its plan)
     if a.splits:
         splits([tuple(int(v) for v in t.split(",")) for t in a.mnk] or SPLITS, a.json)
         return
@@ -165,7 +170,7 @@ def main():
     rows = []
     with torch.inference_mode():
         for M, N, K in shapes:
-            r = row(M, N, K, a.nested)
+            r = row(M, N, K, a.nested, dtype)
             rows.append(r)
             print(f"| {M}x{N}x{K} | {r['bf16']:.4f} | {r.get('bnb', float('nan')):.4f} | {r['deq+cublas']:.4f} | "
                   f"{r['fused']:.4f} ({r['fused'] / r['deq+cublas']:.3f}) | {r['routed']:.4f}"

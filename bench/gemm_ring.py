@@ -151,12 +151,10 @@ def main():
     ap.add_argument("--nested", action="store_true", help="double-quantized absmax")
     ap.add_argument("--splits", action="store_true", help="the fused kernel under every split of its tail")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"],
-                    help="float16: fp16 throughout, the fused GEMM's opt-in fp16 build on (the bf16 column: fp16)")
+                    help="float16: fp16 throughout (the bf16 column: fp16)")
     ap.add_argument("--json")
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype)
-    if dtype == torch.float16:
-        gemm_ring.FP16 = True  # (before any layer builds its plan)
     if a.splits:
         splits([tuple(int(v) for v in t.split(",")) for t in a.mnk] or SPLITS, a.json)
         return

@@ -8,10 +8,9 @@ Per weight (default: LLaMA-7B/-3-8B and FLUX widths) and token count: bf16 ``F.l
 ``Linear4bit`` (bf16 compute; when installed); the small-batch kernel where it serves (up to 64 tokens); the fused
 kernel with each tile height that holds the tokens (``--all-tiles``: every height, a call then spanning several token
 tiles; ``RingGemm`` with ``tile_tokens`` pinned); halfbyte's ``Linear4bit`` as routed. ``--dtype float16``: fp16
-activations and weights throughout (the fused GEMM's fp16 build, ``gemm_ring.FP16``, turned on; the "bf16" column is
-then fp16 cuBLAS). CUDA graph replay over weight copies cycled past the L2 (a model's layers are), us per call. Each
-fused output is checked against the small-batch kernel's (or, past 64 tokens, the 256-token tiles') within 2^-7 of |x|
-@ |W|^T.
+activations and weights throughout (the "bf16" column is then fp16 cuBLAS). CUDA graph replay over weight copies
+cycled past the L2 (a model's layers are), us per call. Each fused output is checked against the small-batch kernel's
+(or, past 64 tokens, the 256-token tiles') within 2^-7 of |x| @ |W|^T.
 """
 
 import argparse
@@ -111,8 +110,6 @@ def main():
     a = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes] if a.shapes else SHAPES
     dtype = getattr(torch, a.dtype)
-    if dtype == torch.float16:
-        gemm_ring.FP16 = True  # (before any layer builds its plan)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"bitsandbytes {getattr(bnb, '__version__', '-')}")
     rows = []

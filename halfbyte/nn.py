@@ -298,7 +298,7 @@ class Linear4bit(_QuantizedLinear):
         """Whether a traced CUDA forward dequantizes in the graph (``ops.dequantize_4bit_fused`` or
         ``ops.dequantize_4bit_after``, as ``IN_GRAPH_DEQUANTIZE`` picks) and leaves the matmul to Inductor, instead of
         calling ``gemm_4bit``: the calls ``gemm_4bit`` would serve by dequantize + matmul anyway (more than
-        ``ops.FUSED_MAX_TOKENS`` tokens; not bf16 calls of the layers ``kernels.gemm_ring`` serves), with nothing
+        ``ops.FUSED_MAX_TOKENS`` tokens; not bf16/fp16 calls of the layers ``kernels.gemm_ring`` serves), with nothing
         recorded for backward (a traced backward would keep the dequantized weight alive until it runs; ``gemm_4bit``'s
         dequantizes it again). Same numbers as ``gemm_4bit`` up to how Inductor adds the bias."""
         if not DEQUANTIZE_IN_GRAPH:
@@ -308,7 +308,7 @@ class Linear4bit(_QuantizedLinear):
         M = x.numel() // self.in_features
         # a guard on M (as the line after; the dtype first, so that other dtypes get none): a second compile serves
         # token counts across the boundary
-        if (self.compute_dtype or x.dtype) == torch.bfloat16 and M <= self._ring_gemm_tokens:
+        if (self.compute_dtype or x.dtype) in (torch.bfloat16, torch.float16) and M <= self._ring_gemm_tokens:
             return False
         return M > _ops.FUSED_MAX_TOKENS
 

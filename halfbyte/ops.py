@@ -162,7 +162,7 @@ FUSED_MAX_TOKENS = 64
 
 
 def fused_gemm_tokens(N: int, K: int, blocksize: int, quant_type: str, device: torch.device) -> int:
-    """Up to how many tokens ``gemm_4bit``'s CUDA kernel serves bf16 calls of an (N, K) weight on
+    """Up to how many tokens ``gemm_4bit``'s CUDA kernel serves bf16 and fp16 calls of an (N, K) weight on
     ``device`` with the fused GEMM (``kernels.gemm_ring``, from 17 tokens: up to ``FUSED_MAX_TOKENS`` in place of
     the small-batch kernel); 0: never (not a Hopper GPU, no Gluon, a weight it does not serve). Compiled 4-bit
     layers call ``gemm_4bit`` for those token counts instead of dequantizing in the graph. Imports triton, so it is

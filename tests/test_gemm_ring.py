@@ -166,8 +166,6 @@ def test_cost_model_routes_as_measured(monkeypatch):
 def test_shape_rule_takes_what_the_kernel_tiles(N, K, bs, qt, dtype, monkeypatch):
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)
     assert gemm_ring.shape_ok(N, K, bs, qt, dtype) and not gemm_ring.shape_ok(N, K, bs, qt, torch.float32)
-    assert gemm_ring.shape_ok(N, K, bs, qt, torch.float16) == gemm_ring.FP16  # fp16: opt-in until GPU-run
-    monkeypatch.setattr(gemm_ring, "FP16", True)
     assert gemm_ring.shape_ok(N, K, bs, qt, torch.float16)
     assert not gemm_ring.shape_ok(N, K, 128, qt, dtype)
     assert not gemm_ring.shape_ok(N, K + 64, bs, qt, dtype)  # K % 256
@@ -195,7 +193,6 @@ def test_supported_takes_float32_or_double_quantized_absmax(monkeypatch):
                                                                                        nested=nested)
     assert not gemm_ring.supported(*args, torch.zeros(N * K // 64 + 1)[1:], data)  # absmax 4 bytes off
     assert not gemm_ring.supported(N, K, 64, "nf4", torch.float32, codes, data, nested=nested)
-    monkeypatch.setattr(gemm_ring, "FP16", True)
     assert gemm_ring.supported(N, K, 64, "nf4", torch.float16, codes, data, nested=nested)
     # the kernel reads the nested statistics by address: their lengths, dtypes and layout must be the expected ones
     assert gemm_ring.supported(*args, codes, data, nested=(nested[0], torch.zeros(256), nested[2]))
@@ -333,13 +330,12 @@ def test_fused_gemm_within_bound(M, N, K, qt, ring_on):
                                      (4608, 3072, 3072)], ids=lambda v: str(v))
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
 def test_fused_gemm_fp16(M, N, K, nested, ring_on, monkeypatch):
-    """fp16 activations (``gemm_ring.FP16`` on): the weight decoded to fp16 (fp16 tables and absmax,
+    """fp16 activations: the weight decoded to fp16 (fp16 tables and absmax,
     ``mul.rn.f16x2``), fp16 wgmma and output, within the same derived bound in fp16's unit roundoff; fixed bits
     over three calls; the op, its plan and a ``Plan`` give the kernel's bits; double-quantized absmax gives the
     bits of its decoded float32 absmax."""
     from halfbyte.kernels import gemm4bit
 
-    monkeypatch.setattr(gemm_ring, "FP16", True)
     if not _expected(torch.device(DEV)):
         pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
     dt = torch.float16
@@ -526,10 +522,11 @@ def test_fused_gemm_in_a_cuda_graph_and_on_two_streams(ring_on):
 
 @gpu
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
-def test_compiled_layer_calls_the_fused_gemm(double_quant, ring_on):
-    """A compiled bf16 NF4 2048 -> 8192 layer (``layer_wanted``), plain or double-quantized: one graph for two token
-    counts within 65..MAX_M, no graph break, the matmul left to ``gemm_4bit`` (no dequantize in the graph) where the
-    kernel serves, and the eager layer's bits (both reach the same kernel). Past ``MAX_M`` tokens it dequantizes in
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_compiled_layer_calls_the_fused_gemm(double_quant, dtype, ring_on):
+    """A compiled bf16 or fp16 NF4 2048 -> 8192 layer (``layer_wanted``), plain or double-quantized: one graph for two
+    token counts within 65..MAX_M, no graph break, the matmul left to ``gemm_4bit`` (no dequantize in the graph) where
+    the kernel serves, and the eager layer's bits (both reach the same kernel). Past ``MAX_M`` tokens it dequantizes in
     the graph again."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
@@ -540,7 +537,7 @@ def test_compiled_layer_calls_the_fused_gemm(double_quant, ring_on):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    lin = torch.nn.Linear(2048, 8192).to(DEV, torch.bfloat16)
+    lin = torch.nn.Linear(2048, 8192).to(DEV, dtype)
     layer = halfbyte.Linear4bit.from_linear(lin, quant_type="nf4", double_quant=double_quant)
     fused = _expected(torch.device(DEV))
     assert layer._ring_gemm_tokens == (gemm_ring.MAX_M if fused else 0)
@@ -548,7 +545,7 @@ def test_compiled_layer_calls_the_fused_gemm(double_quant, ring_on):
     compiled = torch.compile(layer, backend=backend, fullgraph=True)
     with torch.no_grad():
         for M in (80, 130):
-            x = torch.randn(2, M, 2048, device=DEV, dtype=torch.bfloat16)
+            x = torch.randn(2, M, 2048, device=DEV, dtype=dtype)
             torch._dynamo.mark_dynamic(x, 1)
             out = compiled(x)
             want = layer(x)
@@ -558,6 +555,6 @@ def test_compiled_layer_calls_the_fused_gemm(double_quant, ring_on):
         _, code = run_and_get_code(torch.compile(layer, fullgraph=True), x)
         code = "".join(code)
         assert ("gemm_4bit" in code and not re.search(r"_dequant_(words_)?kernel", code)) == fused
-        big = torch.randn(1, gemm_ring.MAX_M + 1, 2048, device=DEV, dtype=torch.bfloat16)
+        big = torch.randn(1, gemm_ring.MAX_M + 1, 2048, device=DEV, dtype=dtype)
         _, code = run_and_get_code(torch.compile(layer, fullgraph=True), big)
         assert "gemm_4bit" not in "".join(code)

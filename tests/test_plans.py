@@ -288,11 +288,7 @@ def test_plan_checks_follow_the_kernels_static_rules(monkeypatch):
     assert set(checks) == {("gemv_mma", dev), ("gemm_small", dev), ring}
     assert checks[ring].args == (dev, False, False, torch.bfloat16)  # the calls' bias flag goes to the check
     f16 = set(gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float16, True, True, dev))
-    assert f16 == {("gemv_mma", dev), ("gemm_small", dev)} | ({("gemm_ring", dev, True, torch.float16)}
-                                                              if gemm_ring.FP16 else set())
-    monkeypatch.setattr(gemm_ring, "FP16", True)  # fp16 calls, opt-in: a check of their own
-    assert ("gemm_ring", dev, True, torch.float16) in gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float16,
-                                                                           True, True, dev)
+    assert f16 == {("gemv_mma", dev), ("gemm_small", dev), ("gemm_ring", dev, True, torch.float16)}  # its own check
     assert gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float32, True, True, dev) == {}
     # 3072 x 3072: under the fused GEMM's size; K % 2048 != 0: no tensor-core GEMV in bf16 (it is in fp16)
     assert set(gemm4bit.plan_checks(3072, 3072, 64, "nf4", torch.bfloat16, True, True, dev)) == {("gemm_small", dev)}

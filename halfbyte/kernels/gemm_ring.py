@@ -24,8 +24,7 @@ Numerics: each weight is bf16(bf16(code) * bf16(absmax)), summed in float32 by t
 rounds code * absmax once (float32 product). The difference is a few bf16 roundings per weight, inside the
 matmul tolerance tests/test_gemm_ring.py derives.
 
-Serves: bf16 activations, and fp16 ones where ``FP16`` is on (the weight decoded to x's dtype; fp16 rounds each weight
-8x finer; eager and direct calls: compiled fp16 layers still dequantize in the graph over 64 tokens), NF4/FP4 with
+Serves: bf16 and fp16 activations (the weight decoded to x's dtype; fp16 rounds each weight 8x finer), NF4/FP4 with
 blocksize 64 (float32 or double-quantized absmax), K % 256 == 0, N % 128 == 0, compute capability 9.x, triton with
 Gluon; ``supported`` says where, ``wanted`` for which token counts (measured: ``bench/gemm_ring.py``), and each device
 runs it once against the reference before use (``verdict``). ``RingGemm`` binds the launch (weight descriptors encoded
@@ -74,10 +73,6 @@ DEQUANT_BYTES_PER_US, READ_BYTES_PER_US, CUBLAS_FLOP_PER_US, DC_US = 2.6e6, 2.5e
 #: ``HALFBYTE_GEMM_RING=0`` turns it off). Read when a plan is built and when a layer is built, moved or loaded
 #: (its compiled route): set it before those.
 ENABLED = os.environ.get("HALFBYTE_GEMM_RING", "1") != "0"
-#: Whether fp16 calls take it too (``HALFBYTE_GEMM_RING_FP16=1``; off by default). The fp16 build compiles for sm_90
-#: and its decode is emulated bit for bit on the CPU, but it has not yet run on a GPU (its GPU tests turn it on):
-#: until it has, fp16 calls keep the small-batch kernel and dequantize + cuBLAS.
-FP16 = os.environ.get("HALFBYTE_GEMM_RING_FP16", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +96,7 @@ def available() -> bool:
 
 def shape_ok(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dtype) -> bool:
     """The static part of ``supported``: what the kernel's tiling and decode take."""
-    return (ENABLED and not INTERPRET and (dtype == torch.bfloat16 or (FP16 and dtype == torch.float16))
+    return (ENABLED and not INTERPRET and dtype in (torch.bfloat16, torch.float16)
             and blocksize == 64
             and quant_type in ("nf4", "fp4") and N > 0 and K > 0 and N % BN == 0 and K % 256 == 0)
 
@@ -221,7 +216,7 @@ def precompile(S: int, has_bias: bool, data: torch.Tensor, absmax: torch.Tensor,
 
 
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
-    """Whether bf16 calls (fp16 too where ``FP16`` is on) of an (N, K) weight take this kernel at some token count
+    """Whether bf16 and fp16 calls of an (N, K) weight take this kernel at some token count
     (then exactly at 17 to ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the
     token count)."""
     return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK

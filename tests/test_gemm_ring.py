@@ -329,11 +329,10 @@ def test_fused_gemm_within_bound(M, N, K, qt, ring_on):
 @pytest.mark.parametrize("M, N, K", [(17, 4096, 4096), (100, 11008, 4096), (512, 12288, 3072), (300, 10240, 4096),
                                      (4608, 3072, 3072)], ids=lambda v: str(v))
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
-def test_fused_gemm_fp16(M, N, K, nested, ring_on, monkeypatch):
-    """fp16 activations: the weight decoded to fp16 (fp16 tables and absmax,
-    ``mul.rn.f16x2``), fp16 wgmma and output, within the same derived bound in fp16's unit roundoff; fixed bits
-    over three calls; the op, its plan and a ``Plan`` give the kernel's bits; double-quantized absmax gives the
-    bits of its decoded float32 absmax."""
+def test_fused_gemm_fp16(M, N, K, nested, ring_on):
+    """fp16 activations: the weight decoded to fp16 (fp16 tables and absmax, ``mul.rn.f16x2``), fp16 wgmma and output,
+    within the same derived bound in fp16's unit roundoff; fixed bits over three calls; the op, its plan and a ``Plan``
+    give the kernel's bits; double-quantized absmax gives the bits of its decoded float32 absmax."""
     from halfbyte.kernels import gemm4bit
 
     if not _expected(torch.device(DEV)):

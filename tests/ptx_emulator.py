@@ -1,11 +1,11 @@
 """A host emulator of the PTX subset that halfbyte's inline-assembly decoders use (``mov``, ``and``/``or``/``shl``/
-``shr``/``add.u32``, ``prmt``, ``mul.rn.f32``/``add.rn.f32``, ``mul.rn.{bf16,f16}x2``, ``cvt.rn.{bf16,f16}x2.f32``,
-``setp.ne``, predicated ``st.global.v4`` and 32-bit ``ld.shared``/``st.shared`` at named shared symbols), so the
-assembly that the GPU kernels run (``kernels.lut``'s table decoders, ``kernels.gemv_ring``'s absmax decode,
-``kernels.gemm_ring``'s gather and decode, bench/dequant_words.py) is checked bit for bit on a CPU, where the
-interpreter takes another path. Semantics from the PTX ISA: ``prmt`` picks byte n & 7 of {b, a} (a = bytes 0-3) per
-selector nibble n, replicating the byte's sign bit when n & 8; ``cvt ... d, a, b`` puts a in the upper half;
-float32 products, sums and 16-bit conversions round to nearest even."""
+``shr``/``add.u32``, ``shf.r.wrap``, ``prmt``, ``mul.rn.f32``/``add.rn.f32``, ``mul.rn.{bf16,f16}x2``,
+``cvt.rn.{bf16,f16}x2.f32``, ``setp.ne``, predicated ``st.global.v4`` and 32-bit ``ld.shared``/``st.shared`` (and
+``st.shared.v4``) at named shared symbols), so the assembly that the GPU kernels run (``kernels.lut``'s table
+decoders, ``kernels.gemv_ring``'s absmax decode, ``kernels.gemm_ring``'s gather and decode, bench/dequant_words.py)
+is checked bit for bit on a CPU, where the interpreter takes another path. Semantics from the PTX ISA: ``prmt``
+picks byte n & 7 of {b, a} (a = bytes 0-3) per selector nibble n, replicating the byte's sign bit when n & 8; ``cvt
+... d, a, b`` puts a in the upper half; float32 products, sums and 16-bit conversions round to nearest even."""
 
 import numpy as np
 import torch
@@ -21,7 +21,9 @@ def run_ptx(asm: str, operands: dict[int, int], shared: dict[int, int] | None = 
     symbols = symbols or {}
 
     def val(tok: str) -> int:
-        tok = tok.strip().rstrip(";").strip("[]")  # (an address operand: its register's value)
+        tok = tok.strip().rstrip(";").strip("[]")  # (an address operand: its register's value, + an offset)
+        if "+" in tok:
+            return sum(val(t) for t in tok.split("+"))
         if tok.startswith("$"):
             return operands[int(tok[1:])]
         if tok.startswith("%"):
@@ -41,7 +43,7 @@ def run_ptx(asm: str, operands: dict[int, int], shared: dict[int, int] | None = 
     stores = []
     for line in asm.splitlines():
         line = line.strip()
-        if line in ("{", "}") or line.startswith(".reg"):
+        if line in ("{", "}") or line.startswith((".reg", ".shared")):  # (a shared symbol: given in ``symbols``)
             continue
         pred = None
         if line.startswith("@"):
@@ -55,6 +57,10 @@ def run_ptx(asm: str, operands: dict[int, int], shared: dict[int, int] | None = 
             continue
         if op in ("st.shared.f32", "st.shared.b32"):
             shared[val(args[0])] = val(args[1])
+            continue
+        if op == "st.shared.v4.b32":
+            for i, t in enumerate(args[1].strip("{} ").split(",")):
+                shared[val(args[0]) + 4 * i] = val(t)
             continue
         dst, srcs = args[0], [t.strip() for t in args[1].split(",")]
         v = [val(t) for t in srcs]
@@ -91,6 +97,8 @@ def run_ptx(asm: str, operands: dict[int, int], shared: dict[int, int] | None = 
                 if nib & 8:
                     byte = 0xFF if byte & 0x80 else 0
                 r |= byte << (8 * k)
+        elif op == "shf.r.wrap.b32":  # the 64 bits {b, a} (a low) shifted right by c mod 32, low word
+            r = (((v[1] << 32) | v[0]) >> (v[2] & 31)) & 0xFFFFFFFF
         elif op == "and.b32":
             r = v[0] & v[1]
         elif op == "or.b32":

@@ -214,7 +214,7 @@ def test_gather_and_decode_give_each_fragment_column(qt, dt):
     (``_WORD_ASM_F16`` for fp16 activations) decodes the gathered word into four 16-bit pairs times the absmax, and
     the kernel's join/permute puts pair q_(h + 2 s0) of lane (b, t) at column b + 4h + 8s0 + 16t. Every column must
     hold dt(dt(code) * dt(absmax)) of its weights."""
-    from halfbyte.kernels import _gemm_ring_kernel as kr
+    from halfbyte.kernels import _gemm_ring_decode as kr
 
     g = torch.Generator().manual_seed(3)
     code = code_4bit(qt)
@@ -243,6 +243,53 @@ def test_gather_and_decode_give_each_fragment_column(qt, dt):
         assert got == expect.tolist()
 
 
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+def test_byte_table_fill_and_lookup_give_each_fragment_column(qt, dt):
+    """The byte-table decode (``SMEM_LUT``), emulated: ``_FILL_ASM`` run for the 128 threads of the loader
+    warpgroup with ``fill_lut``'s operands (thread (w, l) holds elements (r, t) = ((l >> 2) + 8 q + 16 w, l & 3) of
+    its [64, 4] layout) writes ``lut.byte_pairs`` word e at 128 e + 4 l for every entry and lane; then for each lane
+    l of a row, ``_LOOKUP_ASM`` (``_F16``) with ``lut_lanes``' operands turns word j into the pair of weights
+    k = 8 j + 2 (l & 3) times the absmax, and ``decode_lut``'s reshape/permute/join puts each pair at its column.
+    Every column must hold dt(dt(code) * dt(absmax)) of its weight."""
+    from halfbyte.kernels import _gemm_ring_decode as kr
+
+    code = code_4bit(qt)
+    table = [_bits(w) for w in lut.byte_pairs(tuple(code.tolist()), dt)]
+    base, shared = 0x400, {}
+    for w in range(4):
+        for lane in range(32):
+            ops = {}
+            for q in range(2):
+                r, t = (lane >> 2) + 8 * q + 16 * w, lane & 3
+                ln, ww = t + 4 * (r & 7), (r >> 4) & 3
+                e0 = 64 * ww + 4 * ((r >> 3) & 1) + (ln >> 3)
+                ops.update({2 + 2 * s + q: table[e0 + 8 * s] for s in range(8)})
+                ops[18 + q] = (64 * ww + (ln >> 3)) * 128 + (ln & 7) * 16
+            run_ptx(kr._FILL_ASM.value, ops, shared, {"hb_lut": base})
+            assert ops[0] == ops[1] == base
+    assert shared == {base + 128 * e + 4 * ln: table[e] for e in range(256) for ln in range(32)}
+    look = (kr._LOOKUP_ASM_F16 if dt == torch.float16 else kr._LOOKUP_ASM).value
+    g = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        row = torch.randint(0, 256, (32,), generator=g, dtype=torch.int64)
+        words = [int(sum(int(row[4 * w + i]) << (8 * i) for i in range(4))) for w in range(8)]
+        absmax = float(torch.rand(1, generator=g) * 3 + 0.01)
+        ab = int(torch.tensor([absmax]).to(dt).view(torch.int16).item()) & 0xFFFF
+        p = torch.zeros(1, 4, 8, dtype=torch.int64)  # [row, t, j], as the kernel's L3 tensor
+        for lane in range(4 * 8):  # a row's four lanes t, under eight row positions (same t: same result)
+            t = lane & 3
+            for j in range(8):
+                ops = {1: words[j], 2: (8 * t + 25) & 31, 3: 4 * lane, 4: ab | (ab << 16)}
+                run_ptx(look, ops, shared, {"hb_lut": base})
+                p[0, t, j] = ops[0]
+        p = p.reshape(1, 4, 4, 2).permute(0, 2, 3, 1)
+        got = torch.stack([p & 0xFFFF, p >> 16], -1).reshape(64)
+        nib = torch.stack([row >> 4, row & 15], 1).reshape(-1)
+        expect = (code.to(dt)[nib].float() * torch.tensor(absmax).to(dt).float())
+        assert got.tolist() == (expect.to(dt).view(torch.int16).to(torch.int64) & 0xFFFF).tolist()
+
+
 _COMPILE = """
 import json, sys
 from halfbyte.kernels import gemm_ring
@@ -255,7 +302,7 @@ print(json.dumps({"shared": k.metadata.shared, "warps": k.metadata.num_warps,
                   "tma_load": ptx.count("cp.async.bulk.tensor.2d.shared"),
                   "tma_store": ptx.count("cp.async.bulk.tensor.2d.global"), "setmaxnreg": "setmaxnreg" in ptx,
                   "bf16x2": ptx.count("mul.rn.bf16x2"), "f16x2": ptx.count("mul.rn.f16x2"), "atom": ptx.count("atom."),
-                  "mul_f32": ptx.count("mul.rn.f32")}))
+                  "mul_f32": ptx.count("mul.rn.f32"), "lut": ptx.count(".shared .align 16 .b8 hb_lut[32768];")}))
 """
 
 
@@ -270,7 +317,8 @@ def test_compiles_for_sm90(S, has_bias, nested, bt, f16):
     double-quantized absmax, which the loader decodes with a rounded float32 product; a partial last token tile's x
     in 64-row boxes: one more per 64 tokens of the tile) and a TMA store, wgmma, the decode's bf16x2 products, a
     split's arrival counter only where S > 1, and shared memory of the ring's stages and two output tiles, within
-    the 227 KB an SM gives one program (tiles of 256, 128 and 64 tokens). In a process of its own: this tier's
+    the 227 KB an SM gives one program beside the byte table where the tiles decode by it (tiles of 256, 128 and
+    64 tokens). In a process of its own: this tier's
     TRITON_INTERPRET turns triton's own helpers into interpreter functions, which Gluon cannot compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
@@ -284,8 +332,10 @@ def test_compiles_for_sm90(S, has_bias, nested, bt, f16):
     assert (got["mul_f32"] > 0) == nested
     assert got["f16x2"] > 0 if f16 else got["f16x2"] == 0  # the decode's products in x's dtype
     assert (got["atom"] > 0) == (S > 1)
-    ring = gemm_ring.STAGES * (bt * 128 + gemm_ring.BN * 48) + 2 * bt * 128  # x, words, absmax; 2 out tiles
-    assert ring <= got["shared"] <= min(ring + 4096, 227 * 1024), (got["shared"], ring)
+    ring = gemm_ring.stages(bt) * (bt * 128 + gemm_ring.BN * 48) + 2 * bt * 128  # x, words, absmax; 2 out tiles
+    table = 32768 * got["lut"]  # the byte table: static shared memory, declared once
+    assert got["lut"] == gemm_ring.smem_lut(bt)
+    assert ring <= got["shared"] <= min(ring + 4096, 227 * 1024 - table), (got["shared"], ring)
 
 
 # --- GPU tier --------------------------------------------------------------------------------------------------

@@ -15,46 +15,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .lut import pair_decode_lines
+from ._gemm_ring_decode import decode_lut, decode_prmt, fill_lut, gather_words, lut_lanes, pair_tables
 
 # triton 3.7+ renamed the TMA copies (3.9 raises on the old names) and the CTA barrier
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 _barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-
-
-def _word_asm(ty: str = "bf16") -> str:
-    """$0..$3: the four ``ty`` (bf16 / f16) pairs of word $4's codes (weights 0-1, 2-3, 4-5, 6-7) times $13 (the
-    absmax in ``ty``, in both halves); $5..$12 the ``lut.pair_tables`` words of the code in ``ty``."""
-    lines = ["{", ".reg .b32 %o0, %o1, %o2, %o3;"]
-    lines += pair_decode_lines(tuple(f"${5 + i}" for i in range(8)), "$4", ("%o0", "%o1", "%o2", "%o3"), "%u")
-    lines += [f"mul.rn.{ty}x2 ${i}, %o{i}, $13;" for i in range(4)]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-_WORD_ASM = gl.constexpr(_word_asm())
-_WORD_ASM_F16 = gl.constexpr(_word_asm("f16"))
-_WORD_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 10))
-
-# prmt selectors: $8 picks byte b of $4 and of $5 into bytes 0-1 (and of $6, $7); 0x5410 joins the two halves
-_GATHER_ASM = gl.constexpr("""{
-.reg .b32 %lo, %hi;
-prmt.b32 %lo, $4, $5, $8;
-prmt.b32 %hi, $6, $7, $8;
-prmt.b32 $0, %lo, %hi, 0x5410;
-mov.b32 $1, 0;
-mov.b32 $2, 0;
-mov.b32 $3, 0;
-}""")
-
-
-@gluon.jit
-def pair_tables(tab_ptr, z):
-    """The 8 ``lut.pair_tables`` words at ``tab_ptr``, each broadcast to ``z``'s shape and layout (operands of
-    ``_WORD_ASM``, held in registers)."""
-    return (z + gl.load(tab_ptr), z + gl.load(tab_ptr + 1), z + gl.load(tab_ptr + 2), z + gl.load(tab_ptr + 3),
-            z + gl.load(tab_ptr + 4), z + gl.load(tab_ptr + 5), z + gl.load(tab_ptr + 6), z + gl.load(tab_ptr + 7))
 
 
 @gluon.jit
@@ -188,76 +154,33 @@ def _loader(x_desc, w_desc, a_desc, xs_desc, x_bufs, w_bufs, a_bufs, ready, empt
 
 
 @gluon.jit
-def _gather_words(wbuf, WG: gl.constexpr, g_layout: gl.constexpr):
-    """This warpgroup's 64 rows of the stage's (128, 8) words in bitsandbytes' order, transposed on the way to
-    registers: element (r, 2b + t) of the result (g_layout) holds byte b of the row's words 4t .. 4t + 3 (the 8
-    codes one wgmma A-fragment lane needs). Each lane loads its rows' 8 words (the four lanes b of a row read the
-    same 32 bytes) and picks its bytes with three prmt."""
-    # [64 rows, 4 b, 2 t, 4 j] (word 4t + j): j, t and row + 8 in registers, b and rows on the lanes
-    L4: gl.constexpr = gl.DistributedLinearLayout(
-        reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 1, 0], [8, 0, 0, 0]],
-        lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
-        warp_bases=[[16, 0, 0, 0], [32, 0, 0, 0]], block_bases=[], shape=[64, 4, 2, 4])
-    z4 = gl.zeros([64, 4, 2, 4], gl.int32, L4)
-    rows = wbuf.reshape([128, 2, 4]).slice(64 * WG, 64, 0)
-    words = gl.expand_dims(rows.load(gl.SliceLayout(1, L4)), 1) + z4
-    b = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, L4))))
-    sel = gl.expand_dims(gl.expand_dims(gl.expand_dims(b | ((b + 4) << 4), 0), 2), 3) + z4
-    g = gl.inline_asm_elementwise(_GATHER_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r", [words, sel], dtype=gl.int32,
-                                  is_pure=True, pack=4)
-    g0, _ = gl.split(g.reshape([64, 4, 2, 2, 2]))  # j = 0 (the other three are zeros)
-    g0, _ = gl.split(g0)
-    return gl.convert_layout(g0.reshape([64, 8]), g_layout)
-
-
-@gluon.jit
-def _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout: gl.constexpr, DT: gl.constexpr):
-    """The (64, 64) A fragment in DT (bf16 / fp16, x's dtype) of gathered words ``w`` (64, 8) and the rows' absmax
-    ``am`` (64,): DT(DT(code) * DT(absmax)) per weight."""
-    h = am.to(DT).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    scale = (h | (h << 16))[:, None] + gl.zeros_like(w)
-    if DT == gl.float16:
-        q0, q1, q2, q3 = gl.inline_asm_elementwise(_WORD_ASM_F16, _WORD_CONSTRAINTS,
-                                                   [w, t0, t1, t2, t3, t4, t5, t6, t7, scale],
-                                                   dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
-                                                   pack=1)
-    else:
-        q0, q1, q2, q3 = gl.inline_asm_elementwise(_WORD_ASM, _WORD_CONSTRAINTS,
-                                                   [w, t0, t1, t2, t3, t4, t5, t6, t7, scale],
-                                                   dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True,
-                                                   pack=1)
-    # q_j of element (r, 2b + t) is the pair of original byte b + 4 (4t + j): pair column b + 4h + 8s0 + 16t
-    # with j = h + 2 s0
-    q = gl.join(gl.join(q0, q1), gl.join(q2, q3))  # [64, 8 (b, t), 2 (h), 2 (s0)]
-    q = q.reshape([64, 4, 2, 2, 2]).permute((0, 2, 4, 3, 1)).reshape([64, 32])
-    lo = q.to(gl.int16).to(DT, bitcast=True)
-    hi = (q >> 16).to(gl.int16).to(DT, bitcast=True)
-    a = gl.join(lo, hi).reshape([64, 64])
-    return gl.convert_layout(a, a_layout)
-
-
-@gluon.jit
 def _frag(i, k, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG: gl.constexpr, STAGES: gl.constexpr,
-          g_layout: gl.constexpr, am_layout: gl.constexpr, a_layout: gl.constexpr, DT: gl.constexpr):
-    """Step i's (the tile's K step k) A fragment of this warpgroup's 64 rows, decoded from the stage into DT."""
+          g_layout: gl.constexpr, am_layout: gl.constexpr, a_layout: gl.constexpr, DT: gl.constexpr,
+          SMEM_LUT: gl.constexpr):
+    """Step i's (the tile's K step k) A fragment of this warpgroup's 64 rows, decoded from the stage into DT: with
+    SMEM_LUT by the byte table (t0-t1: ``lut_lanes``'s, g_layout its L3), else by the ``prmt`` pair tables t0-t7."""
     s = i % STAGES
     mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-    w = _gather_words(w_bufs.index(s), WG, g_layout)
     a4 = a_bufs.index(s).slice(64 * WG, 64, 0).load(am_layout)
     col = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, am_layout)), 0)
     am = gl.sum(gl.where(col == k % 4, a4, 0.0), axis=1)
-    am = gl.convert_layout(am, gl.SliceLayout(1, g_layout))
-    return _decode(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout, DT)
+    if SMEM_LUT:
+        am = gl.convert_layout(am, gl.SliceLayout(1, gl.SliceLayout(2, g_layout)))
+        return decode_lut(w_bufs.index(s), am, t0, t1, WG, g_layout, a_layout, DT)
+    else:
+        w = gather_words(w_bufs.index(s), WG, g_layout)
+        am = gl.convert_layout(am, gl.SliceLayout(1, g_layout))
+        return decode_prmt(w, t0, t1, t2, t3, t4, t5, t6, t7, am, a_layout, DT)
 
 
 @gluon.jit
 def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7,
               WG: gl.constexpr, STAGES: gl.constexpr, g_layout: gl.constexpr, am_layout: gl.constexpr,
-              a_layout: gl.constexpr):
+              a_layout: gl.constexpr, SMEM_LUT: gl.constexpr):
     """acc += this warpgroup's rows of W[:, 64 kb: 64 ke] @ x^T from the stages i, i + 1, ...; ke - kb even."""
     DT: gl.constexpr = x_bufs.dtype  # the weight fragment's dtype: x's (bf16 or fp16)
     fa = _frag(i, kb, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout, am_layout,
-               a_layout, DT)
+               a_layout, DT, SMEM_LUT)
     n = ke - kb
     # Two fragment variables: the decode of the next step must not write the registers a wgmma in flight reads
     # (with one, ptxas serialized every wgmma). Each wgmma retires before the next issues; the other warpgroup's
@@ -265,17 +188,17 @@ def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, 
     for k in range(0, n - 2, 2):
         acc = warpgroup_mma(fa, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
         fb = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                   g_layout, am_layout, a_layout, DT)
+                   g_layout, am_layout, a_layout, DT, SMEM_LUT)
         acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
         mbarrier.arrive(empty.index((i + k) % STAGES), count=1)
         acc = warpgroup_mma(fb, x_bufs.index((i + k + 1) % STAGES).permute((1, 0)), acc, is_async=True)
         fa = _frag(i + k + 2, kb + k + 2, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
-                   g_layout, am_layout, a_layout, DT)
+                   g_layout, am_layout, a_layout, DT, SMEM_LUT)
         acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
         mbarrier.arrive(empty.index((i + k + 1) % STAGES), count=1)
     acc = warpgroup_mma(fa, x_bufs.index((i + n - 2) % STAGES).permute((1, 0)), acc, is_async=True)
     fb = _frag(i + n - 1, ke - 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout,
-               am_layout, a_layout, DT)
+               am_layout, a_layout, DT, SMEM_LUT)
     acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
     mbarrier.arrive(empty.index((i + n - 2) % STAGES), count=1)
     acc = warpgroup_mma(fb, x_bufs.index((i + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
@@ -348,7 +271,8 @@ def _store_piece(acc, piece, pm, pn, ws_ptr, cnt_ptr, out_ptr, bias_ptr, M, N, S
 @gluon.jit
 def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, bias_ptr, M, N, tab_ptr, ws_ptr,
               cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S: gl.constexpr, WG: gl.constexpr,
-              BT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, HAS_BIAS: gl.constexpr):
+              BT: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, HAS_BIAS: gl.constexpr,
+              SMEM_LUT: gl.constexpr):
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BT, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
@@ -360,7 +284,19 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
     am_layout: gl.constexpr = gl.DistributedLinearLayout(
         reg_bases=[[8, 0], [0, 1], [0, 2]], lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
         warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])
-    t0, t1, t2, t3, t4, t5, t6, t7 = pair_tables(tab_ptr, gl.zeros([64, 8], gl.int32, g_layout))
+    if SMEM_LUT:
+        # [64 rows, 4 t, 8 words j]: lanes t (bits 0-1) and rows (bits 2-4), registers j and row + 8, warps row + 16,
+        # + 32 (the rows of g_layout)
+        L3: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0]],
+            lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[16, 0, 0], [32, 0, 0]], block_bases=[], shape=[64, 4, 8])
+        t0, t1 = lut_lanes(L3)
+        t2, t3, t4, t5, t6, t7 = t0, t0, t0, t0, t0, t0  # not read
+        d_layout: gl.constexpr = L3
+    else:
+        t0, t1, t2, t3, t4, t5, t6, t7 = pair_tables(tab_ptr, gl.zeros([64, 8], gl.int32, g_layout))
+        d_layout: gl.constexpr = g_layout
     i = 0
     # whole tiles (with S == 1 the tail tiles too); a split tail piece after the loop, so that nothing of its
     # epilogue is hoisted into the loop's registers
@@ -371,7 +307,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
         pm, pn, kb, ke, piece = _item(j, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
         acc = gl.zeros((64, BT), dtype=gl.float32, layout=mma_layout)
         acc = _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7, WG,
-                        STAGES, g_layout, am_layout, a_layout)
+                        STAGES, d_layout, am_layout, a_layout, SMEM_LUT)
         i += ke - kb
         acc = _add_bias(acc, bias_ptr, pn, WG, mma_layout, HAS_BIAS)
         _store_tile(acc, c_smem, out_desc, pm, pn, WG, BT)
@@ -380,7 +316,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
             pm, pn, kb, ke, piece = _item(full_rounds, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
             acc = gl.zeros((64, BT), dtype=gl.float32, layout=mma_layout)
             acc = _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, t3, t4, t5, t6, t7,
-                            WG, STAGES, g_layout, am_layout, a_layout)
+                            WG, STAGES, d_layout, am_layout, a_layout, SMEM_LUT)
             _store_piece(acc, piece, pm, pn, ws_ptr, cnt_ptr, out_ptr, bias_ptr, M, N, S, WG, BT, mma_layout,
                          HAS_BIAS)
     tma.store_wait(pendings=0)
@@ -391,7 +327,7 @@ def _consumer(x_bufs, w_bufs, a_bufs, ready, empty, c_smem, out_desc, out_ptr, b
 def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, xs_desc, out_ptr, bias_ptr, tab_ptr, ws_ptr, cnt_ptr, am_ptr,
                      nabs_ptr, ncode_ptr, off_ptr, M, N, n_tiles, full_rounds, tiles_m, tiles_n, k_steps,
                      S: gl.constexpr, STAGES: gl.constexpr, GROUP_M: gl.constexpr, CONS_REGS: gl.constexpr,
-                     HAS_BIAS: gl.constexpr, NESTED: gl.constexpr):
+                     HAS_BIAS: gl.constexpr, NESTED: gl.constexpr, SMEM_LUT: gl.constexpr):
     """``xs_desc``: x again, in (64, 64) boxes (for the last, partial token tile). NESTED: ``a_desc`` is not read
     (any float32 descriptor of its block shape); ``am_ptr`` (uint8, N K / 64), ``nabs_ptr`` (float32, one per 256
     blocks), ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32) are the double-quantized absmax (scalar
@@ -407,14 +343,16 @@ def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, xs_desc, out_ptr, bias_pt
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=2 if NESTED else 1)  # NESTED: the loader's decode arrives too
         mbarrier.init(empty.index(s), count=2)  # both consumer warpgroups release a stage
+    if SMEM_LUT:
+        fill_lut(tab_ptr + 8)
     # the loader is the default partition (4 warps): 12 warps
     gl.warp_specialize([
         (_loader, (x_desc, w_desc, a_desc, xs_desc, x_bufs, w_bufs, a_bufs, ready, empty, M, n_tiles, full_rounds,
                    tiles_m, tiles_n, k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S, STAGES, GROUP_M, NESTED)),
         (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(0), out_desc, out_ptr, bias_ptr, M, N,
                      tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 0, BT, STAGES,
-                     GROUP_M, HAS_BIAS)),
+                     GROUP_M, HAS_BIAS, SMEM_LUT)),
         (_consumer, (x_bufs, w_bufs, a_bufs, ready, empty, c_bufs.index(1), out_desc, out_ptr, bias_ptr, M, N,
                      tab_ptr, ws_ptr, cnt_ptr, n_tiles, full_rounds, tiles_m, tiles_n, k_steps, S, 1, BT, STAGES,
-                     GROUP_M, HAS_BIAS)),
+                     GROUP_M, HAS_BIAS, SMEM_LUT)),
     ], [4, 4], [CONS_REGS, CONS_REGS])

@@ -8,10 +8,15 @@ copy's speed) and calls cuBLAS. At 512 tokens that dequantize is a third of the 
   to shared memory) and x tiles (BT tokens x 64: 256, or 64 / 128 for calls of up to 64 / 128 tokens,
   ``tile_tokens``) are operand B;
 * a loader partition (4 warps, one thread issues) streams each K step's x tile, the 128 weight rows' packed words
-  and their absmax into a 4-stage shared-memory ring by TMA; two consumer warpgroups (64 rows each) gather their
-  lanes' bytes from bitsandbytes' byte order (3 ``prmt`` per word), decode them with the ``prmt`` pair tables of
-  ``kernels.lut`` and multiply by the absmax (``mul.bf16x2``, ``mul.f16x2`` for fp16) while their previous wgmma
-  runs;
+  and their absmax into a 4-stage shared-memory ring by TMA (3 stages for 256-token tiles); two consumer warpgroups
+  (64 rows each) decode their fragments while their previous wgmma runs. Each byte of bitsandbytes' order holds
+  the two weights of one A-fragment register, so a lane rotates its byte of a word into place and looks its pair up
+  in a byte table (``lut.byte_pairs``, a copy per lane so that no two lanes share a bank: 32 KB of static shared
+  memory, filled by the loader warps before the partitions start), then multiplies by the absmax (``mul.bf16x2``,
+  ``mul.f16x2`` for fp16): 2 integer instructions and a shared load per two weights. Tile heights left out of
+  ``LUT_TILES`` instead gather each lane's bytes (3 ``prmt`` per word) and decode them with the ``prmt`` pair
+  tables of ``kernels.lut`` (16 ``prmt`` per 8 weights): the same bits, 9 % slower at 4608 tokens (H200,
+  BENCHMARKS.md session 32);
 * programs are persistent, one per SM: equal rounds of whole 128 x 256 tiles (GROUP_M token tiles per group, so a
   group's weight stays in L2), then the tiles left over -- all of them when there are fewer tiles than SMs, as at
   512 tokens -- are split along K into S pieces with a deterministic fix-up: the last piece of a tile to arrive
@@ -53,12 +58,16 @@ from .launch import descriptor_launcher
 BT = 256  # tokens per tile (``tile_tokens``: fewer for calls of up to 128 tokens)
 XS = 64  # rows of the boxes the last, partial token tile is read in
 BN = 128  # weight rows per tile
-STAGES = 4
+STAGES = 4  # ring depth; 3 for 256-token tiles with the byte table (``stages``)
 GROUP_M = 4  # bitsandbytes' byte order: 4 beat 8 by 3-7 % at the wide FLUX shapes (BENCHMARKS.md, session 22)
 MAXNREG = 168  # 12 warps per program
 CONS_REGS = 232
 S_CHOICES = (1, 2, 3, 4, 6, 8)  # split factors compiled (S is a constexpr): a few specializations per weight
 FUSED_MIN_M = 16  # up to this many tokens ``gemm_small`` serves (17-64 where this kernel does not)
+#: Tile heights whose consumers decode by the byte table in shared memory (``lut.byte_pairs``, 32 KB: one lookup
+#: per two weights) rather than by ``prmt`` register tables (19 ``prmt`` per 8 weights). Read at each call;
+#: ``HALFBYTE_GEMM_RING_LUT`` (comma-separated heights, empty for none) overrides it.
+LUT_TILES = frozenset(int(v) for v in os.environ.get("HALFBYTE_GEMM_RING_LUT", "64,128,256").split(",") if v)
 MAX_M = 2048  # tokens up to which the kernel beats dequantize + cuBLAS (``wanted``)
 MIN_WORK = 1 << 24  # weight elements from which it does
 # ``wanted``'s cost model from MODEL_M tokens on (fitted on an H100 SXM, BENCHMARKS.md session 27)
@@ -239,8 +248,8 @@ def schedule(n_tiles: int, k_steps: int, programs: int) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=None)
 def _table_words(quant_type: str, dtype: torch.dtype) -> tuple[int, ...]:
-    code = ref4.code_4bit(quant_type, torch.device("cpu"))
-    words = lut.pair_tables(tuple(code.tolist()), dtype)
+    code = tuple(ref4.code_4bit(quant_type, torch.device("cpu")).tolist())
+    words = lut.pair_tables(code, dtype) + lut.byte_pairs(code, dtype)
     return tuple(w - (1 << 32) if w >= 1 << 31 else w for w in words)
 
 
@@ -248,7 +257,8 @@ _TABLES: dict[tuple, torch.Tensor] = {}
 
 
 def pair_table(quant_type: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The 8 ``prmt`` pair-table words of the code rounded to ``dtype`` (int32 on ``device``, one copy per device)."""
+    """The code rounded to ``dtype``: the 8 ``prmt`` pair-table words, then the 256 ``lut.byte_pairs`` words of the
+    shared-memory byte table (int32 on ``device``, one copy per device)."""
     key = (quant_type, device, dtype)
     t = _TABLES.get(key)
     if t is None:
@@ -282,9 +292,20 @@ def _layouts(gl, dtype: torch.dtype = torch.bfloat16):
     return x_layout, flat
 
 
-def _launch_kwargs(S: int, has_bias: bool, nested: bool) -> dict:
-    return dict(S=S, STAGES=STAGES, GROUP_M=GROUP_M, CONS_REGS=CONS_REGS, HAS_BIAS=has_bias, NESTED=nested,
-                num_warps=4, maxnreg=MAXNREG)
+def smem_lut(bt: int) -> bool:
+    """Whether ``bt``-token tiles decode by the shared-memory byte table (``LUT_TILES``) rather than ``prmt``."""
+    return bt in LUT_TILES
+
+
+def stages(bt: int) -> int:
+    """The ring depth of ``bt``-token tiles: ``STAGES``, or 3 where a 256-token ring (4 x 38 KB) must leave room for
+    the byte table (32 KB of the SM's 227)."""
+    return 3 if bt >= 256 and smem_lut(bt) else STAGES
+
+
+def _launch_kwargs(S: int, has_bias: bool, nested: bool, bt: int = BT) -> dict:
+    return dict(S=S, STAGES=stages(bt), GROUP_M=GROUP_M, CONS_REGS=CONS_REGS, HAS_BIAS=has_bias, NESTED=nested,
+                SMEM_LUT=smem_lut(bt), num_warps=4, maxnreg=MAXNREG)
 
 
 _DUMMIES: dict[torch.device, torch.Tensor] = {}
@@ -327,7 +348,7 @@ class RingGemm:
             code = fourbit.nested_code_table(data.device) if nested_code is None else nested_code
             self.a_desc = self._descriptor(_unread_absmax(data.device), [BN, 4], [4, 1], [BN, 4], self._flat)
             self.stats = tuple(t.data_ptr() for t in (absmax, nested_absmax, code, offset))
-        self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt) -> (launcher, head, w / absmax, expand)
+        self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt, smem_lut) -> (launcher, head, w / absmax, expand)
         self._io: dict[tuple[int, int, int], list] = {}  # (x, out, M) -> their descriptors' parameters
 
     def _bind(self, S: int, has_bias: bool, bt: int = BT) -> tuple:
@@ -342,11 +363,11 @@ class RingGemm:
         args = (self._io_desc(x.data_ptr(), bt, self.K, bt), self.w_desc, self.a_desc,
                 self._io_desc(out.data_ptr(), bt, self.N, bt), self._io_desc(x.data_ptr(), bt, self.K, XS), out,
                 out, self.table, ws, cnt, *stats, bt, self.N, 1, 1, 1, 1, 2)
-        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt, self.dtype)):
-            compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested))
+        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt, smem_lut(bt), self.dtype)):
+            compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested, bt))
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
-        bound = self._bound[(S, has_bias, bt)] = (c_launch, head,
+        bound = self._bound[(S, has_bias, bt, smem_lut(bt), stages(bt))] = (c_launch, head,
                                                   (*expand(self.w_desc, 1), *expand(self.a_desc, 2)), expand)
         return bound
 
@@ -361,7 +382,8 @@ class RingGemm:
         n_tiles = tiles_m * tiles_n
         grid, full, S = schedule(n_tiles, k_steps, self.programs)
         has_bias = bias is not None
-        c_launch, head, wa, expand = self._bound.get((S, has_bias, bt)) or self._bind(S, has_bias, bt)
+        bound = self._bound.get((S, has_bias, bt, smem_lut(bt), stages(bt)))
+        c_launch, head, wa, expand = bound or self._bind(S, has_bias, bt)
         io = self._io.get((x, out, M))  # (M decides bt)
         if io is None:
             if len(self._io) >= 64:
@@ -374,8 +396,8 @@ class RingGemm:
         cnt = _counters(self.device, stream) if S > 1 else None  # S == 1: neither is read (``out`` stands in)
         c_launch(grid, 1, 1, stream, *head, *io[0], *wa, *io[1], out, bias if has_bias else out,
                  self.table.data_ptr(), out if ws is None else ws.data_ptr(), out if cnt is None else cnt.data_ptr(),
-                 *self.stats, M, self.N, n_tiles, full, tiles_m, tiles_n, k_steps, S, STAGES, GROUP_M, CONS_REGS,
-                 has_bias, self.nested)
+                 *self.stats, M, self.N, n_tiles, full, tiles_m, tiles_n, k_steps, S, stages(bt), GROUP_M, CONS_REGS,
+                 has_bias, self.nested, smem_lut(bt))
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         M = x.shape[0]
@@ -487,7 +509,7 @@ def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False, bt:
            "am_ptr": "*u8", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "off_ptr": "*fp32",
            "M": "i32", "N": "i32", "n_tiles": "i32", "full_rounds": "i32", "tiles_m": "i32",
            "tiles_n": "i32", "k_steps": "i32"}
-    kw = _launch_kwargs(S, has_bias, nested)
+    kw = _launch_kwargs(S, has_bias, nested, bt)
     opts = {"num_warps": kw.pop("num_warps"), "maxnreg": kw.pop("maxnreg")}
     sig.update({k: "constexpr" for k in kw})
     src = GluonASTSource(kernel, sig, constexprs=kw,

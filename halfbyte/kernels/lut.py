@@ -155,6 +155,15 @@ def pair_tables(code_values: tuple[float, ...], dtype: torch.dtype) -> tuple[int
     return tuple(_plane_words(halves, 0) + _plane_words(halves, 1))
 
 
+@functools.lru_cache(maxsize=None)
+def byte_pairs(code_values: tuple[float, ...], dtype: torch.dtype) -> tuple[int, ...]:
+    """256 words: word e is the pair of codes packed in byte e, rounded to ``dtype`` -- the high nibble's (the
+    even weight, bitsandbytes' order) in the low half, the low nibble's in the high half -- as uint32. One shared
+    memory lookup per byte decodes two weights straight into a wgmma A-fragment register."""
+    halves = _half_bits(torch.tensor(code_values, dtype=torch.float32), dtype)
+    return tuple(halves[e >> 4] | (halves[e & 15] << 16) for e in range(256))
+
+
 def pair_decode_lines(tables: tuple[int, ...] | tuple[str, ...], word: str, out: tuple[str, str, str, str],
                       tmp: str) -> list[str]:
     """PTX lines that decode the 8 codes of ``word`` into four packed 16-bit pairs ``out`` = (w0|w1<<16,

@@ -89,22 +89,22 @@ def test_schedule_splits_small_launches_across_the_sms():
 
 
 def test_routing_rules(monkeypatch):
-    """17 to ``MAX_M`` tokens of weights from ``MIN_WORK`` elements (the measured rule), from ``MODEL_M`` tokens
-    on where the cost model says the kernel is faster; ``layer_wanted`` (the compiled layers' static part) holds
-    for every weight ``wanted`` takes at some token count, and equals it below ``MODEL_M``. Tiles of 64 tokens up
-    to 64, of 128 up to 128, else of 256."""
+    """From 17 tokens, weights of ``MIN_WORK`` elements or more (the measured rule), from ``MODEL_M`` tokens on
+    where the cost model says the kernel is faster, with no upper bound; ``layer_wanted`` (the compiled layers'
+    static part) holds for every weight ``wanted`` takes at some token count, and equals it below ``MODEL_M``.
+    Tiles of 64 tokens up to 64, of 128 up to 128, else of 256."""
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)  # this tier's TRITON_INTERPRET turns the kernel off
     assert not gemm_ring.wanted(16, 12288, 3072) and gemm_ring.wanted(17, 12288, 3072)
     assert gemm_ring.wanted(64, 4096, 4096) and not gemm_ring.wanted(64, 3072, 3072)
     assert [gemm_ring.tile_tokens(M) for M in (17, 64, 65, 128, 129, 4608)] == [64, 64, 128, 128, 256, 256]
-    assert gemm_ring.wanted(2048, 12288, 3072) and not gemm_ring.wanted(2049, 12288, 3072)
+    assert gemm_ring.wanted(2048, 12288, 3072) and gemm_ring.wanted(4608, 12288, 3072)
     assert gemm_ring.wanted(512, 10240, 4096) and gemm_ring.wanted(512, 3072, 12288)
     assert gemm_ring.wanted(512, 4096, 4096) and not gemm_ring.wanted(512, 3072, 3072)
-    assert not gemm_ring.wanted(4608, 12288, 3072)
+    assert not gemm_ring.wanted(640, 3072, 12288) and not gemm_ring.wanted(4608, 3072, 3072)
     for N, K in ((12288, 3072), (10240, 4096), (3072, 12288), (4096, 4096), (3072, 3072), (8192, 256)):
         served = gemm_ring.layer_wanted(N, K, 64, "nf4")
         assert all(gemm_ring.wanted(M, N, K) == served for M in (17, 40, 64, 65, 100, 512))
-        assert all(served or not gemm_ring.wanted(M, N, K) for M in range(17, 2049, 37))
+        assert all(served or not gemm_ring.wanted(M, N, K) for M in range(17, 8193, 37))
     assert not gemm_ring.layer_wanted(3072, 3072, 64, "nf4") and gemm_ring.layer_wanted(4096, 4096, 64, "nf4")
 
 
@@ -133,29 +133,36 @@ def test_split_for_names_the_routed_specialization(monkeypatch):
     assert gemm_ring.split_for(512, 4096, 4096, 64, "nf4", cuda) is None
 
 
-# fused / (dequantize + cuBLAS) as measured from 513 tokens on an H100 (BENCHMARKS.md session 27), where the two
-# differ by more than the model's error (4 %)
-MEASURED = {(600, 3072, 12288): 1.302, (640, 3072, 12288): 1.243, (768, 3072, 12288): 1.160,
-            (896, 3072, 12288): 1.056, (1152, 3072, 12288): 0.908, (1280, 3072, 12288): 0.884,
-            (1300, 3072, 12288): 1.158, (1536, 3072, 12288): 1.055, (1792, 3072, 12288): 0.957,
-            (768, 3072, 15360): 1.129, (1280, 3072, 15360): 0.894, (1792, 3072, 15360): 0.959,
-            (800, 4096, 4096): 0.877, (768, 4096, 10240): 0.902, (1024, 4096, 10240): 0.834,
-            (1300, 4096, 10240): 1.062, (1536, 4096, 10240): 0.924, (768, 9216, 3072): 0.777,
-            (1280, 9216, 3072): 0.830, (600, 10240, 4096): 0.868, (768, 10240, 4096): 0.761,
-            (1024, 10240, 4096): 0.812, (1536, 10240, 4096): 0.908, (768, 12288, 3072): 0.856,
-            (1024, 12288, 3072): 0.796, (1536, 12288, 3072): 0.913, (1792, 12288, 3072): 0.949}
-KNOWN_MISS = {(1536, 3072, 12288)}  # modelled 0.968 (its 8-piece tail costs more than the model's fix-up term)
+# fused / (dequantize + cuBLAS) as measured on an H200 with the byte-table decode (BENCHMARKS.md session 32,
+# ``bench/gemm_ring.py --mnk ...``; the weights of MIN_WORK elements or more)
+MEASURED = {(640, 12288, 3072): 0.975, (1024, 12288, 3072): 0.838, (1536, 12288, 3072): 0.912,
+            (2048, 12288, 3072): 0.935, (3072, 12288, 3072): 0.971, (4608, 12288, 3072): 0.978,
+            (8192, 12288, 3072): 0.986, (640, 3072, 12288): 1.354, (1024, 3072, 12288): 1.004,
+            (1536, 3072, 12288): 0.958, (2048, 3072, 12288): 0.935, (3072, 3072, 12288): 1.026,
+            (4608, 3072, 12288): 1.002, (8192, 3072, 12288): 1.007, (640, 3072, 15360): 1.319,
+            (1024, 3072, 15360): 1.016, (1536, 3072, 15360): 0.982, (2048, 3072, 15360): 0.954,
+            (3072, 3072, 15360): 0.983, (4608, 3072, 15360): 0.981, (8192, 3072, 15360): 1.000,
+            (640, 4096, 4096): 1.090, (1024, 4096, 4096): 0.865, (1536, 4096, 4096): 0.966,
+            (2048, 4096, 4096): 0.933, (3072, 4096, 4096): 0.965, (4608, 4096, 4096): 0.991,
+            (8192, 4096, 4096): 1.028, (640, 10240, 4096): 0.863, (1024, 10240, 4096): 0.828,
+            (1536, 10240, 4096): 0.882, (2048, 10240, 4096): 0.935, (3072, 10240, 4096): 0.940,
+            (4608, 10240, 4096): 0.955, (8192, 10240, 4096): 0.959, (640, 14336, 4096): 0.940,
+            (1024, 14336, 4096): 0.839, (1536, 14336, 4096): 0.872, (2048, 14336, 4096): 0.947,
+            (3072, 14336, 4096): 0.938, (4608, 14336, 4096): 0.970, (8192, 14336, 4096): 0.945}
+KNOWN_MISS = {(640, 14336, 4096)}  # modelled 1.013, measured 0.940 (336 tiles: two rounds, a 72-tile tail)
+TIE = 0.03  # measured ratios within this of 1: either path (the two runs of the session differed by up to 4 %)
 
 
 def test_cost_model_routes_as_measured(monkeypatch):
     """From ``MODEL_M`` tokens on, ``wanted`` picks the faster path wherever the measured times differ by more
-    than the model's error, and its ratio is within 8 % of the measured one, but for the one shape it misses."""
+    than ``TIE``, and its ratio is within 9 % of the measured one, but for the one shape it misses."""
     monkeypatch.setattr(gemm_ring, "INTERPRET", False)
     for (M, N, K), ratio in MEASURED.items():
         modelled = gemm_ring.fused_us(M, N, K) / gemm_ring.dequantize_cublas_us(M, N, K)
         if (M, N, K) not in KNOWN_MISS:
-            assert abs(modelled / ratio - 1) < 0.08, (M, N, K, modelled, ratio)
-            assert gemm_ring.wanted(M, N, K) == (ratio < 1), (M, N, K, modelled, ratio)
+            assert abs(modelled / ratio - 1) < 0.09, (M, N, K, modelled, ratio)
+            if abs(ratio - 1) > TIE:
+                assert gemm_ring.wanted(M, N, K) == (ratio < 1), (M, N, K, modelled, ratio)
     # fewer SMs (an H100 PCIe: 114): the schedule's rounds move with them, and so does the route
     assert gemm_ring.schedule(72, 192, 114)[:2] == (72, 0) and not gemm_ring.wanted(640, 3072, 12288, 114)
 

@@ -68,15 +68,18 @@ FUSED_MIN_M = 16  # up to this many tokens ``gemm_small`` serves (17-64 where th
 #: per two weights) rather than by ``prmt`` register tables (19 ``prmt`` per 8 weights). Read at each call;
 #: ``HALFBYTE_GEMM_RING_LUT`` (comma-separated heights, empty for none) overrides it.
 LUT_TILES = frozenset(int(v) for v in os.environ.get("HALFBYTE_GEMM_RING_LUT", "64,128,256").split(",") if v)
-MAX_M = 2048  # tokens up to which the kernel beats dequantize + cuBLAS (``wanted``)
-MIN_WORK = 1 << 24  # weight elements from which it does
-# ``wanted``'s cost model from MODEL_M tokens on (fitted on an H100 SXM, BENCHMARKS.md session 27)
+# Tokens up to which compiled layers call ``gemm_4bit`` (routed by ``wanted``) rather than dequantize in the graph
+# (``ops.fused_gemm_tokens``): the compiled step was measured with this bound (BENCHMARKS.md, session 29).
+MAX_M = 2048
+MIN_WORK = 1 << 24  # weight elements from which the kernel serves (a 3072 x 3072 weight cannot feed 132 SMs)
+# ``wanted``'s cost model from MODEL_M tokens on (fitted on an H200 with the byte-table decode, BENCHMARKS.md
+# session 32: 56 times of 49 shapes, 640-8192 tokens)
 MODEL_M = 513
-MARGIN = 0.98  # where the two paths model within 2 %, dequantize + cuBLAS (the model's error is ~3 %)
-RATE_FULL = 1.25  # K steps of a 128 x 256 tile per us per SM with every SM busy (the card's power bound)
+MARGIN = 1.0  # the route whose modelled time is lower (the model's ratio is within 9 % of the measured one)
+RATE_FULL = 1.23  # K steps of a 128 x 256 tile per us per SM with every SM busy (the card's power bound)
 RATE_ALONE = 1.5  # ... with few busy
-LAUNCH_US, FIXUP_US, FIXUP_US_PER_PIECE = 6.0, 4.0, 1.5
-DEQUANT_BYTES_PER_US, READ_BYTES_PER_US, CUBLAS_FLOP_PER_US, DC_US = 2.6e6, 2.5e6, 7.6e8, 9.0
+LAUNCH_US, FIXUP_US, FIXUP_US_PER_PIECE = 6.0, 2.0, 1.0
+DEQUANT_BYTES_PER_US, READ_BYTES_PER_US, CUBLAS_FLOP_PER_US, DC_US = 3.9e6, 2.5e6, 6.95e8, 5.0
 
 #: Whether 4-bit calls of more than 16 tokens take this kernel where it serves and is wanted (on by default;
 #: ``HALFBYTE_GEMM_RING=0`` turns it off). Read when a plan is built and when a layer is built, moved or loaded
@@ -159,19 +162,18 @@ def tile_tokens(M: int) -> int:
 
 def wanted(M: int, N: int, K: int, programs: int = 132) -> bool:
     """Whether a call of M tokens should take this kernel rather than dequantize + cuBLAS, on a device of
-    ``programs`` SMs (or than the small-batch kernel, up to 64 tokens): 17 to ``MAX_M`` tokens of weights from
-    ``MIN_WORK`` elements, and from ``MODEL_M`` tokens on only where ``fused_us`` is below ``MARGIN`` x
+    ``programs`` SMs (or than the small-batch kernel, up to 64 tokens): from 17 tokens, weights of ``MIN_WORK``
+    elements or more, and from ``MODEL_M`` tokens on only where ``fused_us`` is below ``MARGIN`` x
     ``dequantize_cublas_us``. From 17 tokens its 64-token tiles beat the small-batch kernel, which decodes the
     weight again for every 16 or 32 tokens (H200, BENCHMARKS.md session 30: 0.41-0.95x its time at 24-64 tokens
-    of 4096 x 4096 to 14336 x 4096 weights; at 16 tokens it lost, 1.1-1.5x). Measured on an H100
-    (``bench/gemm_ring.py``, BENCHMARKS.md sessions 24, 26 and 27): up to 512 tokens the dequantize (a fixed cost
-    per call) is 25-45 % of the layer and the kernel takes 0.55-0.97x its time at every FLUX/T5 width. Past that
-    its schedule decides: 72 tiles on 132 SMs (600-768 tokens at 3072 x 12288) leave 60 SMs idle (1.16-1.30x),
-    and a last token tile that holds 20 of 256 tokens (1300) computes 18 % more than the tokens need
-    (1.01-1.16x); the model catches those (and the idle SMs of other shapes). At 4096 tokens and more cuBLAS's
-    bf16 GEMM outruns the decode (1.01-1.08x), and a 3072 x 3072 weight is too small to keep the SMs fed
-    (1.1-1.2x up to 600 tokens)."""
-    return FUSED_MIN_M < M <= MAX_M and N * K >= MIN_WORK and (M < MODEL_M or _modelled(M, N, K, programs))
+    of 4096 x 4096 to 14336 x 4096 weights; at 16 tokens it lost, 1.1-1.5x). Up to 512 tokens the dequantize (a
+    fixed cost per call) is 25-45 % of the layer and the kernel takes 0.55-0.97x its time at every FLUX/T5 width
+    (H100 and H200, sessions 24-31). Past that its schedule decides: 72 tiles on 132 SMs (640 tokens at 3072 x
+    12288) leave 60 SMs idle (1.35x), and a last token tile that holds few tokens computes more than the tokens need;
+    the model catches those. With the byte-table decode (session 32) the kernel takes 0.83-1.03x the time of
+    dequantize + cuBLAS at 1024-8192 tokens of 3072 x 12288 to 14336 x 4096 weights (H200), so M has no upper
+    bound; a 3072 x 3072 weight is too small to keep the SMs fed (0.95-1.3x)."""
+    return FUSED_MIN_M < M and N * K >= MIN_WORK and (M < MODEL_M or _modelled(M, N, K, programs))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -183,7 +185,8 @@ def fused_us(M: int, N: int, K: int, programs: int = 132) -> float:
     """The kernel's modelled time (us) for M tokens of an (N, K) weight: the full rounds of 128 x 256 tiles at the
     card's throughput under full load (``RATE_FULL`` K steps per us per SM: bound by power, not by SM count, so a
     tail on fewer SMs runs faster per SM, up to ``RATE_ALONE``), the tail pieces, the split's fix-up and the
-    launch. Fitted on 70 H100 times of 38 shapes from 513 tokens (2.6 % rms; BENCHMARKS.md session 27)."""
+    launch. Fitted on 56 H200 times of 49 shapes from 640 to 8192 tokens (3.1 % rms; BENCHMARKS.md session 32).
+    (Session 27's H100 fit, for the ``prmt`` decode, had RATE_FULL 1.25 and a larger fix-up.)"""
     n_tiles, k_steps = -(-M // tile_tokens(M)) * (N // BN), K // 64
     _, full, S = schedule(n_tiles, k_steps, programs)
     cap = RATE_FULL * programs
@@ -197,7 +200,9 @@ def fused_us(M: int, N: int, K: int, programs: int = 132) -> float:
 def dequantize_cublas_us(M: int, N: int, K: int) -> float:
     """The other path's modelled time (us): the dequantize (0.5 byte read and 2 written per weight at
     ``DEQUANT_BYTES_PER_US``) and cuBLAS's bf16 GEMM (its FLOPs at ``CUBLAS_FLOP_PER_US``, or the bf16 weight's read
-    where that is longer), plus ``DC_US`` for the two launches. Fitted with ``fused_us`` (3.3 % rms)."""
+    where that is longer), plus ``DC_US`` for the two launches. Fitted with ``fused_us`` on the H200 (4.0 % rms; the
+    H100 fit of session 27 had the dequantize at 2.6e6 bytes/us and cuBLAS at 7.6e8 FLOP/us: the H200 dequantizes
+    faster and its cuBLAS ran slower at 3072-8192 tokens)."""
     gemm = max(2.0 * M * N * K / CUBLAS_FLOP_PER_US, 2.0 * N * K / READ_BYTES_PER_US)
     return N * K * 2.5 / DEQUANT_BYTES_PER_US + gemm + DC_US
 
@@ -225,9 +230,9 @@ def precompile(S: int, has_bias: bool, data: torch.Tensor, absmax: torch.Tensor,
 
 
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
-    """Whether bf16 and fp16 calls of an (N, K) weight take this kernel at some token count
-    (then exactly at 17 to ``MAX_M``): the static rule a compiled graph routes the layer by (plus a guard on the
-    token count)."""
+    """Whether bf16 and fp16 calls of an (N, K) weight take this kernel at some token count (then at every count
+    from 17 to ``MODEL_M`` - 1, and above where the model says so): the static rule a compiled graph routes the
+    layer by (plus a guard on the token count, up to ``MAX_M``)."""
     return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK
 
 

@@ -162,11 +162,11 @@ FUSED_MAX_TOKENS = 64
 
 
 def fused_gemm_tokens(N: int, K: int, blocksize: int, quant_type: str, device: torch.device) -> int:
-    """Up to how many tokens ``gemm_4bit``'s CUDA kernel serves bf16 and fp16 calls of an (N, K) weight on
-    ``device`` with the fused GEMM (``kernels.gemm_ring``, from 17 tokens: up to ``FUSED_MAX_TOKENS`` in place of
-    the small-batch kernel); 0: never (not a Hopper GPU, no Gluon, a weight it does not serve). Compiled 4-bit
-    layers call ``gemm_4bit`` for those token counts instead of dequantizing in the graph. Imports triton, so it is
-    asked for CUDA devices only."""
+    """Up to how many tokens compiled 4-bit layers of an (N, K) weight on ``device`` call ``gemm_4bit`` instead of
+    dequantizing in the graph: ``kernels.gemm_ring.MAX_M`` where its CUDA kernel serves bf16 and fp16 calls of the
+    weight with the fused GEMM (from 17 tokens, up to ``FUSED_MAX_TOKENS`` in place of the small-batch kernel; the
+    eager calls at any count ``gemm_ring.wanted`` takes); 0: never (not a Hopper GPU, no Gluon, a weight it does not
+    serve). Imports triton, so it is asked for CUDA devices only."""
     if device.type != "cuda" or importlib.util.find_spec("triton") is None:
         return 0
     try:

@@ -9,16 +9,16 @@
     code * x on the tensor cores;
   - fp32, and where those do not apply (alignment, K): ``gemv._gemv_kernel``, two loads from the code table per
     byte.
-* 17 to 2048 tokens, bf16 or fp16, on Hopper: ``kernels.gemm_ring``, a fused GEMM that
+* 17 tokens and more, bf16 or fp16, on Hopper: ``kernels.gemm_ring``, a fused GEMM that
   decodes the codes straight into the tensor cores' operand (the weight is never written out), in token tiles of
   64, 128 or 256, where ``gemm_ring.wanted`` says it beats the next path (weights from 2^24 elements: 0.41-0.95x
-  the small-batch kernel's time at 24-64 tokens, 0.55-0.96x dequantize + cuBLAS's from 65).
+  the small-batch kernel's time at 24-64 tokens, mostly 0.8-1.0x dequantize + cuBLAS's from 65 up to 8192).
 * 2 <= M <= 64 with 16-bit activations (from 17 tokens only where the fused GEMM does not serve):
   ``kernels.gemm_small``, the GEMV's decode feeding ``mma`` with up to 32 tokens per decode (the weight is read
   once in 4 bits and never written out).
-* Larger M (and fp32): dequantize the whole weight with the nested absmax fused
-  (``fourbit.dequantize``) into x's dtype, then cuBLAS. At M = 4608 the GEMMs are compute-bound and cuBLAS's speed
-  is what counts.
+* Otherwise (fp32, other GPUs, the calls the cost model leaves): dequantize the whole weight with the nested
+  absmax fused (``fourbit.dequantize``) into x's dtype, then cuBLAS. At M = 4608 the GEMMs are compute-bound and
+  cuBLAS's speed is what counts.
   Dequantizing the next layer's weight on a side stream during this GEMM was tried and measured no faster (cuBLAS
   holds every SM, so the two kernels do not run concurrently; BENCHMARKS.md, "Side-stream dequantize").
 The dequantize path uses the reference's weight values exactly (``code * absmax`` in float32, rounded once to x's

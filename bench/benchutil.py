@@ -43,6 +43,24 @@ def print_cprofile(fn, n: int, title: str, limit: int = 25) -> None:
 L2_BYTES = 50 * 2**20  # an H100/H200's L2: weight copies are cycled past it
 
 
+def ring_copies(N: int, K: int, dtype: torch.dtype = torch.bfloat16):
+    """The fused-GEMM benches' weights: (copies, lins, layers, gemms), enough copies of a random (N, K)
+    ``nn.Linear`` (bias, N(0, 1/K) weights, ``dtype``) to exceed the L2 three times in NF4, their halfbyte
+    ``Linear4bit`` layers and a ``gemm_ring.RingGemm`` bound to each layer's weight."""
+    import halfbyte
+    from halfbyte.kernels import gemm_ring
+
+    copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
+    lins = []
+    for _ in range(copies):
+        lin = torch.nn.Linear(K, N, device="cuda", dtype=dtype)
+        lin.weight.data.normal_(0, K ** -0.5)
+        lins.append(lin)
+    layers = [halfbyte.Linear4bit.from_linear(lin, quant_type="nf4") for lin in lins]
+    gemms = [gemm_ring.RingGemm(q.weight.reshape(-1), q.quant_stats()[0], N, K, "nf4", None, dtype) for q in layers]
+    return copies, lins, layers, gemms
+
+
 def gemv_case(N: int, K: int, dtype: torch.dtype, device: str = "cuda", nested: bool = False):
     """The GEMV benches' test case: (ws, x, check, row, nbytes, copies). ``ws``: enough (packed, absmax, weight)
     NF4 copies (blocksize 64, float32 absmax) of random (N, K) weights to exceed the L2 three times; with

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import torch
-from benchutil import L2_BYTES, timed_graph
+from benchutil import ring_copies, timed_graph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import halfbyte  # noqa: E402
 from halfbyte.kernels import gemm_ring  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (3072, 12288), (12288, 3072)]
@@ -42,14 +41,7 @@ def configured(gemms, lut: bool, stages: int):
 
 
 def shape_rows(N: int, K: int, tokens, dtype=torch.bfloat16) -> list[dict]:
-    copies = max(2, -(-3 * L2_BYTES // (N * K // 2)))
-    lins = []
-    for _ in range(copies):
-        lin = torch.nn.Linear(K, N, device="cuda", dtype=dtype)
-        lin.weight.data.normal_(0, K ** -0.5)
-        lins.append(lin)
-    layers = [halfbyte.Linear4bit.from_linear(lin, quant_type="nf4") for lin in lins]
-    gemms = [gemm_ring.RingGemm(q.weight.reshape(-1), q.quant_stats()[0], N, K, "nf4", None, dtype) for q in layers]
+    copies, lins, layers, gemms = ring_copies(N, K, dtype)
     rows = []
     for M in tokens:
         x = torch.randn(M, K, device="cuda", dtype=dtype)

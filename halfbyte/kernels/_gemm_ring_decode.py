@@ -39,12 +39,13 @@ mov.b32 $3, 0;
 
 
 # SMEM_LUT: the byte table (``lut.byte_pairs``: 256 entries, each copied for the 32 lanes, entry e's copy for lane l
-# at 128 e + 4 l, so that every lane reads its own bank) in 32 KB of static shared memory, declared at function
-# scope by the fill's one instance per thread, which the kernel runs before the partitions start: triton lays the
-# partitions' code out after that, and PTX wants a name declared above its uses. (Gluon cannot hand an
-# allocation's address to inline assembly.) $0-$1: the table's address; $2-$17 the values of the 16 entries this
-# thread fills (two per input tensor), 64 w + 8 s + 4 q + (lane >> 3) for value 2 + 2 s + q, each into the 16
-# bytes at its row + 16 (lane & 7) ($18: this thread's offset for s = q = 0).
+# at 128 e + 4 l, so that every lane reads its own bank) in 32 KB of static shared memory, declared at function scope
+# by the fill's one instance per thread, which the kernel runs before the partitions start: triton lays the
+# partitions' code out after that, and PTX wants a name declared above its uses. (Gluon cannot hand an allocation's
+# address to inline assembly.) Static shared memory comes before triton's dynamic allocation, whose 128-byte-swizzled
+# TMA boxes need 1 KB alignment: the table's size must stay a multiple of 1 KB. $0-$1: the table's address; $2-$17
+# the values of the 16 entries this thread fills (two per input tensor), 64 w + 8 s + 4 q + (lane >> 3) for value 2 +
+# 2 s + q, each into the 16 bytes at its row + 16 (lane & 7) ($18: this thread's offset for s = q = 0).
 def _fill_asm() -> str:
     lines = [".shared .align 16 .b8 hb_lut[32768];", "{", ".reg .b32 %a;", "mov.u32 %a, hb_lut;",
              "mov.u32 $0, %a;", "mov.u32 $1, %a;", "add.u32 %a, %a, $18;"]

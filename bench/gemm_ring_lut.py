@@ -26,7 +26,7 @@ TOKENS = [32, 64, 128, 256, 512, 4608]
 
 def configured(gemms, lut: bool, stages: int):
     """A call of the ``gemms`` with the decode and ring depth set (module state, restored after each call; each
-    ``RingGemm``'s bound launches dropped, as they are keyed by neither)."""
+    ``RingGemm``'s bound launches dropped: they are not keyed by the ring depth)."""
     def call(g, x, bias):
         saved = gemm_ring.LUT_TILES, gemm_ring.STAGES
         gemm_ring.LUT_TILES = frozenset((64, 128, 256)) if lut else frozenset()

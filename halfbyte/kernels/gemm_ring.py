@@ -290,7 +290,8 @@ class RingGemm:
             code = fourbit.nested_code_table(data.device) if nested_code is None else nested_code
             self.a_desc = self._descriptor(_unread_absmax(data.device), [BN, 4], [4, 1], [BN, 4], self._flat)
             self.stats = tuple(t.data_ptr() for t in (absmax, nested_absmax, code, offset))
-        self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt, smem_lut) -> (launcher, head, w / absmax, expand)
+        self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt, smem_lut) -> (launcher, head, w / absmax, expand,
+        #                                       the constexprs that end the launch)
         self._io: dict[tuple[int, int, int], list] = {}  # (x, out, M) -> their descriptors' parameters
 
     def _bind(self, S: int, has_bias: bool, bt: int = BT) -> tuple:
@@ -305,12 +306,14 @@ class RingGemm:
         args = (self._io_desc(x.data_ptr(), bt, self.K, bt), self.w_desc, self.a_desc,
                 self._io_desc(out.data_ptr(), bt, self.N, bt), self._io_desc(x.data_ptr(), bt, self.K, XS), out,
                 out, self.table, ws, cnt, *stats, bt, self.N, 1, 1, 1, 1, 2)
-        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt, smem_lut(bt), self.dtype)):
-            compiled = self._kernel.warmup(*args, grid=(1,), **_launch_kwargs(S, has_bias, self.nested, bt))
+        kw = _launch_kwargs(S, has_bias, self.nested, bt)
+        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt, kw["SMEM_LUT"], self.dtype)):
+            compiled = self._kernel.warmup(*args, grid=(1,), **kw)
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
-        bound = self._bound[(S, has_bias, bt, smem_lut(bt), stages(bt))] = (c_launch, head,
-                                                  (*expand(self.w_desc, 1), *expand(self.a_desc, 2)), expand)
+        consts = (S, kw["STAGES"], GROUP_M, CONS_REGS, has_bias, self.nested, kw["SMEM_LUT"])  # the launch's last
+        bound = self._bound[(S, has_bias, bt, kw["SMEM_LUT"])] = (
+            c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)), expand, consts)
         return bound
 
     def _io_desc(self, ptr: int, M: int, cols: int, rows: int):
@@ -324,8 +327,8 @@ class RingGemm:
         n_tiles = tiles_m * tiles_n
         grid, full, S = schedule(n_tiles, k_steps, self.programs)
         has_bias = bias is not None
-        bound = self._bound.get((S, has_bias, bt, smem_lut(bt), stages(bt)))
-        c_launch, head, wa, expand = bound or self._bind(S, has_bias, bt)
+        bound = self._bound.get((S, has_bias, bt, bt in LUT_TILES))
+        c_launch, head, wa, expand, consts = bound or self._bind(S, has_bias, bt)
         io = self._io.get((x, out, M))  # (M decides bt)
         if io is None:
             if len(self._io) >= 64:
@@ -338,8 +341,7 @@ class RingGemm:
         cnt = _counters(self.device, stream) if S > 1 else None  # S == 1: neither is read (``out`` stands in)
         c_launch(grid, 1, 1, stream, *head, *io[0], *wa, *io[1], out, bias if has_bias else out,
                  self.table.data_ptr(), out if ws is None else ws.data_ptr(), out if cnt is None else cnt.data_ptr(),
-                 *self.stats, M, self.N, n_tiles, full, tiles_m, tiles_n, k_steps, S, stages(bt), GROUP_M, CONS_REGS,
-                 has_bias, self.nested, smem_lut(bt))
+                 *self.stats, M, self.N, n_tiles, full, tiles_m, tiles_n, k_steps, *consts)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         M = x.shape[0]

@@ -290,10 +290,13 @@ def test_plan_checks_follow_the_kernels_static_rules(monkeypatch):
     f16 = set(gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float16, True, True, dev))
     assert f16 == {("gemv_mma", dev), ("gemm_small", dev), ("gemm_ring", dev, True, torch.float16)}  # its own check
     assert gemm4bit.plan_checks(4096, 4096, 64, "nf4", torch.float32, True, True, dev) == {}
-    # 3072 x 3072: under the fused GEMM's size; K % 2048 != 0: no tensor-core GEMV in bf16 (it is in fp16)
-    assert set(gemm4bit.plan_checks(3072, 3072, 64, "nf4", torch.bfloat16, True, True, dev)) == {("gemm_small", dev)}
+    # 3072 x 3072: the fused GEMM from MODEL_M tokens where its model says so; K % 2048 != 0: no tensor-core GEMV
+    # in bf16 (it is in fp16); 2048 x 3072: under the fused GEMM's sizes
+    assert set(gemm4bit.plan_checks(3072, 3072, 64, "nf4", torch.bfloat16, True, True, dev)) == {
+        ("gemm_small", dev), ("gemm_ring", dev, True, torch.bfloat16)}
+    assert set(gemm4bit.plan_checks(2048, 3072, 64, "nf4", torch.bfloat16, True, True, dev)) == {("gemm_small", dev)}
     assert set(gemm4bit.plan_checks(3072, 3072, 64, "nf4", torch.float16, True, True, dev)) == {
-        ("gemv_mma", dev), ("gemm_small", dev)}
+        ("gemv_mma", dev), ("gemm_small", dev), ("gemm_ring", dev, True, torch.float16)}
     assert set(gemm4bit.plan_checks(3072, 3072, 128, "nf4", torch.float16, True, True, dev)) == {
         ("gemv_mma", dev), ("gemm_small", dev)}
     assert gemm4bit.plan_checks(3072, 3070, 64, "nf4", torch.bfloat16, False, True, dev) == {}  # K % 64: none

@@ -184,7 +184,8 @@ def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, 
     n = ke - kb
     # Two fragment variables: the decode of the next step must not write the registers a wgmma in flight reads
     # (with one, ptxas serialized every wgmma). Each wgmma retires before the next issues; the other warpgroup's
-    # keep the tensor cores busy meanwhile (two in flight per warpgroup need more than 168 registers).
+    # keep the tensor cores busy meanwhile. (Leaving one in flight while the next step decodes was no faster, with
+    # either decode: BENCHMARKS.md, sessions 31 and 33.)
     for k in range(0, n - 2, 2):
         acc = warpgroup_mma(fa, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
         fb = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
@@ -218,12 +219,26 @@ def _add_bias(acc, bias_ptr, pn, WG: gl.constexpr, layout: gl.constexpr, HAS_BIA
 
 @gluon.jit
 def _store_tile(acc, c_smem, out_desc, pm, pn, WG: gl.constexpr, BT: gl.constexpr):
-    """out[m, n] = acc[n, m] through shared memory by TMA (rows past M are clipped); the previous tile's store
-    must have left c_smem first."""
-    tma.store_wait(pendings=0)
-    c_smem.store(acc.to(c_smem.dtype).permute((1, 0)))
-    fence_async_shared()
-    _tma_store(out_desc, [pm * BT, pn * 128 + 64 * WG], c_smem)
+    """out[m, n] = acc[n, m] through shared memory by TMA (rows past M are clipped), in boxes of ``out_desc``'s
+    tokens (BT or BT / 2: half the shared memory, so that a 256-token ring keeps 4 stages beside the byte table);
+    each box waits for the previous store to have left c_smem."""
+    EPI: gl.constexpr = out_desc.block_type.shape[0]
+    if EPI == BT:
+        tma.store_wait(pendings=0)
+        c_smem.store(acc.to(c_smem.dtype).permute((1, 0)))
+        fence_async_shared()
+        _tma_store(out_desc, [pm * BT, pn * 128 + 64 * WG], c_smem)
+    else:
+        # the token halves: bit 7 of the token is a register bit of the wgmma layout, so the split moves nothing
+        lo, hi = gl.split(acc.reshape([64, 2, EPI]).permute((0, 2, 1)))
+        tma.store_wait(pendings=0)
+        c_smem.store(lo.to(c_smem.dtype).permute((1, 0)))
+        fence_async_shared()
+        _tma_store(out_desc, [pm * BT, pn * 128 + 64 * WG], c_smem)
+        tma.store_wait(pendings=0)
+        c_smem.store(hi.to(c_smem.dtype).permute((1, 0)))
+        fence_async_shared()
+        _tma_store(out_desc, [pm * BT + EPI, pn * 128 + 64 * WG], c_smem)
 
 
 @gluon.jit
@@ -337,7 +352,7 @@ def gemm_ring_kernel(x_desc, w_desc, a_desc, out_desc, xs_desc, out_ptr, bias_pt
     x_bufs = gl.allocate_shared_memory(DT, [STAGES, BT, 64], x_desc.layout)
     w_bufs = gl.allocate_shared_memory(gl.int32, [STAGES, 128, 8], w_desc.layout)
     a_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, 128, 4], a_desc.layout)
-    c_bufs = gl.allocate_shared_memory(DT, [2, BT, 64], out_desc.layout)
+    c_bufs = gl.allocate_shared_memory(DT, [2, out_desc.block_type.shape[0], 64], out_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):

@@ -11,8 +11,9 @@
     byte.
 * 17 tokens and more, bf16 or fp16, on Hopper: ``kernels.gemm_ring``, a fused GEMM that
   decodes the codes straight into the tensor cores' operand (the weight is never written out), in token tiles of
-  64, 128 or 256, where ``gemm_ring.wanted`` says it beats the next path (weights from 2^24 elements: 0.41-0.95x
-  the small-batch kernel's time at 24-64 tokens, mostly 0.8-1.0x dequantize + cuBLAS's from 65 up to 8192).
+  64, 128 or 256, where ``gemm_ring.wanted`` says it beats the next path (weights from 2^24 elements, and 3072 x
+  3072 ones from 513 tokens where its cost model says so: 0.41-0.95x the small-batch kernel's time at 24-64
+  tokens, mostly 0.8-1.0x dequantize + cuBLAS's from 65 up to 8192).
 * 2 <= M <= 64 with 16-bit activations (from 17 tokens only where the fused GEMM does not serve):
   ``kernels.gemm_small``, the GEMV's decode feeding ``mma`` with up to 32 tokens per decode (the weight is read
   once in 4 bits and never written out).
@@ -175,7 +176,7 @@ class Plan:
         # Last: its device check is the longest compile (``plan_checks``), so threads that build plans side by side
         # bind the launches above while one of them runs it.
         self._fused = None  # calls of 17 tokens or more that gemm_ring.wanted picks
-        if (gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.supported(
+        if (gemm_ring.weight_wanted(N, K, blocksize, quant_type) and gemm_ring.supported(
                 N, K, blocksize, quant_type, dtype, absmax, data, nested=nested, has_bias=bias is not None)):
             self._fused = gemm_ring.RingGemm(data, absmax, N, K, quant_type, nested, dtype)
 
@@ -266,7 +267,7 @@ def plan_checks(N: int, K: int, blocksize: int, quant_type: str, dtype: torch.dt
             checks[("gemv_mma", device)] = functools.partial(gemv_mma.layout_ok, device)
     if gemm_small.shape_ok(K, dtype, blocksize):
         checks[("gemm_small", device)] = functools.partial(gemm_small.layout_ok, device)
-    if (gemm_ring.layer_wanted(N, K, blocksize, quant_type) and gemm_ring.shape_ok(N, K, blocksize, quant_type, dtype)
+    if (gemm_ring.weight_wanted(N, K, blocksize, quant_type) and gemm_ring.shape_ok(N, K, blocksize, quant_type, dtype)
             and gemm_ring.device_ok(device)):
         checks[("gemm_ring", device, nested, dtype)] = functools.partial(gemm_ring.verdict, device, nested, has_bias,
                                                                         dtype)

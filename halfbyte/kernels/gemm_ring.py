@@ -8,7 +8,7 @@ copy's speed) and calls cuBLAS. At 512 tokens that dequantize is a third of the 
   to shared memory) and x tiles (BT tokens x 64: 256, or 64 / 128 for calls of up to 64 / 128 tokens,
   ``tile_tokens``) are operand B;
 * a loader partition (4 warps, one thread issues) streams each K step's x tile, the 128 weight rows' packed words
-  and their absmax into a 4-stage shared-memory ring by TMA (3 stages for 256-token tiles); two consumer warpgroups
+  and their absmax into a 4-stage shared-memory ring by TMA; two consumer warpgroups
   (64 rows each) decode their fragments while their previous wgmma runs. Each byte of bitsandbytes' order holds
   the two weights of one A-fragment register, so a lane rotates its byte of a word into place and looks its pair up
   in a byte table (``lut.byte_pairs``, a copy per lane so that no two lanes share a bank: 32 KB of static shared
@@ -21,7 +21,8 @@ copy's speed) and calls cuBLAS. At 512 tokens that dequantize is a third of the 
   group's weight stays in L2), then the tiles left over -- all of them when there are fewer tiles than SMs, as at
   512 tokens -- are split along K into S pieces with a deterministic fix-up: the last piece of a tile to arrive
   adds the S float32 partials in piece order, so every call gives the same bits;
-* bias in float32 in the epilogue; the tile leaves through shared memory by TMA;
+* bias in float32 in the epilogue; the tile leaves through shared memory by TMA, a 256-token tile in two halves
+  (``HALF_STORE_TILES``: the 32 KB that saves keeps a fourth ring stage beside the byte table);
 * a last token tile that holds fewer than 256 tokens is read in 64-row boxes, none wholly past M: TMA's fill of
   box rows past the tensor is slow (a 257-token call took 1.3-1.5x a 512-token one before; BENCHMARKS.md
   session 26).
@@ -66,6 +67,7 @@ from .gemm_ring_route import (  # noqa: F401  (re-exported: the route is part of
     MAX_M,
     MIN_WORK,
     MODEL_M,
+    MODEL_WORK,
     RATE_ALONE,
     RATE_FULL,
     READ_BYTES_PER_US,
@@ -80,7 +82,7 @@ from .gemv_ring import _Address, _sms
 from .launch import descriptor_launcher
 
 XS = 64  # rows of the boxes the last, partial token tile is read in
-STAGES = 4  # ring depth; 3 for 256-token tiles with the byte table (``stages``)
+STAGES = 4  # ring depth; 3 for 256-token tiles with the byte table and whole output boxes (``stages``)
 GROUP_M = 4  # bitsandbytes' byte order: 4 beat 8 by 3-7 % at the wide FLUX shapes (BENCHMARKS.md, session 22)
 MAXNREG = 168  # 12 warps per program
 CONS_REGS = 232
@@ -88,6 +90,11 @@ CONS_REGS = 232
 #: per two weights) rather than by ``prmt`` register tables (19 ``prmt`` per 8 weights). Read at each call;
 #: ``HALFBYTE_GEMM_RING_LUT`` (comma-separated heights, empty for none) overrides it.
 LUT_TILES = frozenset(int(v) for v in os.environ.get("HALFBYTE_GEMM_RING_LUT", "64,128,256").split(",") if v)
+#: Tile heights whose output tiles are stored in two halves of tokens: half the epilogue's shared memory, so that a
+#: 256-token ring keeps 4 stages beside the byte table (3 otherwise; 4 were 0-10 % faster: BENCHMARKS.md, session
+#: 33). Read at each call; ``HALFBYTE_GEMM_RING_HALF_STORE`` (comma-separated heights, empty for none) overrides it.
+HALF_STORE_TILES = frozenset(int(v) for v in os.environ.get("HALFBYTE_GEMM_RING_HALF_STORE", "256").split(",")
+                             if v)
 
 #: Whether 4-bit calls of more than 16 tokens take this kernel where it serves and is wanted (on by default;
 #: ``HALFBYTE_GEMM_RING=0`` turns it off). Read when a plan is built and when a layer is built, moved or loaded
@@ -182,10 +189,16 @@ def precompile(S: int, has_bias: bool, data: torch.Tensor, absmax: torch.Tensor,
 
 
 def layer_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
-    """Whether bf16 and fp16 calls of an (N, K) weight take this kernel at some token count (then at every count
-    from 17 to ``MODEL_M`` - 1, and above where the model says so): the static rule a compiled graph routes the
-    layer by (plus a guard on the token count, up to ``MAX_M``)."""
+    """Whether bf16 and fp16 calls of an (N, K) weight take this kernel at every token count from 17 to ``MODEL_M``
+    - 1 (and above where the model says so): the static rule a compiled graph routes the layer by (plus a guard on
+    the token count, up to ``MAX_M``)."""
     return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MIN_WORK
+
+
+def weight_wanted(N: int, K: int, blocksize: int, quant_type: str) -> bool:
+    """Whether eager bf16 and fp16 calls of an (N, K) weight may take this kernel at some token count (``wanted``
+    decides per call): ``layer_wanted``'s weights, and from ``MODEL_M`` tokens those of ``MODEL_WORK`` elements."""
+    return shape_ok(N, K, blocksize, quant_type, torch.bfloat16) and N * K >= MODEL_WORK
 
 
 @functools.lru_cache(maxsize=None)
@@ -239,10 +252,20 @@ def smem_lut(bt: int) -> bool:
     return bt in LUT_TILES
 
 
+def store_rows(bt: int) -> int:
+    """The tokens of one output store box of ``bt``-token tiles (``HALF_STORE_TILES``: half the tile)."""
+    return bt // 2 if bt in HALF_STORE_TILES else bt
+
+
 def stages(bt: int) -> int:
-    """The ring depth of ``bt``-token tiles: ``STAGES``, or 3 where a 256-token ring (4 x 38 KB) must leave room for
-    the byte table (32 KB of the SM's 227)."""
-    return 3 if bt >= 256 and smem_lut(bt) else STAGES
+    """The ring depth of ``bt``-token tiles: ``STAGES``, or 3 where a 256-token ring (4 x 38 KB) and its two whole
+    output tiles (64 KB) must leave room for the byte table (32 KB of the SM's 227)."""
+    return 3 if bt >= 256 and smem_lut(bt) and store_rows(bt) == bt else STAGES
+
+
+def variant(bt: int) -> tuple:
+    """The module settings a ``bt``-token launch is compiled for (its bound launches are kept by them)."""
+    return bt in LUT_TILES, bt in HALF_STORE_TILES
 
 
 def _launch_kwargs(S: int, has_bias: bool, nested: bool, bt: int = BT) -> dict:
@@ -290,9 +313,9 @@ class RingGemm:
             code = fourbit.nested_code_table(data.device) if nested_code is None else nested_code
             self.a_desc = self._descriptor(_unread_absmax(data.device), [BN, 4], [4, 1], [BN, 4], self._flat)
             self.stats = tuple(t.data_ptr() for t in (absmax, nested_absmax, code, offset))
-        self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt, smem_lut) -> (launcher, head, w / absmax, expand,
+        self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt, variant) -> (launcher, head, w / absmax, expand,
         #                                       the constexprs that end the launch)
-        self._io: dict[tuple[int, int, int], list] = {}  # (x, out, M) -> their descriptors' parameters
+        self._io: dict[tuple, list] = {}  # (x, out, M, half store) -> their descriptors' parameters
 
     def _bind(self, S: int, has_bias: bool, bt: int = BT) -> tuple:
         """Compiles (no launch) the (S, has_bias) specialization with ``bt``-token tiles and encodes the weight's
@@ -304,15 +327,15 @@ class RingGemm:
         stats = (torch.empty(16, dtype=torch.uint8, device=self.device),
                  *(torch.empty(16, dtype=torch.float32, device=self.device) for _ in range(3)))  # dtypes specialize
         args = (self._io_desc(x.data_ptr(), bt, self.K, bt), self.w_desc, self.a_desc,
-                self._io_desc(out.data_ptr(), bt, self.N, bt), self._io_desc(x.data_ptr(), bt, self.K, XS), out,
-                out, self.table, ws, cnt, *stats, bt, self.N, 1, 1, 1, 1, 2)
+                self._io_desc(out.data_ptr(), bt, self.N, store_rows(bt)), self._io_desc(x.data_ptr(), bt, self.K, XS),
+                out, out, self.table, ws, cnt, *stats, bt, self.N, 1, 1, 1, 1, 2)
         kw = _launch_kwargs(S, has_bias, self.nested, bt)
-        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt, kw["SMEM_LUT"], self.dtype)):
+        with compile_lock(("gemm_ring", self.device, S, has_bias, self.nested, bt, variant(bt), self.dtype)):
             compiled = self._kernel.warmup(*args, grid=(1,), **kw)
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
-        consts = (S, kw["STAGES"], GROUP_M, CONS_REGS, has_bias, self.nested, kw["SMEM_LUT"])  # the launch's last
-        bound = self._bound[(S, has_bias, bt, kw["SMEM_LUT"])] = (
+        consts = (S, kw["STAGES"], GROUP_M, CONS_REGS, has_bias, self.nested, kw["SMEM_LUT"])  # the
+        bound = self._bound[(S, has_bias, bt, variant(bt))] = (  # launch's last arguments
             c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)), expand, consts)
         return bound
 
@@ -327,14 +350,15 @@ class RingGemm:
         n_tiles = tiles_m * tiles_n
         grid, full, S = schedule(n_tiles, k_steps, self.programs)
         has_bias = bias is not None
-        bound = self._bound.get((S, has_bias, bt, bt in LUT_TILES))
+        bound = self._bound.get((S, has_bias, bt, variant(bt)))
         c_launch, head, wa, expand, consts = bound or self._bind(S, has_bias, bt)
-        io = self._io.get((x, out, M))  # (M decides bt)
+        key = (x, out, M, bt in HALF_STORE_TILES)  # (M decides bt; the store box follows the setting)
+        io = self._io.get(key)
         if io is None:
             if len(self._io) >= 64:
                 self._io.clear()
-            io = self._io[(x, out, M)] = [expand(self._io_desc(x, M, self.K, bt), 0),
-                                         expand(self._io_desc(out, M, self.N, bt), 3)
+            io = self._io[key] = [expand(self._io_desc(x, M, self.K, bt), 0),
+                                         expand(self._io_desc(out, M, self.N, store_rows(bt)), 3)
                                          + expand(self._io_desc(x, M, self.K, XS), 4)]
         tail = n_tiles - full * grid
         ws = torch.empty(tail * S * BN * bt, dtype=torch.float32, device=self.device) if S > 1 else None
@@ -447,7 +471,8 @@ def compile_offline(S: int = 3, has_bias: bool = True, nested: bool = False, bt:
     x_layout, flat = _layouts(gl, dtype)
     ty = "fp16" if dtype == torch.float16 else "bf16"
     sig = {"x_desc": f"tensordesc<{ty}[{bt}, 64],{x_layout!r}>", "w_desc": f"tensordesc<i32[{BN}, 8],{flat!r}>",
-           "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>", "out_desc": f"tensordesc<{ty}[{bt}, 64],{x_layout!r}>",
+           "a_desc": f"tensordesc<fp32[{BN}, 4],{flat!r}>",
+           "out_desc": f"tensordesc<{ty}[{store_rows(bt)}, 64],{x_layout!r}>",
            "xs_desc": f"tensordesc<{ty}[{XS}, 64],{x_layout!r}>",
            "out_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "tab_ptr": "*i32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
            "am_ptr": "*u8", "nabs_ptr": "*fp32", "ncode_ptr": "*fp32", "off_ptr": "*fp32",

@@ -11,9 +11,11 @@ FUSED_MIN_M = 16  # up to this many tokens ``gemm_small`` serves (17-64 where th
 # Tokens up to which compiled layers call ``gemm_4bit`` (routed by ``wanted``) rather than dequantize in the graph
 # (``ops.fused_gemm_tokens``): the compiled step was measured with this bound (BENCHMARKS.md, session 29).
 MAX_M = 2048
-MIN_WORK = 1 << 24  # weight elements from which the kernel serves (a 3072 x 3072 weight cannot feed 132 SMs)
+MIN_WORK = 1 << 24  # weight elements from which the kernel serves below MODEL_M tokens (3072 x 3072 lost there)
+MODEL_WORK = 3072 * 3072  # ... and from MODEL_M tokens on, where the model decides (the smallest weight fitted)
 # ``wanted``'s cost model from MODEL_M tokens on (fitted on an H200 with the byte-table decode, BENCHMARKS.md
-# session 32: 56 times of 49 shapes, 640-8192 tokens)
+# session 32: 56 times of 49 shapes, 640-8192 tokens; session 33's 4-stage 256-token ring re-measured 56 shapes,
+# 3072 x 3072 added: route / best 1.004 with these constants, a refit gained < 0.2 %)
 MODEL_M = 513
 MARGIN = 1.0  # the route whose modelled time is lower (the model's ratio is within 9 % of the measured one)
 RATE_FULL = 1.23  # K steps of a 128 x 256 tile per us per SM with every SM busy (the card's power bound)
@@ -43,8 +45,14 @@ def wanted(M: int, N: int, K: int, programs: int = 132) -> bool:
     12288) leave 60 SMs idle (1.35x), and a last token tile that holds few tokens computes more than the tokens need;
     the model catches those. With the byte-table decode (session 32) the kernel takes 0.83-1.03x the time of
     dequantize + cuBLAS at 1024-8192 tokens of 3072 x 12288 to 14336 x 4096 weights (H200), so M has no upper
-    bound; a 3072 x 3072 weight is too small to keep the SMs fed (0.95-1.3x)."""
-    return FUSED_MIN_M < M and N * K >= MIN_WORK and (M < MODEL_M or _modelled(M, N, K, programs))
+    bound. A 3072 x 3072 weight (under ``MIN_WORK``) has too few tiles to feed the SMs at up to 512 tokens (1.16x at
+    512) and lost at most counts above; with 4 ring stages at 256-token tiles (session 33) it wins where its tiles
+    make near-whole rounds (0.95-0.96x at 1024, 4096 and 8192 tokens) and the model routes it from ``MODEL_M`` on."""
+    if M <= FUSED_MIN_M:
+        return False
+    if M < MODEL_M:
+        return N * K >= MIN_WORK
+    return N * K >= MODEL_WORK and _modelled(M, N, K, programs)
 
 
 @functools.lru_cache(maxsize=4096)

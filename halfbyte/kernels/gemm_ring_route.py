@@ -9,8 +9,11 @@ BN = 128  # weight rows per tile
 S_CHOICES = (1, 2, 3, 4, 6, 8)  # split factors compiled (S is a constexpr): a few specializations per weight
 FUSED_MIN_M = 16  # up to this many tokens ``gemm_small`` serves (17-64 where this kernel does not)
 # Tokens up to which compiled layers call ``gemm_4bit`` (routed by ``wanted``) rather than dequantize in the graph
-# (``ops.fused_gemm_tokens``): the compiled step was measured with this bound (BENCHMARKS.md, session 29).
-MAX_M = 2048
+# (``ops.fused_gemm_tokens``). 2048 until session 33: with the byte table and the 4-stage ring the kernel beats
+# dequantize + cuBLAS at most counts up to 8192, and FLUX's compiled NF4 step (4096-4608 tokens) went from
+# 1.041-1.044x bf16 (session 29, dequantized in the graph there) to 1.015-1.024x (BENCHMARKS.md). 16384 covers a
+# 2048 x 2048 image's latents (its joint calls of 16896 tokens dequantize in the graph, as every count above does).
+MAX_M = 16384
 MIN_WORK = 1 << 24  # weight elements from which the kernel serves below MODEL_M tokens (3072 x 3072 lost there)
 MODEL_WORK = 3072 * 3072  # ... and from MODEL_M tokens on, where the model decides (the smallest weight fitted)
 # ``wanted``'s cost model from MODEL_M tokens on (fitted on an H200 with the byte-table decode, BENCHMARKS.md

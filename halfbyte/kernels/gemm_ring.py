@@ -315,7 +315,7 @@ class RingGemm:
             self.stats = tuple(t.data_ptr() for t in (absmax, nested_absmax, code, offset))
         self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt, variant) -> (launcher, head, w / absmax, expand,
         #                                       the constexprs that end the launch)
-        self._io: dict[tuple, list] = {}  # (x, out, M, half store) -> their descriptors' parameters
+        self._io: dict[tuple, list] = {}  # (x, out, M, variant) -> their descriptors' parameters
 
     def _bind(self, S: int, has_bias: bool, bt: int = BT) -> tuple:
         """Compiles (no launch) the (S, has_bias) specialization with ``bt``-token tiles and encodes the weight's
@@ -334,8 +334,9 @@ class RingGemm:
             compiled = self._kernel.warmup(*args, grid=(1,), **kw)
             compiled = compiled.result() if hasattr(compiled, "result") else compiled
         c_launch, head, expand = descriptor_launcher(compiled)
-        consts = (S, kw["STAGES"], GROUP_M, CONS_REGS, has_bias, self.nested, kw["SMEM_LUT"])  # the
-        bound = self._bound[(S, has_bias, bt, variant(bt))] = (  # launch's last arguments
+        # the launch's last arguments
+        consts = (S, kw["STAGES"], GROUP_M, CONS_REGS, has_bias, self.nested, kw["SMEM_LUT"])
+        bound = self._bound[(S, has_bias, bt, variant(bt))] = (
             c_launch, head, (*expand(self.w_desc, 1), *expand(self.a_desc, 2)), expand, consts)
         return bound
 
@@ -350,16 +351,17 @@ class RingGemm:
         n_tiles = tiles_m * tiles_n
         grid, full, S = schedule(n_tiles, k_steps, self.programs)
         has_bias = bias is not None
-        bound = self._bound.get((S, has_bias, bt, variant(bt)))
+        v = variant(bt)
+        bound = self._bound.get((S, has_bias, bt, v))
         c_launch, head, wa, expand, consts = bound or self._bind(S, has_bias, bt)
-        key = (x, out, M, bt in HALF_STORE_TILES)  # (M decides bt; the store box follows the setting)
+        key = (x, out, M, v)  # (M decides bt; out's store box follows the settings)
         io = self._io.get(key)
         if io is None:
             if len(self._io) >= 64:
                 self._io.clear()
             io = self._io[key] = [expand(self._io_desc(x, M, self.K, bt), 0),
-                                         expand(self._io_desc(out, M, self.N, store_rows(bt)), 3)
-                                         + expand(self._io_desc(x, M, self.K, XS), 4)]
+                                  expand(self._io_desc(out, M, self.N, store_rows(bt)), 3)
+                                  + expand(self._io_desc(x, M, self.K, XS), 4)]
         tail = n_tiles - full * grid
         ws = torch.empty(tail * S * BN * bt, dtype=torch.float32, device=self.device) if S > 1 else None
         cnt = _counters(self.device, stream) if S > 1 else None  # S == 1: neither is read (``out`` stands in)

@@ -108,3 +108,71 @@ def test_plan_cache_builds_on_the_second_sighting_and_empties_when_full():
     assert len(cache.seen) <= 4 * 2
     cache.clear()
     assert not cache.plans and not cache.seen
+
+
+class _Loading:
+    """A stand-in for triton 3.6's ``CompiledKernel`` with its load order: ``_init_handles`` stores the launcher,
+    then loads the module and function (here: the first load waits for ``release`` in between, as another thread's
+    ``load_binary`` would; later loads go straight through)."""
+
+    def __init__(self):
+        import threading
+        self.module = self.function = self._run = None
+        self.release, self.storing = threading.Event(), threading.Event()
+        self.loads = 0
+        self.packed_metadata = "meta"
+
+    def _init_handles(self):
+        if self.module is not None:
+            return
+        self.loads += 1
+        n = self.loads
+        self._run = f"launcher{n}"
+        if n == 1:
+            self.storing.set()
+            assert self.release.wait(10)
+        self.module, self.function = f"module{n}", f"function{n}"
+
+    @property
+    def run(self):
+        if self._run is None:
+            self._init_handles()
+        return self._run
+
+
+def test_launcher_head_waits_for_a_load_that_another_thread_began():
+    """A thread that takes a kernel's launcher while another thread is between triton's two stores (launcher, then
+    module and function) gets a function, not None (``halfbyte.precompile`` failed so on an H200: "argument 5 must
+    be int, not None"). The stand-in's first load holds until the second thread has its head."""
+    import threading
+
+    from halfbyte.kernels import launch
+
+    kernel = _Loading()
+    other = threading.Thread(target=lambda: kernel.run)  # triton's own path: its launch reads run, then function
+    other.start()
+    try:
+        assert kernel.storing.wait(10)
+        assert kernel._run is not None and kernel.function is None  # the window the failure fell in
+        _, head = launch.launcher_head(kernel, direct=False)
+    finally:
+        kernel.release.set()
+        other.join(10)
+    assert head[0] == "function2" and head[1] == "meta"
+    assert kernel.function == "function1" and kernel.loads == 2
+    assert launch.loaded(kernel) == "launcher2"  # loaded: no third load (the launcher stored last is kept)
+    assert kernel.loads == 2
+
+
+def test_loaded_raises_the_error_of_a_failed_load():
+    """Where triton's load raised (its launcher then raises that error), the head does not come back with no
+    function: the load is retried and raises."""
+    from halfbyte.kernels import launch
+
+    class Failing(_Loading):
+        def _init_handles(self):
+            self._run = "raises"
+            raise RuntimeError("out of resources: shared memory")
+
+    with pytest.raises(RuntimeError, match="out of resources"):
+        launch.loaded(Failing())

@@ -42,7 +42,7 @@ from ..formats import blockwise
 from ..formats import fourbit as ref4
 from . import fourbit as fourbit_kernels
 from .common import INTERPRET, compile_lock
-from .launch import descriptor_launcher
+from .launch import descriptor_launcher, loaded
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,7 +221,7 @@ def _open_shared(compiled) -> None:
     """Lets ``compiled`` (a triton CompiledKernel) use its dynamic shared memory beside the 32 KB static table:
     triton raises the limit only when the dynamic part alone passes 48 KB. Carveout: all shared memory, so that
     three programs fit on an SM."""
-    compiled._init_handles()
+    loaded(compiled)
     key = compiled.function
     if key in _SHARED_OK:
         return

@@ -11,6 +11,8 @@ directly: 21 us per launch against triton's 25 on an H200's host, the compiled l
 """
 
 import inspect
+import threading
+import time
 
 import torch
 import triton
@@ -26,6 +28,28 @@ _CACHE: dict[tuple, tuple] = {}
 #: 3.6 and 3.9, ~1 us more per launch.
 DIRECT = tuple(int(v) for v in triton.__version__.split(".")[:2]) == (3, 6)
 _CONSTEXPR_POSITIONS: dict[triton.JITFunction, tuple[int, ...]] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def loaded(kernel):
+    """``kernel.run`` (a compiled kernel's launcher) once ``kernel.function`` (its CUDA function) is set.
+
+    Triton 3.6's ``CompiledKernel._init_handles`` stores the launcher before it loads the module, with no lock, and
+    ``run`` loads only where no launcher is stored yet: a thread that reads ``run`` while another thread loads the
+    same kernel gets the launcher and ``function`` None, and its launch fails ("argument 5 must be int, not None";
+    ``halfbyte.precompile``'s threads replay plans that share the split-K sum kernel). Loads through here take one
+    lock; where another thread is loading on triton's own path, this one loads the module too (a second handle to
+    the same code, which either thread may keep), and where a load failed it raises that load's error."""
+    with _LOAD_LOCK:
+        run = kernel.run
+        if kernel.module is None:  # loading elsewhere, or its load raised (OutOfResources): load (or raise) here
+            kernel._init_handles()
+            run = kernel.run
+    for _ in range(100_000):  # the other thread between its two stores (module, then function): a few instructions
+        if kernel.function is not None:
+            return run
+        time.sleep(0)
+    raise RuntimeError(f"launch: kernel {getattr(kernel, 'name', kernel)!r} has a module but no function")
 
 
 def _arg_key(a):
@@ -82,7 +106,7 @@ def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, **kwargs) -> No
             raise TypeError(f"launch: {fn.__name__} needs arguments {missing}")
         # The launcher takes every parameter in signature order, constexprs included (it skips them).
         tail = tuple(kwargs[n] for n in names)
-        _CACHE[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
+        _CACHE[key] = (loaded(kernel), kernel.function, kernel.packed_metadata, tail)
         return
     run, function, packed, tail = hit
     g0 = grid[0]
@@ -118,7 +142,7 @@ class Bound:
             kernel = fn.warmup(*args, grid=grid, **kwargs)  # compiles (or finds) this specialization; no launch
             if hasattr(kernel, "result"):
                 kernel = kernel.result()
-        run = kernel.run
+            run = loaded(kernel)
         if getattr(run, "global_scratch_size", 0) or getattr(run, "profile_scratch_size", 0):
             raise NotImplementedError(f"{fn.__name__} needs a scratch buffer; bind() does not provide one")
         names = fn.arg_names[len(args):]
@@ -163,7 +187,7 @@ def launcher_head(kernel, direct: bool | None = None) -> tuple:
     scratch buffers, packed metadata, launch metadata, the two hooks, then the parameters. Other versions: the
     kernel's ``run`` with triton's JIT layout (function, packed metadata, launch metadata, the two hooks).
     ``direct``: False forces the latter (default: ``DIRECT``)."""
-    run = kernel.run
+    run = loaded(kernel)
     if DIRECT if direct is None else direct:
         return run.launch, (kernel.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
                             kernel.packed_metadata, None, None, None)

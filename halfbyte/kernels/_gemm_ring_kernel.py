@@ -84,6 +84,14 @@ def _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, 
 
 
 @gluon.jit
+def _slot(i, STAGES: gl.constexpr):
+    """(stage, phase) of ring step ``i`` (>= 0), in unsigned arithmetic: a signed ``i % STAGES`` and ``i // STAGES``
+    cost four more (uniform) instructions each, several times per K step."""
+    u = i.to(gl.uint32)
+    return (u % STAGES).to(gl.int32), ((u // STAGES) & 1).to(gl.int32)
+
+
+@gluon.jit
 def _loader(x_desc, w_desc, a_desc, xs_desc, x_bufs, w_bufs, a_bufs, ready, empty, M, n_tiles, full_rounds, tiles_m,
             tiles_n, k_steps, am_ptr, nabs_ptr, ncode_ptr, off_ptr, S: gl.constexpr, STAGES: gl.constexpr,
             GROUP_M: gl.constexpr, NESTED: gl.constexpr):
@@ -122,7 +130,7 @@ def _loader(x_desc, w_desc, a_desc, xs_desc, x_bufs, w_bufs, a_bufs, ready, empt
     for j in range(_n_items(full_rounds, n_tiles, S)):
         pm, pn, kb, ke, piece = _item(j, full_rounds, tiles_m, tiles_n, k_steps, S, GROUP_M)
         for k in range(kb, ke):
-            s = i % STAGES
+            s, phase = _slot(i, STAGES)
             if NESTED:
                 am = gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [c0, s0], dtype=gl.float32,
                                                is_pure=True, pack=1) + offset
@@ -130,7 +138,7 @@ def _loader(x_desc, w_desc, a_desc, xs_desc, x_bufs, w_bufs, a_bufs, ready, empt
                 fj, fpn, fk, fke = _advance(fj, fpn, fk, fke, n_items, full_rounds, tiles_m, tiles_n, k_steps, S,
                                             GROUP_M)
                 c2 = gl.load(ncode_ptr + q2)
-            mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
+            mbarrier.wait(empty.index(s), phase ^ 1)
             bar = ready.index(s)
             mbarrier.expect(bar, nbytes)
             if pm * BT + BT <= M:
@@ -159,11 +167,11 @@ def _frag(i, k, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG: gl.co
           SMEM_LUT: gl.constexpr):
     """Step i's (the tile's K step k) A fragment of this warpgroup's 64 rows, decoded from the stage into DT: with
     SMEM_LUT by the byte table (t0-t1: ``lut_lanes``'s, g_layout its L3), else by the ``prmt`` pair tables t0-t7."""
-    s = i % STAGES
-    mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+    s, phase = _slot(i, STAGES)
+    mbarrier.wait(ready.index(s), phase)
     a4 = a_bufs.index(s).slice(64 * WG, 64, 0).load(am_layout)
     col = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, am_layout)), 0)
-    am = gl.sum(gl.where(col == k % 4, a4, 0.0), axis=1)
+    am = gl.sum(gl.where(col == (k & 3), a4, 0.0), axis=1)  # k >= 0: k % 4
     if SMEM_LUT:
         am = gl.convert_layout(am, gl.SliceLayout(1, gl.SliceLayout(2, g_layout)))
         return decode_lut(w_bufs.index(s), am, t0, t1, WG, g_layout, a_layout, DT)
@@ -187,24 +195,28 @@ def _mainloop(i, kb, ke, acc, x_bufs, w_bufs, a_bufs, ready, empty, t0, t1, t2, 
     # keep the tensor cores busy meanwhile. (Leaving one in flight while the next step decodes was no faster, with
     # either decode: BENCHMARKS.md, sessions 31 and 33.)
     for k in range(0, n - 2, 2):
-        acc = warpgroup_mma(fa, x_bufs.index((i + k) % STAGES).permute((1, 0)), acc, is_async=True)
+        sa = _slot(i + k, STAGES)[0]
+        acc = warpgroup_mma(fa, x_bufs.index(sa).permute((1, 0)), acc, is_async=True)
         fb = _frag(i + k + 1, kb + k + 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
                    g_layout, am_layout, a_layout, DT, SMEM_LUT)
         acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
-        mbarrier.arrive(empty.index((i + k) % STAGES), count=1)
-        acc = warpgroup_mma(fb, x_bufs.index((i + k + 1) % STAGES).permute((1, 0)), acc, is_async=True)
+        mbarrier.arrive(empty.index(sa), count=1)
+        sb = _slot(i + k + 1, STAGES)[0]
+        acc = warpgroup_mma(fb, x_bufs.index(sb).permute((1, 0)), acc, is_async=True)
         fa = _frag(i + k + 2, kb + k + 2, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES,
                    g_layout, am_layout, a_layout, DT, SMEM_LUT)
         acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
-        mbarrier.arrive(empty.index((i + k + 1) % STAGES), count=1)
-    acc = warpgroup_mma(fa, x_bufs.index((i + n - 2) % STAGES).permute((1, 0)), acc, is_async=True)
+        mbarrier.arrive(empty.index(sb), count=1)
+    sa = _slot(i + n - 2, STAGES)[0]
+    acc = warpgroup_mma(fa, x_bufs.index(sa).permute((1, 0)), acc, is_async=True)
     fb = _frag(i + n - 1, ke - 1, w_bufs, a_bufs, ready, t0, t1, t2, t3, t4, t5, t6, t7, WG, STAGES, g_layout,
                am_layout, a_layout, DT, SMEM_LUT)
     acc, fa = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fa))
-    mbarrier.arrive(empty.index((i + n - 2) % STAGES), count=1)
-    acc = warpgroup_mma(fb, x_bufs.index((i + n - 1) % STAGES).permute((1, 0)), acc, is_async=True)
+    mbarrier.arrive(empty.index(sa), count=1)
+    sb = _slot(i + n - 1, STAGES)[0]
+    acc = warpgroup_mma(fb, x_bufs.index(sb).permute((1, 0)), acc, is_async=True)
     acc, fb = warpgroup_mma_wait(num_outstanding=0, deps=(acc, fb))
-    mbarrier.arrive(empty.index((i + n - 1) % STAGES), count=1)
+    mbarrier.arrive(empty.index(sb), count=1)
     return acc
 
 

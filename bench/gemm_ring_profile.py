@@ -1,10 +1,12 @@
 """Target for Nsight Compute: the fused 4-bit GEMM (``gemm_ring``, NF4, bf16) against cuBLAS's bf16 GEMM of the same
 call, three launches each, to compare them per clock. Inside a FLUX step the fused GEMM took ~3 % more GPU time than
 cuBLAS on the same layers while the two tie in the isolated, power-bound bench (BENCHMARKS.md session 33); Nsight
-Compute locks the clocks (``--clock-control base``, its default), which removes the power limit from the
-comparison:
+Compute replays one kernel at a time, which removes the power limit from the comparison; ``sm__cycles_elapsed.max``
+counts the cycles at whatever clock the card ran (session 34's machines ask for ``--clock-control none``; the fused
+GEMM then ran at a 1-3 % lower clock than cuBLAS, and 0.8-1.3 % more cycles: BENCHMARKS.md):
 
-    ncu --metrics gpu__time_duration.sum,sm__throughput.avg.pct_of_peak_sustained_elapsed,\
+    ncu --clock-control none --metrics gpu__time_duration.sum,sm__cycles_elapsed.max,\
+sm__throughput.avg.pct_of_peak_sustained_elapsed,\
 "regex:sm__pipe_tensor.*cycles_active.avg.pct_of_peak_sustained_active",lts__t_bytes.sum,\
 lts__throughput.avg.pct_of_peak_sustained_elapsed,dram__bytes_read.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,\
 smsp__inst_executed.sum,"regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio" \

@@ -176,3 +176,50 @@ def test_loaded_raises_the_error_of_a_failed_load():
 
     with pytest.raises(RuntimeError, match="out of resources"):
         launch.loaded(Failing())
+
+
+@gpu
+def test_first_launches_from_threads_that_share_one_compiled_kernel():
+    """Eight threads make the first launches of a fresh kernel at once, with keyword orders that are different
+    ``launch`` keys for one triton specialization (one compiled kernel, loaded once): each compiles or finds it
+    through ``fn.warmup`` and loads it under ``loaded``'s lock (triton's own launch reads the launcher and then the
+    function, unlocked, and can see the function None while another thread loads), and every output is right."""
+    import itertools
+    import threading
+
+    import triton
+    import triton.language as tl
+
+    from halfbyte.kernels import launch
+
+    @triton.jit
+    def _scale(x_ptr, out_ptr, n, factor, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=m) * factor + SHIFT, mask=m)
+
+    n = 5000
+    x = torch.randn(n, device="cuda")
+    orders = list(itertools.permutations([("BLOCK", 256), ("SHIFT", 3), ("num_warps", 4)]))
+    outs = [torch.empty_like(x) for _ in range(8)]
+    start, errors = threading.Barrier(len(outs)), []
+
+    def first_launch(i):
+        try:
+            start.wait(10)
+            launch.launch(_scale, (triton.cdiv(n, 256),), x, outs[i], n, float(i), **dict(orders[i % len(orders)]))
+        except BaseException as e:  # noqa: BLE001  (reported below, with the thread's index)
+            errors.append((i, e))
+
+    threads = [threading.Thread(target=first_launch, args=(i,)) for i in range(len(outs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    torch.cuda.synchronize()
+    assert len(_scale.device_caches[torch.cuda.current_device()][0]) == 1  # one specialization for all the keys
+    for i, out in enumerate(outs):
+        # the kernel rounds once (a fused multiply-add), torch's x * i + 3 twice
+        torch.testing.assert_close(out, torch.addcmul(torch.full_like(x, 3.0), x, torch.full_like(x, float(i))),
+                                   rtol=1.2e-7, atol=1.2e-7, msg=f"thread {i}")

@@ -6,8 +6,9 @@ step (~500 quantized layers, each with one or more launches) the host outran the
 from a key that is at least as fine as triton's own specialization (argument dtypes, 16-byte alignment of
 pointers, integers' value classes, constexpr and option values) to the compiled kernel and calls its launcher
 directly: 21 us per launch against triton's 25 on an H200's host, the compiled launcher itself taking 9
-(BENCHMARKS.md, "Host cost per call"). A miss, the interpreter, a non-CUDA tensor or an installed launch hook
-(profilers) go through triton's normal path, which compiles and launches as usual.
+(BENCHMARKS.md, "Host cost per call"). A miss compiles (or finds) the specialization through ``fn.warmup`` and
+loads it under ``loaded``'s lock, then launches as a hit; the interpreter, a non-CUDA tensor or an installed launch
+hook (profilers) go through triton's normal path.
 """
 
 import inspect
@@ -98,16 +99,20 @@ def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, **kwargs) -> No
     key = cache_key(fn, device, args, kwargs)
     hit = _CACHE.get(key)
     if hit is None:
-        with compile_lock(key):  # another thread compiling this specialization: wait, then find it in triton's cache
-            kernel = fn[grid](*args, **kwargs)  # compiles if needed, and launches this call
         names = fn.arg_names[len(args):]
         missing = [n for n in names if n not in kwargs]
         if missing:
             raise TypeError(f"launch: {fn.__name__} needs arguments {missing}")
+        with compile_lock(key):  # another thread compiling this specialization: wait, then find it in triton's cache
+            # Compile (or find) without launching, then load under ``loaded``'s lock: triton's own launch path reads
+            # the launcher and the function unlocked, and two keys of ours can share one compiled kernel.
+            kernel = fn.warmup(*args, grid=grid, **kwargs)
+            if hasattr(kernel, "result"):
+                kernel = kernel.result()
+            run = loaded(kernel)
         # The launcher takes every parameter in signature order, constexprs included (it skips them).
         tail = tuple(kwargs[n] for n in names)
-        _CACHE[key] = (loaded(kernel), kernel.function, kernel.packed_metadata, tail)
-        return
+        hit = _CACHE[key] = (run, kernel.function, kernel.packed_metadata, tail)
     run, function, packed, tail = hit
     g0 = grid[0]
     g1 = grid[1] if len(grid) > 1 else 1

@@ -12,7 +12,9 @@ serves: on by default), "lib" the GEMV without the ring (``use_ring=False``), "b
 "copy" a device-to-device copy moving the bytes the GEMV reads (half read, half written; buffers cycled past the L2
 as the weights are), "tma/..." the ring per launch shape; ``--read-only`` adds the same programs with the decode
 replaced by a trivial use of each stage ("read", MODE 1) and without the absmax and x loads ("read-w", MODE 2):
-the memory side's floor.
+the memory side's floor; then without the table build ("no-table", 3), without any load (stages declared full:
+"no-load", 4: the structure alone), and the weight stream with every stage released unread ("stream", 5: the ring's
+own memory floor, against bench/gemv_read.py's plain loads; BENCHMARKS.md, session 35).
 """
 
 import argparse
@@ -92,7 +94,8 @@ def main():
         if bnb is not None:
             row["bnb"] = bnb_gemv_ms(bnb, ws, x, nq)
         row["copy"] = copy_ms(nbytes, copies)  # a copy moving the bytes the GEMV reads
-        for mode, name in ((0, "tma"),) + (((1, "read"), (2, "read-w"), (3, "no-table"), (4, "no-load"))
+        for mode, name in ((0, "tma"),) + (((1, "read"), (2, "read-w"), (3, "no-table"), (4, "no-load"),
+                                                                  (5, "stream"))
                                            if args.read_only else ()):
             def make(cfg, mode=mode):
                 try:

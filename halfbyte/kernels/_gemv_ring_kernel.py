@@ -195,20 +195,28 @@ def _consumer(ring_w, ring_a, ring_x, ready, empty, out_ptr, bias_ptr, N, n_item
             mbarrier.wait(ready.index(s), ph)
             # the stage as (row, group, word): the same row-major bytes (no swizzle); a stage of GT groups is
             # consumed in NSUB steps of G (a wider stage is a longer contiguous TMA row, same registers per step)
-            wbuf = _view(ring_w.index(s), [BN, GT, 8], W3)
-            abuf = ring_a.index(s)
-            xbuf = _view(ring_x.index(s), [GT, 8, 4], W3)
-            qa, qb, am_a, am_b, nx = _load_step(wbuf, abuf, xbuf, WID * RW, HALF, 0, G, L3, LA, XL)
-            if NSUB == 2:
-                qa2, qb2, am_a2, am_b2, nx2 = _load_step(wbuf, abuf, xbuf, WID * RW, HALF, G, G, L3, LA, XL)
-            mbarrier.arrive(empty.index(s), count=1)
-            s += 1
-            if s == STAGES:
-                s = 0
-                ph ^= 1
-            acc_a, acc_b = _step(acc_a, acc_b, qa, qb, am_a, am_b, nx, lt, keep, z3, G, LX, ASM, MODE)
-            if NSUB == 2:
-                acc_a, acc_b = _step(acc_a, acc_b, qa2, qb2, am_a2, am_b2, nx2, lt, keep, z3, G, LX, ASM, MODE)
+            if MODE == 5:  # (bench: the stage is released unread: the weight stream through the ring alone)
+                mbarrier.arrive(empty.index(s), count=1)
+                s += 1
+                if s == STAGES:
+                    s = 0
+                    ph ^= 1
+            else:
+                wbuf = _view(ring_w.index(s), [BN, GT, 8], W3)
+                abuf = ring_a.index(s)
+                xbuf = _view(ring_x.index(s), [GT, 8, 4], W3)
+                qa, qb, am_a, am_b, nx = _load_step(wbuf, abuf, xbuf, WID * RW, HALF, 0, G, L3, LA, XL)
+                if NSUB == 2:
+                    qa2, qb2, am_a2, am_b2, nx2 = _load_step(wbuf, abuf, xbuf, WID * RW, HALF, G, G, L3, LA, XL)
+                mbarrier.arrive(empty.index(s), count=1)
+                s += 1
+                if s == STAGES:
+                    s = 0
+                    ph ^= 1
+                acc_a, acc_b = _step(acc_a, acc_b, qa, qb, am_a, am_b, nx, lt, keep, z3, G, LX, ASM, MODE)
+                if NSUB == 2:
+                    acc_a, acc_b = _step(acc_a, acc_b, qa2, qb2, am_a2, am_b2, nx2, lt, keep, z3, G, LX, ASM,
+                                         MODE)
         res_a = gl.sum(gl.sum(acc_a, 2), 1)
         res_b = gl.sum(gl.sum(acc_b, 2), 1)
         if HAS_BIAS:
@@ -229,7 +237,8 @@ def gemv_ring_kernel(out_ptr, bias_ptr, am_ptr, nabs_ptr, ncode_ptr, off_ptr, w_
     256 blocks), the nested code ``ncode_ptr`` (256 float32) and ``off_ptr`` (one float32); ``a_desc`` is then
     not read (any float32 descriptor of the block shape). Without NESTED those four are not read.
     MODE (bench only): 1 skips the decode, 2 also the absmax and x loads, 3 also the table build, 4 also the
-    weight loads (the stages are declared full)."""
+    weight loads (the stages are declared full); 5 loads the weights as 3 does, and the consumers release each stage
+    without reading it."""
     BN: gl.constexpr = w_desc.block_type.shape[0]
     G: gl.constexpr = w_desc.block_type.shape[1] // 8
     L1: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])

@@ -17,7 +17,8 @@ cuBLAS, as before it).
 held aside (allocated before and untouched; exact accounting). ``--compile`` compiles the repeated blocks
 (``compile_repeated_blocks(fullgraph=True)``, diffusers' regional compilation: one graph per block class, the way
 diffusers recommends compiling FLUX) and reports the first call's seconds too. Every ratio is between columns of
-this one run.
+this one run. "GPU ms" is the device time of one more call's kernels, summed (``gpu_ms``): where a step is bound
+by the host (host ms = step ms), its ratio is the part the variant's kernels decide.
 """
 
 import argparse
@@ -193,6 +194,23 @@ def steps(fn, n: int = 5, warmup: int = 2) -> tuple[float, float, float, torch.T
     return statistics.median(times), statistics.median(host), first, out
 
 
+def gpu_ms(fn) -> float | None:
+    """Milliseconds of GPU work in one call of ``fn()``: the device time of every kernel it launched, summed
+    (torch.profiler, CUDA activity). Beside a step whose host time reaches its step time (bound by the host: the
+    T5 encode at 512 tokens on these machines), it is the part of the step that the variant's kernels decide.
+    None on the CPU."""
+    if DEV != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    sync()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        fn()
+        sync()
+    return sum(e.device_time for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+
+
 def set_int8_fusion(on: bool | None) -> None:
     """hb-int8-fused / hb-int8-separate: the outlier products in the int8 GEMM's epilogue or in their own kernel
     (``kernels.int8_mm.FUSE_OUTLIERS``; None: the library's default, restored)."""
@@ -253,6 +271,7 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 stats0 = alloc_stats()
                 sec, host, first, out = steps(call)
                 allocs = {k: v - stats0[k] for k, v in alloc_stats().items()}
+                gpu = gpu_ms(call)
                 kernels = profile(call, f"{label} {kind}") if kind in PROFILE else None
                 for probe in AFTER_STEPS:
                     probe(kind, model, call, label)
@@ -263,10 +282,10 @@ def run_variants(model, call, variants, compile_: bool, label: str, skip: tuple[
                 ref = out
             err = ((out - ref).norm() / ref.norm()).item() if ref is not None else float("nan")
             rows.append(dict(model=label, variant=kind, compiled=compile_, round=rnd, seconds=sec, host_seconds=host,
-                             first_call=first, weights_gb=weights / 1e9, peak_gb=top / 1e9, rel_err=err,
+                             gpu_ms=gpu, first_call=first, weights_gb=weights / 1e9, peak_gb=top / 1e9, rel_err=err,
                              **({"kernels": kernels} if kernels else {})))
             print(f"  {label} {kind}{' compiled' if compile_ else ''}: {sec * 1e3:.1f} ms (host {host * 1e3:.1f} ms, "
-                  f"first {first:.1f} s), "
+                  f"{'' if gpu is None else f'GPU {gpu:.1f} ms, '}first {first:.1f} s), "
                   f"weights {weights / 1e9:.2f} GB, peak {top / 1e9:.2f} GB, rel err {err:.3f} {through_plans} "
                   f"allocator during the steps: {allocs}",
                   flush=True)
@@ -371,28 +390,37 @@ def int8_plan_share(call) -> str:
 def table(rows: list[dict]) -> str:
     """One line per run, its ratio against bf16 in the same round; then, with several rounds, the median ratio
     per variant and its range."""
-    out = ["| model | variant | compiled | round | step ms | host ms | vs bf16 | first call s | weights GB | peak GB "
-           "| rel err |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    bf16 = {(r["model"], r["compiled"], r["round"]): r["seconds"] for r in rows
-            if r["variant"] == "bf16" and "seconds" in r}
+    out = ["| model | variant | compiled | round | step ms | host ms | vs bf16 | GPU ms | GPU vs bf16 | first call s "
+           "| weights GB | peak GB | rel err |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    bf16 = {(r["model"], r["compiled"], r["round"]): r for r in rows if r["variant"] == "bf16" and "seconds" in r}
     ratios: dict[tuple, list[float]] = {}
+    gpu_ratios: dict[tuple, list[float]] = {}
     for r in rows:
         if "error" in r:
             out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | {r['round']} | "
-                       f"error: {r['error'][:80]} |||||||")
+                       f"error: {r['error'][:80]} |||||||||")
             continue
+        key = (r["model"], r["variant"], r["compiled"])
         base = bf16.get((r["model"], r["compiled"], r["round"]))
-        ratio = f"{r['seconds'] / base:.3f}" if base else "-"
+        ratio = gpu_ratio = "-"
         if base:
-            ratios.setdefault((r["model"], r["variant"], r["compiled"]), []).append(r["seconds"] / base)
+            ratios.setdefault(key, []).append(r["seconds"] / base["seconds"])
+            ratio = f"{ratios[key][-1]:.3f}"
+            if r.get("gpu_ms") and base.get("gpu_ms"):
+                gpu_ratios.setdefault(key, []).append(r["gpu_ms"] / base["gpu_ms"])
+                gpu_ratio = f"{gpu_ratios[key][-1]:.3f}"
+        gpu = "-" if r.get("gpu_ms") is None else f"{r['gpu_ms']:.1f}"
         out.append(f"| {r['model']} | {r['variant']} | {r['compiled']} | {r['round']} | {r['seconds'] * 1e3:.1f} | "
-                   f"{r['host_seconds'] * 1e3:.1f} | {ratio} | "
+                   f"{r['host_seconds'] * 1e3:.1f} | {ratio} | {gpu} | {gpu_ratio} | "
                    f"{r['first_call']:.1f} | {r['weights_gb']:.2f} | {r['peak_gb']:.2f} | {r['rel_err']:.3f} |")
     if ROUNDS > 1:
-        out += ["", "| model | variant | compiled | median vs bf16 | range |", "|---|---|---|---|---|"]
+        out += ["", "| model | variant | compiled | median vs bf16 | range | GPU time: median vs bf16 | range |",
+                "|---|---|---|---|---|---|---|"]
         for (m, v, c), rs in ratios.items():
-            out.append(f"| {m} | {v} | {c} | {statistics.median(rs):.3f} | {min(rs):.3f}-{max(rs):.3f} |")
+            gs = gpu_ratios.get((m, v, c))
+            g = f"{statistics.median(gs):.3f} | {min(gs):.3f}-{max(gs):.3f}" if gs else "- | -"
+            out.append(f"| {m} | {v} | {c} | {statistics.median(rs):.3f} | {min(rs):.3f}-{max(rs):.3f} | {g} |")
     return "\n".join(out)
 
 

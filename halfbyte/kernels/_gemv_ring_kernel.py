@@ -195,24 +195,19 @@ def _consumer(ring_w, ring_a, ring_x, ready, empty, out_ptr, bias_ptr, N, n_item
             mbarrier.wait(ready.index(s), ph)
             # the stage as (row, group, word): the same row-major bytes (no swizzle); a stage of GT groups is
             # consumed in NSUB steps of G (a wider stage is a longer contiguous TMA row, same registers per step)
-            if MODE == 5:  # (bench: the stage is released unread: the weight stream through the ring alone)
-                mbarrier.arrive(empty.index(s), count=1)
-                s += 1
-                if s == STAGES:
-                    s = 0
-                    ph ^= 1
-            else:
+            if MODE != 5:  # (MODE 5, bench: the stage is released unread: the weight stream through the ring alone)
                 wbuf = _view(ring_w.index(s), [BN, GT, 8], W3)
                 abuf = ring_a.index(s)
                 xbuf = _view(ring_x.index(s), [GT, 8, 4], W3)
                 qa, qb, am_a, am_b, nx = _load_step(wbuf, abuf, xbuf, WID * RW, HALF, 0, G, L3, LA, XL)
                 if NSUB == 2:
                     qa2, qb2, am_a2, am_b2, nx2 = _load_step(wbuf, abuf, xbuf, WID * RW, HALF, G, G, L3, LA, XL)
-                mbarrier.arrive(empty.index(s), count=1)
-                s += 1
-                if s == STAGES:
-                    s = 0
-                    ph ^= 1
+            mbarrier.arrive(empty.index(s), count=1)
+            s += 1
+            if s == STAGES:
+                s = 0
+                ph ^= 1
+            if MODE != 5:
                 acc_a, acc_b = _step(acc_a, acc_b, qa, qb, am_a, am_b, nx, lt, keep, z3, G, LX, ASM, MODE)
                 if NSUB == 2:
                     acc_a, acc_b = _step(acc_a, acc_b, qa2, qb2, am_a2, am_b2, nx2, lt, keep, z3, G, LX, ASM,

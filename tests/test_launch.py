@@ -181,9 +181,10 @@ def test_loaded_raises_the_error_of_a_failed_load():
 @gpu
 def test_first_launches_from_threads_that_share_one_compiled_kernel():
     """Eight threads make the first launches of a fresh kernel at once, with keyword orders that are different
-    ``launch`` keys for one triton specialization (one compiled kernel, loaded once): each compiles or finds it
-    through ``fn.warmup`` and loads it under ``loaded``'s lock (triton's own launch reads the launcher and then the
-    function, unlocked, and can see the function None while another thread loads), and every output is right."""
+    ``launch`` keys for one triton specialization: they take one compile lock (keyword order left out), so one
+    thread compiles it and the others find that kernel through ``fn.warmup`` and load it under ``loaded``'s lock
+    (triton's own launch reads the launcher and then the function, unlocked, and can see the function None while
+    another thread loads). One compiled kernel, loaded once, and every output is right."""
     import itertools
     import threading
 

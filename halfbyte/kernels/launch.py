@@ -80,6 +80,13 @@ def cache_key(fn: triton.JITFunction, device: int, args: tuple, kwargs: dict) ->
             tuple(kwargs.items()))
 
 
+def _compile_lock(key: tuple):
+    """The compile lock of the specialization ``cache_key`` named by ``key``: keyword order left out, so that
+    keys that differ only there (one triton specialization) take one lock, and the second thread finds the first
+    one's compiled kernel in triton's cache instead of compiling and loading a copy of it."""
+    return compile_lock(key[:3] + (tuple(sorted(key[3])),))
+
+
 def _hooks_installed() -> bool:
     rt = knobs.runtime
     return bool(rt.launch_enter_hook.calls or rt.launch_exit_hook.calls)
@@ -103,7 +110,7 @@ def launch(fn: triton.JITFunction, grid: tuple[int, ...], *args, **kwargs) -> No
         missing = [n for n in names if n not in kwargs]
         if missing:
             raise TypeError(f"launch: {fn.__name__} needs arguments {missing}")
-        with compile_lock(key):  # another thread compiling this specialization: wait, then find it in triton's cache
+        with _compile_lock(key):  # another thread compiling this specialization: wait, then find it in triton's cache
             # Compile (or find) without launching, then load under ``loaded``'s lock: triton's own launch path reads
             # the launcher and the function unlocked, and two keys of ours can share one compiled kernel.
             kernel = fn.warmup(*args, grid=grid, **kwargs)
@@ -142,8 +149,8 @@ class Bound:
             key = cache_key(fn, torch.cuda.current_device(), args, kwargs)
             hash(key)
         except TypeError:  # an argument launch() does not key (or an unhashable option): one lock for the kernel
-            key = (fn, "bind")
-        with compile_lock(key):
+            key = None
+        with compile_lock((fn, "bind")) if key is None else _compile_lock(key):
             kernel = fn.warmup(*args, grid=grid, **kwargs)  # compiles (or finds) this specialization; no launch
             if hasattr(kernel, "result"):
                 kernel = kernel.result()

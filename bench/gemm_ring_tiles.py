@@ -37,7 +37,7 @@ def pinned(bt: int):
     """``RingGemm`` calls with ``bt``-token tiles whatever the token count (the route's ``tile_tokens`` swapped; the
     launch's cached x / out descriptors dropped, as they are keyed by token count, which decides the tile)."""
     def call(gemm, x, bias):
-        gemm._io.clear()
+        gemm._calls.clear()
         saved = gemm_ring.tile_tokens
         gemm_ring.tile_tokens = lambda M: bt
         try:

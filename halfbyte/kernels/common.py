@@ -38,6 +38,25 @@ def compile_lock(key) -> threading.Lock:
     return lock
 
 
+# PyTorch's caching allocator without a tensor around the block: ``torch.empty`` builds a tensor (~5 us of host
+# time a call on an H200's host) where a launch only needs the address of a temporary.
+_RAW_ALLOC = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_alloc", None)
+_RAW_DELETE = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_delete", None)
+
+
+def scratch_alloc(nbytes: int, stream: int) -> int:
+    """The device address of ``nbytes`` (> 0) from PyTorch's caching allocator, ordered on the raw CUDA ``stream``
+    as a temporary tensor's storage is (from the graph's private pool while that stream captures a CUDA graph).
+    Give it back with ``scratch_free`` once every kernel that uses it is enqueued on ``stream``: the allocator
+    reuses it only for work ordered after them. Counted in ``torch.cuda.memory_allocated`` like any tensor."""
+    return _RAW_ALLOC(nbytes, stream)
+
+
+def scratch_free(ptr: int) -> None:
+    """Returns a ``scratch_alloc`` block to the caching allocator."""
+    _RAW_DELETE(ptr)
+
+
 _TINY = tl.constexpr(2.0**-126)
 _HUGE = tl.constexpr(2.0**126)
 

@@ -52,7 +52,7 @@ import torch
 from ..formats import blockwise
 from ..formats import fourbit as ref4
 from . import fourbit, lut
-from .common import INTERPRET, compile_lock
+from .common import INTERPRET, compile_lock, scratch_alloc, scratch_free
 from .gemm_ring_route import (  # noqa: F401  (re-exported: the route is part of this module's interface)
     BN,
     BT,
@@ -231,7 +231,7 @@ def _counters(device: torch.device, stream: int) -> torch.Tensor:
     created inside a capture would hold garbage until the graph replayed), and graphs replayed on several streams
     at once share none."""
     n = 2 * _sms(device.index)
-    if torch.cuda.is_current_stream_capturing():
+    if torch._C._cuda_isCurrentStreamCapturing():  # (torch.cuda.is_current_stream_capturing without its frame)
         return torch.zeros(n, dtype=torch.int32, device=device)
     key = (device, stream)
     c = _COUNTERS.get(key)
@@ -315,7 +315,8 @@ class RingGemm:
             self.stats = tuple(t.data_ptr() for t in (absmax, nested_absmax, code, offset))
         self._bound: dict[tuple, tuple] = {}  # (S, has_bias, bt, variant) -> (launcher, head, w / absmax, expand,
         #                                       the constexprs that end the launch)
-        self._io: dict[tuple, list] = {}  # (x, out, M, variant) -> their descriptors' parameters
+        self._calls: dict[tuple, tuple] = {}  # (x, out, M, has_bias, variant) -> ``_call``'s launch
+        self._table = self.table.data_ptr()
 
     def _bind(self, S: int, has_bias: bool, bt: int = BT) -> tuple:
         """Compiles (no launch) the (S, has_bias) specialization with ``bt``-token tiles and encodes the weight's
@@ -346,28 +347,42 @@ class RingGemm:
     def run(self, stream: int, x: int, out: int, bias: int | None, M: int) -> None:
         """Launches on the raw CUDA ``stream`` with device addresses: x (M, K) and out (M, N) in the launch's dtype,
         row-major, 16-byte aligned; ``bias`` (N,) in that dtype or None."""
+        has_bias = bias is not None
+        key = (x, out, M, has_bias, variant(tile_tokens(M)))  # (M decides the tiles; the settings, what compiled)
+        call = self._calls.get(key)
+        if call is None:
+            call = self._call(key)
+        c_launch, grid, head, post, ws_bytes = call
+        if not ws_bytes:  # S == 1: neither the split's workspace nor its counters are read (``out`` stands in)
+            c_launch(grid, 1, 1, stream, *head, bias if has_bias else out, self._table, out, out, *post)
+            return
+        cnt = _counters(self.device, stream)  # (held until the launch is queued: a capture's is a new array)
+        # the split pieces' float32 partial tiles: a stream-ordered temporary, given back once the launch is queued
+        ws = scratch_alloc(ws_bytes, stream)
+        try:
+            c_launch(grid, 1, 1, stream, *head, bias if has_bias else out, self._table, ws, cnt.data_ptr(), *post)
+        finally:
+            scratch_free(ws)
+
+    def _call(self, key: tuple) -> tuple:
+        """The launch of one (x, out, M, has_bias, variant) call, all but its per-call pointers: (launcher, grid,
+        the parameters up to ``out``, those after the counters, the split's workspace bytes or 0). Kept (64 at
+        most, forgotten together): a layer's steady calls reuse a few addresses."""
+        x, out, M, has_bias, v = key
         bt = tile_tokens(M)
         tiles_m, tiles_n, k_steps = -(-M // bt), self.N // BN, self.K // 64
         n_tiles = tiles_m * tiles_n
         grid, full, S = schedule(n_tiles, k_steps, self.programs)
-        has_bias = bias is not None
-        v = variant(bt)
-        bound = self._bound.get((S, has_bias, bt, v))
-        c_launch, head, wa, expand, consts = bound or self._bind(S, has_bias, bt)
-        key = (x, out, M, v)  # (M decides bt; out's store box follows the settings)
-        io = self._io.get(key)
-        if io is None:
-            if len(self._io) >= 64:
-                self._io.clear()
-            io = self._io[key] = [expand(self._io_desc(x, M, self.K, bt), 0),
-                                  expand(self._io_desc(out, M, self.N, store_rows(bt)), 3)
-                                  + expand(self._io_desc(x, M, self.K, XS), 4)]
-        tail = n_tiles - full * grid
-        ws = torch.empty(tail * S * BN * bt, dtype=torch.float32, device=self.device) if S > 1 else None
-        cnt = _counters(self.device, stream) if S > 1 else None  # S == 1: neither is read (``out`` stands in)
-        c_launch(grid, 1, 1, stream, *head, *io[0], *wa, *io[1], out, bias if has_bias else out,
-                 self.table.data_ptr(), out if ws is None else ws.data_ptr(), out if cnt is None else cnt.data_ptr(),
-                 *self.stats, M, self.N, n_tiles, full, tiles_m, tiles_n, k_steps, *consts)
+        c_launch, head, wa, expand, consts = self._bound.get((S, has_bias, bt, v)) or self._bind(S, has_bias, bt)
+        params = (*head, *expand(self._io_desc(x, M, self.K, bt), 0), *wa,
+                  *expand(self._io_desc(out, M, self.N, store_rows(bt)), 3),
+                  *expand(self._io_desc(x, M, self.K, XS), 4), out)
+        post = (*self.stats, M, self.N, n_tiles, full, tiles_m, tiles_n, k_steps, *consts)
+        ws_bytes = (n_tiles - full * grid) * S * BN * bt * 4 if S > 1 else 0
+        if len(self._calls) >= 64:
+            self._calls.clear()
+        call = self._calls[key] = (c_launch, grid, params, post, ws_bytes)
+        return call
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         M = x.shape[0]

@@ -1,9 +1,10 @@
 """Host (CPU) cost per call of the pieces of an eager quantized linear, on one GPU: where the microseconds go.
 
-    python bench/host_profile.py
+    python bench/host_profile.py [--ring]
 
 Each line is the wall time per call of a loop of 2000 calls that the GPU outruns (tiny shapes), so it measures
-the host. Then a cProfile of halfbyte.Linear4bit forwards, with and without autograd recording.
+the host. Then a cProfile of halfbyte.Linear4bit forwards, with and without autograd recording. ``--ring``: the
+pieces of a call that takes the fused ring GEMM instead (64 and 512 tokens of a 4096 x 4096 weight).
 """
 
 import sys
@@ -104,5 +105,47 @@ def main():
             print_cprofile(lambda: L(inp), 2000, f"cProfile, Linear4bit M=16, {name}", limit=15)  # noqa: B023
 
 
+def ring_layer(M: int, N: int = 4096, K: int = 4096) -> None:
+    """Host us per call of the pieces of an eager 4-bit layer call that takes the fused ring GEMM (M tokens of an
+    N x K weight, as T5-XXL's 512-token encode calls it), beside ``nn.Linear``'s."""
+    from halfbyte import ops
+    from halfbyte.kernels import gemm_ring
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(K, N, bias=False, device=DEV, dtype=DT)
+    L = halfbyte.Linear4bit.from_linear(lin)
+    x = torch.randn(M, K, device=DEV, dtype=DT)
+    print(f"\n## {M} tokens of a {N}x{K} weight (no bias), host us per call")
+    print("| call | host us |\n|---|---|")
+    row = lambda name, fn: print(f"| {name} | {per_call(fn):.1f} |", flush=True)  # noqa: E731
+    with torch.inference_mode():
+        plan = L._inference_plan(x)
+        ring = plan._fused
+        assert ring is not None and gemm_ring.wanted(M, N, K, ring.programs), "the call does not take the ring"
+        out = torch.empty(M, N, dtype=DT, device=DEV)
+        stream = torch._C._cuda_getCurrentRawStream(0)
+        row("nn.Linear bf16 module", lambda: lin(x))
+        row("Linear4bit module", lambda: L(x))
+        row("  L._inference_plan(x)", lambda: L._inference_plan(x))
+        row("    ops.plan_usable", lambda: ops.plan_usable("gemm_4bit", x, None))
+        row("    torch.compiler.is_compiling()", torch.compiler.is_compiling)
+        row("    launch.hooks_installed()", hl.hooks_installed)
+        row("  plan(x, None)", lambda: plan(x, None))
+        row("    torch.empty(out)", lambda: torch.empty(x.shape[:-1] + (N,), dtype=DT, device=plan.device))
+        row("    gemm_ring.wanted", lambda: gemm_ring.wanted(M, N, K, ring.programs))
+        row("    ring.run (prebuilt addresses)", lambda: ring.run(stream, x.data_ptr(), out.data_ptr(), None, M))
+        row("      torch.empty(17 MB f32 workspace)", lambda: torch.empty(132 * 128 * 256, dtype=torch.float32,
+                                                                     device=plan.device))
+        alloc = torch._C._cuda_cudaCachingAllocator_raw_alloc
+        free = torch._C._cuda_cudaCachingAllocator_raw_delete
+        row("      raw_alloc + raw_delete (17 MB)", lambda: free(alloc(132 * 128 * 256 * 4, stream)))
+        row("      torch.cuda.is_current_stream_capturing()", torch.cuda.is_current_stream_capturing)
+        row("      torch._C._cuda_isCurrentStreamCapturing()", torch._C._cuda_isCurrentStreamCapturing)
+
+
 if __name__ == "__main__":
-    main()
+    if "--ring" in sys.argv:
+        for m in (64, 512):
+            ring_layer(m)
+    else:
+        main()

@@ -45,16 +45,18 @@ _RAW_DELETE = getattr(torch._C, "_cuda_cudaCachingAllocator_raw_delete", None)
 
 
 def scratch_alloc(nbytes: int, stream: int) -> int:
-    """The device address of ``nbytes`` (> 0) from PyTorch's caching allocator, ordered on the raw CUDA ``stream``
+    """The device address of ``nbytes`` from PyTorch's caching allocator, ordered on the raw CUDA ``stream``
     as a temporary tensor's storage is (from the graph's private pool while that stream captures a CUDA graph).
     Give it back with ``scratch_free`` once every kernel that uses it is enqueued on ``stream``: the allocator
-    reuses it only for work ordered after them. Counted in ``torch.cuda.memory_allocated`` like any tensor."""
-    return _RAW_ALLOC(nbytes, stream)
+    reuses it only for work ordered after them. Counted in ``torch.cuda.memory_allocated`` like any tensor. 0 for
+    0 bytes."""
+    return _RAW_ALLOC(nbytes, stream) if nbytes else 0
 
 
 def scratch_free(ptr: int) -> None:
-    """Returns a ``scratch_alloc`` block to the caching allocator."""
-    _RAW_DELETE(ptr)
+    """Returns a ``scratch_alloc`` block to the caching allocator (0: nothing)."""
+    if ptr:
+        _RAW_DELETE(ptr)
 
 
 _TINY = tl.constexpr(2.0**-126)

@@ -37,7 +37,7 @@ import torch
 
 from ..formats import fourbit as ref4
 from . import gemm_ring, gemm_small, gemv_mma, gemv_ring
-from .common import INTERPRET
+from .common import INTERPRET, scratch_alloc, scratch_free
 from .fourbit import absmax_args, code_table, dequant_launch, dequantize
 from .gemv import (
     _gemv_kernel,
@@ -213,10 +213,13 @@ class Plan:
             b = out.data_ptr() if bias is None else bias.data_ptr()  # never read without a bias
             if sum_ is None:
                 mm(stream, x.data_ptr(), b, out.data_ptr(), M)
-            else:
-                ws = torch.empty((splits, M, self.N), dtype=torch.float32, device=self.device)
-                mm(stream, x.data_ptr(), b, ws.data_ptr(), M)
-                sum_(stream, ws.data_ptr(), b, out.data_ptr(), M)
+            else:  # the split's float32 partial sums: a stream-ordered temporary, given back once both are queued
+                ws = scratch_alloc(splits * M * self.N * 4, stream)
+                try:
+                    mm(stream, x.data_ptr(), b, ws, M)
+                    sum_(stream, ws, b, out.data_ptr(), M)
+                finally:
+                    scratch_free(ws)
             return out
         W = torch.empty((self.N, self.K), dtype=self.dtype, device=self.device)
         self._deq(stream, W.data_ptr())

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from . import int8 as k8
 from . import int8_mm as km
-from .common import INTERPRET
+from .common import INTERPRET, scratch_alloc, scratch_free
 from .launch import PlanCache, bind, hooks_installed
 from .share import Share
 
@@ -118,7 +118,7 @@ class Plan:
         fresh state, zeroed by a node of the graph on each replay (a temporary of the graph, like the scratch)."""
         if not self.state_size:
             return None
-        if torch.cuda.is_current_stream_capturing():
+        if torch._C._cuda_isCurrentStreamCapturing():
             return torch.zeros(self.state_size, dtype=torch.int32, device=self.device)
         state = self._states.get(stream)
         if state is None:
@@ -128,27 +128,36 @@ class Plan:
     def __call__(self, A2: Tensor, share: Share | None = None, threshold: float = 0.0) -> Tensor:
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         stream = torch._C._cuda_getCurrentRawStream(self.index)
-        if share is not None and self.state_size and not torch.cuda.is_current_stream_capturing():
+        # the call's temporaries come raw from the caching allocator, stream-ordered, and go back once the launches
+        # are queued (later work on this stream may reuse them); the quantized input a share keeps is a tensor
+        if share is not None and self.state_size and not torch._C._cuda_isCurrentStreamCapturing():
             key = Share.key(A2, threshold, stream, "plan")
             act = share.take(A2, key)
-            wg = torch.empty(self.wg_bytes, dtype=torch.uint8, device=self.device)
-            if act is not None:
-                bases = (A2.data_ptr(), out.data_ptr(), act.data_ptr(), 0, wg.data_ptr())
-                for bound, spec in self._reuse:
-                    bound(stream, *[bases[k] + off for k, off in spec])
-                return out
-            act = torch.empty(self.act_bytes, dtype=torch.uint8, device=self.device)
-            share.put(A2, key, act)
-            act_base, wg_base = act.data_ptr(), wg.data_ptr()
-        else:
-            scratch = torch.empty(self.act_bytes + self.wg_bytes, dtype=torch.uint8, device=self.device)
-            act_base = scratch.data_ptr()
-            wg_base = act_base + self.act_bytes
+            wg_base = scratch_alloc(self.wg_bytes, stream)
+            try:
+                if act is not None:
+                    bases = (A2.data_ptr(), out.data_ptr(), act.data_ptr(), 0, wg_base)
+                    for bound, spec in self._reuse:
+                        bound(stream, *[bases[k] + off for k, off in spec])
+                    return out
+                act = torch.empty(self.act_bytes, dtype=torch.uint8, device=self.device)
+                share.put(A2, key, act)
+                self._launch(stream, A2, out, act.data_ptr(), wg_base)
+            finally:
+                scratch_free(wg_base)
+            return out
+        act_base = scratch_alloc(self.act_bytes + self.wg_bytes, stream)
+        try:
+            self._launch(stream, A2, out, act_base, act_base + self.act_bytes)
+        finally:
+            scratch_free(act_base)
+        return out
+
+    def _launch(self, stream: int, A2: Tensor, out: Tensor, act_base: int, wg_base: int) -> None:
         state = self._state(stream)
         bases = (A2.data_ptr(), out.data_ptr(), act_base, 0 if state is None else state.data_ptr(), wg_base)
         for bound, spec in self._launches:
             bound(stream, *[bases[k] + off for k, off in spec])
-        return out  # the scratch goes back to the allocator, reusable by later work on this stream
 
 
 def _rows(A: Tensor, K: int) -> Tensor | None:

@@ -50,6 +50,7 @@ ROUNDS = 1  # --rounds: the variant list runs this many times in turn (ratios ta
 #: callables ``f(kind, model, call, label)`` run after a variant's timed steps, under inference mode with the variant
 #: in place (and compiled with --compile): other benches' probes (bench/compiled_timeline.py)
 AFTER_STEPS: list = []
+INPUTS: dict = {}  # the model inputs of the last ``flux``/``t5`` call (probes that run a second model on them)
 
 
 def sync() -> None:
@@ -346,6 +347,7 @@ def t5(variants, compile_: bool) -> list[dict]:
         model = T5EncoderModel(cfg).to(BF16)
     model = materialise(model)
     ids = torch.randint(0, 32128, (1, 512), device=DEV, generator=torch.Generator(DEV).manual_seed(2))
+    INPUTS["t5"] = ids
     if compile_:
         return []  # T5 is timed eagerly only (the issue's T5 target is eager)
     # transformers keeps T5's ``wo`` out of quantization (``_keep_in_fp32_modules``) and its feed-forward casts the

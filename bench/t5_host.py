@@ -1,6 +1,6 @@
 """Where the host time of a T5-XXL encode at 512 tokens goes, per variant (bf16, halfbyte NF4, bitsandbytes NF4).
 
-    python bench/t5_host.py [--variants bf16 hb-nf4 bnb-nf4] [--rounds 2] [--cprofile]
+    python bench/t5_host.py [--variants bf16 hb-nf4 bnb-nf4] [--rounds 2] [--pairs 21] [--cprofile]
 
 The encode is host-bound on the H200 machines (bench/step.py's GPU-ms column: ~22 ms of kernels under ~30-55 ms
 of host). For each variant, after ``step.py``'s timed steps, on the same model:
@@ -10,6 +10,12 @@ of host). For each variant, after ``step.py``'s timed steps, on the same model:
   around the linears, identical code for every variant) -- so ``host - rest`` is what the variant's linears add;
 - ``per linear``: that difference over the number of linear calls, and the wall per call measured inside the
   linears' forwards, grouped by weight shape.
+
+- ``paired``: the encode's wall time over that of a bf16 copy of the model, the two run in turn (``--pairs``
+  pairs, which goes first alternating), median and range of the per-pair ratios. The host's speed drifts by up to
+  2x over seconds on these machines (``rest`` of one variant between rounds), which ratios of medians taken
+  seconds apart inherit; adjacent pairs share the host's state. The copy holds ~10 GB more, so the weights and
+  peak columns ``step.py`` prints here are not the variants' own.
 
 The linears are the model's ``nn.Linear`` or quantized replacements (``wo`` stays bf16 in every variant).
 """
@@ -28,6 +34,8 @@ import step  # noqa: E402
 
 ROWS: list[str] = []
 CPROFILE = False
+PAIRS = 0
+REF: dict = {}  # the bf16 copy of the model (taken at the bf16 variant's probe) and its call
 
 
 def _is_linear(m) -> bool:
@@ -67,9 +75,38 @@ def _count_descriptor_builds():
     return done
 
 
+def _wall(call) -> tuple[float, float]:
+    step.sync()
+    t0 = time.perf_counter()
+    call()
+    t1 = time.perf_counter()
+    step.sync()
+    return time.perf_counter() - t0, t1 - t0
+
+
+def paired(call) -> str:
+    """Median (range) of the per-pair ratios of ``call``'s wall and host time to the bf16 copy's, run in turn."""
+    if not PAIRS or "call" not in REF:
+        return "-"
+    walls, hosts = [], []
+    for i in range(PAIRS):
+        first, second = (REF["call"], call) if i % 2 == 0 else (call, REF["call"])
+        a, b = _wall(first), _wall(second)
+        ref, var = (a, b) if i % 2 == 0 else (b, a)
+        walls.append(var[0] / ref[0])
+        hosts.append(var[1] / ref[1])
+    return (f"wall {statistics.median(walls):.3f} ({min(walls):.3f}-{max(walls):.3f}), host "
+            f"{statistics.median(hosts):.3f}")
+
+
 def probe(kind, model, call, label) -> None:
     if label != "t5":
         return
+    if kind == "bf16" and PAIRS and "call" not in REF:
+        import copy
+        ref, ids = copy.deepcopy(model), step.INPUTS["t5"]
+        REF.update(model=ref, call=lambda: ref(input_ids=ids).last_hidden_state)
+    pair = paired(call) if kind != "bf16" else "1"
     lins = [m for m in model.modules() if _is_linear(m)]
     host = _encodes_host(call, 9)
 
@@ -106,7 +143,7 @@ def probe(kind, model, call, label) -> None:
             del m.forward
         misses = misses()
     calls = sum(len(v) for v in spent.values()) // 3
-    ROWS.append(f"| {kind} | {host:.1f} | {rest:.1f} | {host - rest:.1f} | {calls} | {misses} | "
+    ROWS.append(f"| {kind} | {pair} | {host:.1f} | {rest:.1f} | {host - rest:.1f} | {calls} | {misses} | "
                 f"{(host - rest) / calls * 1e3:.1f} | "
                 + ", ".join(f"{n}x{k} {t} {statistics.median(v) * 1e6:.1f}" for (n, k, t), v in
                             sorted(spent.items())) + " |")
@@ -117,23 +154,25 @@ def probe(kind, model, call, label) -> None:
 
 
 def main() -> None:
-    global CPROFILE
+    global CPROFILE, PAIRS
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="*", default=["bf16", "hb-nf4", "bnb-nf4"])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--pairs", type=int, default=0, help="pairs of encodes timed against a bf16 copy (0: none)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny widths")
     a = ap.parse_args()
     if a.tiny:
         step.DEV, step.TINY = "cpu", True
-    CPROFILE = a.cprofile
+    CPROFILE, PAIRS = a.cprofile, a.pairs
     step.ROUNDS = a.rounds
     step.AFTER_STEPS.append(probe)
     print(f"{torch.cuda.get_device_name() if step.DEV == 'cuda' else 'cpu'}, torch {torch.__version__}")
     step.t5(a.variants, False)
-    print("\n| variant | host ms | rest ms (linears stubbed) | linears ms | linear calls | descriptor builds in 3 "
-          "encodes | us per linear (host - rest) | wall us per call inside forward, by weight (N x K, class) |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("\n| variant | paired vs bf16 | host ms | rest ms (linears stubbed) | linears ms | linear calls | "
+          "descriptor builds in 3 encodes | us per linear (host - rest) | wall us per call inside forward, by "
+          "weight (N x K, class) |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     print("\n".join(ROWS))
 
 

@@ -333,6 +333,7 @@ def flux(variants, compile_: bool) -> list[dict]:
                             -1).reshape(-1, 3).to(DEV),
         txt_ids=torch.zeros(txt, 3, device=DEV), return_dict=False,
     )
+    INPUTS["flux"] = inputs
     return run_variants(model, lambda: model(**inputs)[0], variants, compile_, "flux")
 
 

@@ -35,6 +35,7 @@ import step  # noqa: E402
 ROWS: list[str] = []
 CPROFILE = False
 PAIRS = 0
+MODEL = "t5"  # --model: the model whose steps are split (t5, or flux: bench/step.py's FLUX step)
 REF: dict = {}  # the bf16 copy of the model (taken at the bf16 variant's probe) and its call
 
 
@@ -100,12 +101,13 @@ def paired(call) -> str:
 
 
 def probe(kind, model, call, label) -> None:
-    if label != "t5":
+    if label != MODEL:
         return
     if kind == "bf16" and PAIRS and "call" not in REF:
         import copy
-        ref, ids = copy.deepcopy(model), step.INPUTS["t5"]
-        REF.update(model=ref, call=lambda: ref(input_ids=ids).last_hidden_state)
+        ref, inputs = copy.deepcopy(model), step.INPUTS[MODEL]
+        REF.update(model=ref, call=(lambda: ref(input_ids=inputs).last_hidden_state) if MODEL == "t5" else
+                   (lambda: ref(**inputs)[0]))
     pair = paired(call) if kind != "bf16" else "1"
     lins = [m for m in model.modules() if _is_linear(m)]
     host = _encodes_host(call, 9)
@@ -154,21 +156,22 @@ def probe(kind, model, call, label) -> None:
 
 
 def main() -> None:
-    global CPROFILE, PAIRS
+    global CPROFILE, PAIRS, MODEL
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="*", default=["bf16", "hb-nf4", "bnb-nf4"])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--pairs", type=int, default=0, help="pairs of encodes timed against a bf16 copy (0: none)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny widths")
+    ap.add_argument("--model", choices=["t5", "flux"], default="t5", help="flux: the FLUX step")
     a = ap.parse_args()
     if a.tiny:
         step.DEV, step.TINY = "cpu", True
-    CPROFILE, PAIRS = a.cprofile, a.pairs
+    CPROFILE, PAIRS, MODEL = a.cprofile, a.pairs, a.model
     step.ROUNDS = a.rounds
     step.AFTER_STEPS.append(probe)
     print(f"{torch.cuda.get_device_name() if step.DEV == 'cuda' else 'cpu'}, torch {torch.__version__}")
-    step.t5(a.variants, False)
+    (step.t5 if MODEL == "t5" else step.flux)(a.variants, False)
     print("\n| variant | paired vs bf16 | host ms | rest ms (linears stubbed) | linears ms | linear calls | "
           "descriptor builds in 3 encodes | us per linear (host - rest) | wall us per call inside forward, by "
           "weight (N x K, class) |\n"

@@ -466,6 +466,37 @@ def test_fused_gemm_in_a_cuda_graph_and_on_two_streams(ring_on):
 
 
 @gpu
+def test_fused_call_gives_its_split_workspace_back(ring_on):
+    """A fused call split along K takes its float32 partial tiles raw from the caching allocator and gives them back
+    once the launch is queued: during three calls the peak is the three outputs plus one workspace, and afterwards
+    only the outputs stay allocated; the bits are the first call's."""
+    from halfbyte.kernels import gemm4bit
+
+    if not _expected(torch.device(DEV)):
+        pytest.skip("the fused GEMM needs compute capability 9.x and Gluon")
+    M, N, K = 64, 4096, 4096
+    packed, stats, _ = _quantized_linear(N, K, 64, "nf4", False, torch.bfloat16)
+    plan = gemm4bit.Plan(packed, *stats, None, N, K, 64, "nf4", torch.bfloat16)
+    assert plan._fused is not None and gemm_ring.wanted(M, N, K, plan._fused.programs)
+    bt = gemm_ring.tile_tokens(M)
+    n_tiles = -(-M // bt) * (N // gemm_ring.BN)
+    grid, full, S = gemm_ring.schedule(n_tiles, K // 64, plan._fused.programs)
+    assert S > 1, "the case must split along K"
+    ws = -(-(n_tiles - full * grid) * S * gemm_ring.BN * bt * 4 // 512) * 512  # the allocator's 512-byte rounding
+    x = torch.randn(M, K, device=DEV).to(torch.bfloat16)
+    ref = plan(x, None)  # compiles, makes this stream's counters
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outs = [plan(x, None) for _ in range(3)]
+    torch.cuda.synchronize()
+    out_bytes = M * N * 2
+    assert torch.cuda.memory_allocated() - base == 3 * out_bytes
+    assert torch.cuda.max_memory_allocated() - base == 3 * out_bytes + ws
+    assert all(torch.equal(o, ref) for o in outs)
+
+
+@gpu
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_compiled_layer_calls_the_fused_gemm(double_quant, dtype, ring_on):

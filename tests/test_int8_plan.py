@@ -194,6 +194,33 @@ def test_plan_cache_is_bounded(monkeypatch):
 
 
 @gpu
+def test_plan_gives_its_scratch_back():
+    """A plan's call takes its scratch (the quantized input and the outlier products' operands) raw from the
+    caching allocator and gives it back once its launches are queued: during three calls the peak is the three
+    outputs plus one scratch, and afterwards only the outputs stay allocated; the bits are the direct path's."""
+    int8_plan.PLANS.clear()
+    M, K, N = 300, 512, 96
+    cb, scb = _weights(N, K, "cuda")
+    x = _input(M, K, torch.bfloat16, "cuda")
+    want = km.int8_mixed_mm(x, cb, scb, None, 6.0)
+    key = int8_plan.plan_key(x, cb, scb, None, 6.0)
+    for _ in range(2):  # the second call builds the plan
+        torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, None, 6.0)
+    plan = int8_plan.PLANS.plans[key]
+    assert plan.act_bytes + plan.wg_bytes > 0
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    outs = [torch.ops.halfbyte.int8_mixed_mm(x, cb, scb, None, 6.0) for _ in range(3)]
+    torch.cuda.synchronize()
+    rounded = lambda n: -(-n // 512) * 512  # noqa: E731  (the allocator's block rounding)
+    out_bytes = rounded(M * N * 2)
+    assert torch.cuda.memory_allocated() - base == 3 * out_bytes
+    assert torch.cuda.max_memory_allocated() - base == 3 * out_bytes + rounded(plan.act_bytes + plan.wg_bytes)
+    assert all(torch.equal(o, want) for o in outs)
+
+
+@gpu
 def test_plan_state_per_stream_and_in_graphs():
     """The flag kernel's persistent state is zero after every launch (a different outlier set each call gives the
     direct path's bits), is not shared by launches on two streams running at once, and a CUDA graph captured

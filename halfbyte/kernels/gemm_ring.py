@@ -349,25 +349,20 @@ class RingGemm:
         row-major, 16-byte aligned; ``bias`` (N,) in that dtype or None."""
         has_bias = bias is not None
         key = (x, out, M, has_bias, variant(tile_tokens(M)))  # (M decides the tiles; the settings, what compiled)
-        call = self._calls.get(key)
-        if call is None:
-            call = self._call(key)
-        c_launch, grid, head, post, ws_bytes = call
+        c_launch, grid, head, post, ws_bytes = self._calls.get(key) or self._call(key)
         if not ws_bytes:  # S == 1: neither the split's workspace nor its counters are read (``out`` stands in)
             c_launch(grid, 1, 1, stream, *head, bias if has_bias else out, self._table, out, out, *post)
             return
         cnt = _counters(self.device, stream)  # (held until the launch is queued: a capture's is a new array)
-        # the split pieces' float32 partial tiles: a stream-ordered temporary, given back once the launch is queued
-        ws = scratch_alloc(ws_bytes, stream)
+        ws = scratch_alloc(ws_bytes, stream)  # the pieces' float32 partial tiles, back to the allocator once queued
         try:
             c_launch(grid, 1, 1, stream, *head, bias if has_bias else out, self._table, ws, cnt.data_ptr(), *post)
         finally:
             scratch_free(ws)
 
     def _call(self, key: tuple) -> tuple:
-        """The launch of one (x, out, M, has_bias, variant) call, all but its per-call pointers: (launcher, grid,
-        the parameters up to ``out``, those after the counters, the split's workspace bytes or 0). Kept (64 at
-        most, forgotten together): a layer's steady calls reuse a few addresses."""
+        """One (x, out, M, has_bias, variant) call's launch but its per-call pointers: (launcher, grid, parameters
+        up to ``out``, those after the counters, workspace bytes or 0). 64 kept: steady calls reuse a few."""
         x, out, M, has_bias, v = key
         bt = tile_tokens(M)
         tiles_m, tiles_n, k_steps = -(-M // bt), self.N // BN, self.K // 64
@@ -381,7 +376,7 @@ class RingGemm:
         ws_bytes = (n_tiles - full * grid) * S * BN * bt * 4 if S > 1 else 0
         if len(self._calls) >= 64:
             self._calls.clear()
-        call = self._calls[key] = (c_launch, grid, params, post, ws_bytes)
+        self._calls[key] = call = (c_launch, grid, params, post, ws_bytes)
         return call
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -87,6 +87,23 @@ def test_launch_keys_constexprs_passed_by_position_by_value():
     assert cache_key(fn, 0, tuple(args), {"BLOCK_N": 16}) != cache_key(fn, 0, tuple(args), {"BLOCK_N": 32})
 
 
+def test_compile_lock_leaves_keyword_order_out():
+    """Keys that differ only in keyword order (one triton specialization) take one compile lock, so that the second
+    thread finds the first one's kernel instead of compiling and loading a copy; other keyword values, and other
+    argument classes, take other locks. The cache keys themselves stay apart (each order is its own launch key)."""
+    from halfbyte.kernels import gemv
+    from halfbyte.kernels.launch import _compile_lock, cache_key
+    fn = gemv._gemv_kernel
+    t = torch.zeros(64)
+    args = tuple([t] * fn.arg_names.index("K") + [3072, 4])
+    a = cache_key(fn, 0, args, {"BLOCK_N": 16, "num_warps": 4})
+    b = cache_key(fn, 0, args, {"num_warps": 4, "BLOCK_N": 16})
+    assert a != b and _compile_lock(a) is _compile_lock(b)
+    assert _compile_lock(a) is not _compile_lock(cache_key(fn, 0, args, {"BLOCK_N": 32, "num_warps": 4}))
+    misaligned = tuple(t[1:] if isinstance(v, torch.Tensor) else v for v in args)
+    assert _compile_lock(a) is not _compile_lock(cache_key(fn, 0, misaligned, {"BLOCK_N": 16, "num_warps": 4}))
+
+
 def test_plan_cache_builds_on_the_second_sighting_and_empties_when_full():
     pytest.importorskip("triton")
     from halfbyte.kernels.launch import PlanCache

@@ -35,6 +35,7 @@ import step  # noqa: E402
 ROWS: list[str] = []
 CPROFILE = False
 PAIRS = 0
+TWICE = False  # --twice: each linear call inside the timed encodes is made twice, the second timed apart
 MODEL = "t5"  # --model: the model whose steps are split (t5, or flux: bench/step.py's FLUX step)
 REF: dict = {}  # the bf16 copy of the model (taken at the bf16 variant's probe) and its call
 
@@ -132,6 +133,10 @@ def probe(kind, model, call, label) -> None:
             t0 = time.perf_counter()
             y = fwd(x)
             spent[key].append(time.perf_counter() - t0)
+            if TWICE:  # the same call again at once: its host path now warm in the CPU's caches
+                t0 = time.perf_counter()
+                fwd(x)
+                spent[key + ("again",)].append(time.perf_counter() - t0)
             return y
         return run
 
@@ -144,11 +149,11 @@ def probe(kind, model, call, label) -> None:
         for m in lins:
             del m.forward
         misses = misses()
-    calls = sum(len(v) for v in spent.values()) // 3
+    calls = sum(len(v) for k, v in spent.items() if len(k) == 3) // 3
     ROWS.append(f"| {kind} | {pair} | {host:.1f} | {rest:.1f} | {host - rest:.1f} | {calls} | {misses} | "
                 f"{(host - rest) / calls * 1e3:.1f} | "
-                + ", ".join(f"{n}x{k} {t} {statistics.median(v) * 1e6:.1f}" for (n, k, t), v in
-                            sorted(spent.items())) + " |")
+                + ", ".join(f"{' '.join(map(str, (f'{k[0]}x{k[1]}',) + k[2:]))} {statistics.median(v) * 1e6:.1f}"
+                            for k, v in sorted(spent.items())) + " |")
     print(ROWS[-1], flush=True)
     if CPROFILE:
         from benchutil import print_cprofile
@@ -156,18 +161,20 @@ def probe(kind, model, call, label) -> None:
 
 
 def main() -> None:
-    global CPROFILE, PAIRS, MODEL
+    global CPROFILE, PAIRS, MODEL, TWICE
     ap = argparse.ArgumentParser()
     ap.add_argument("--variants", nargs="*", default=["bf16", "hb-nf4", "bnb-nf4"])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--pairs", type=int, default=0, help="pairs of encodes timed against a bf16 copy (0: none)")
+    ap.add_argument("--twice", action="store_true",
+                    help="time each linear call again right after itself (warm host caches) in the per-call column")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run with tiny widths")
     ap.add_argument("--model", choices=["t5", "flux"], default="t5", help="flux: the FLUX step")
     a = ap.parse_args()
     if a.tiny:
         step.DEV, step.TINY = "cpu", True
-    CPROFILE, PAIRS, MODEL = a.cprofile, a.pairs, a.model
+    CPROFILE, PAIRS, MODEL, TWICE = a.cprofile, a.pairs, a.model, a.twice
     step.ROUNDS = a.rounds
     step.AFTER_STEPS.append(probe)
     print(f"{torch.cuda.get_device_name() if step.DEV == 'cuda' else 'cpu'}, torch {torch.__version__}")
